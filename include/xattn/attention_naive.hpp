@@ -1,0 +1,89 @@
+// SPDX-License-Identifier: MIT
+// naive_attention: scaled dot-product attention computed the direct way, materialising the
+// [Lq, Lk] score matrix of each head. It is the reference every other kernel is tested against,
+// and the place where the math is explained. attention.hpp has the Eigen-in, Eigen-out call.
+#pragma once
+
+#include "xattn/config.hpp"
+#include "xattn/detail/eigen_interop.hpp"
+#include "xattn/detail/masking.hpp"
+#include "xattn/detail/softmax.hpp"
+#include "xattn/detail/validate.hpp"
+#include "xattn/errors.hpp"
+#include "xattn/options.hpp"
+#include "xattn/shapes.hpp"
+#include "xattn/tensor_view.hpp"
+
+#include <type_traits>
+
+namespace xattn {
+
+/// Bytes of scratch naive_attention<T> allocates for a call of shape s: one [Lq, Lk] score
+/// matrix, reused across heads (plus copies of Q, K, V slices whose rows are not contiguous).
+template <class T>
+index_t naive_attention_scratch_bytes(const attention_shape& s) {
+  const index_t scores = detail::checked_mul("naive_attention", s.q_len, s.kv_len);
+  return detail::checked_mul("naive_attention", scores, index_t(sizeof(T)));
+}
+
+/// Scaled dot-product attention, one (batch, head) slice at a time:
+///
+///   q   [B, H,   Lq, Dk]    queries (target side)
+///   k   [B, Hkv, Lk, Dk]    keys    (context side)
+///   v   [B, Hkv, Lk, Dv]    values  (context side)
+///   out [B, H,   Lq, Dv]    written; must not overlap the inputs
+///
+/// Hkv must divide H: query head h reads key/value head h / (H / Hkv) (grouped-query attention;
+/// Hkv = 1 is multi-query attention). Any strides are accepted.
+template <class T>
+void naive_attention(detail::identity_t<tensor_view<const T, 4>> q,
+                     detail::identity_t<tensor_view<const T, 4>> k,
+                     detail::identity_t<tensor_view<const T, 4>> v, tensor_view<T, 4> out,
+                     const detail::identity_t<attention_options<T>>& opts = {}) {
+  static_assert(std::is_floating_point_v<T>, "xattn kernels need a floating-point element type");
+  const detail::attention_problem p =
+      detail::check_attention_args<T>("naive_attention", q, k, v, out, opts);
+  const attention_shape& s = p.shape;
+  if (s.batch == 0 || s.num_heads == 0 || s.q_len == 0) return;
+
+  // Scaled dot-product attention for one (batch, head) slice:
+  //   S = s · Q Kᵀ      S: [Lq, Lk], s = 1/sqrt(Dk) unless opts.scale is set
+  //   S += bias, and S(i, j) = -inf wherever a mask forbids query i to see key j
+  //   P = softmax of each row of S (rows of P sum to 1; masked keys get exactly 0)
+  //   O = P V           O: [Lq, Dv]
+  // Cross-attention: Q comes from the target side, K and V from the context side, so Lq and Lk
+  // are independent. The row max is subtracted before exp() so large scores cannot overflow.
+  (void)naive_attention_scratch_bytes<T>(s);  // an Lq * Lk overflow is a shape_error, not a crash
+  const detail::mask_plan<T> mask(opts.mask, s);
+  row_matrix<T> scores(s.q_len, s.kv_len);  // S, then P in place; reused for every head
+  row_matrix<T> q_copy, k_copy, v_copy, out_copy;
+  const T scale = static_cast<T>(p.scale);
+
+  for (index_t b = 0; b < s.batch; ++b) {
+    for (index_t h = 0; h < s.num_heads; ++h) {
+      const index_t hkv = h / p.group;
+      const auto Q = detail::contiguous_rows(q.select(0, b).select(0, h), q_copy);
+      const auto K = detail::contiguous_rows(k.select(0, b).select(0, hkv), k_copy);
+      const auto V = detail::contiguous_rows(v.select(0, b).select(0, hkv), v_copy);
+
+      // pass 1: all Lq x Lk scores with one GEMM (the scale rides along as GEMM's alpha)
+      scores.noalias() = scale * (Q * K.transpose());
+
+      // pass 2: masks, then the softmax of each row in place
+      for (index_t i = 0; i < s.q_len; ++i) {
+        T* row = scores.row(i).data();
+        if (mask.any()) mask.apply(b, h, i, 0, row, s.kv_len);
+        const T lse = detail::softmax_row(row, s.kv_len);
+        if (opts.lse_out) (*opts.lse_out)(b, h, i) = lse;
+      }
+
+      // pass 3: O = P V with one GEMM, written straight into out's slice when its rows are
+      // contiguous
+      detail::assign_rows(out.select(0, b).select(0, h), scores * V, out_copy);
+      if (opts.weights_out)
+        detail::as_strided_matrix(opts.weights_out->select(0, b).select(0, h)) = scores;
+    }
+  }
+}
+
+}  // namespace xattn

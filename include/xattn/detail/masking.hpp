@@ -1,0 +1,83 @@
+// SPDX-License-Identifier: MIT
+// mask_plan: the masks of one call resolved once (broadcast strides, key padding, causal
+// limits), so the kernels can ask per query row which keys survive.
+#pragma once
+
+#include "xattn/config.hpp"
+#include "xattn/options.hpp"
+#include "xattn/shapes.hpp"
+
+#include <algorithm>
+#include <array>
+#include <limits>
+#include <optional>
+
+namespace xattn::detail {
+
+template <class T>
+class mask_plan {
+ public:
+  /// The masks must already have been checked against the shape (see validate.hpp).
+  mask_plan(const attention_mask<T>& m, const attention_shape& s)
+      : kv_lengths_(m.kv_lengths), causal_(m.causal), q_len_(s.q_len), kv_len_(s.kv_len) {
+    if (m.allowed) {
+      allowed_ = m.allowed->data();
+      allowed_strides_ = broadcast_strides(*m.allowed);
+    }
+    if (m.bias) {
+      bias_ = m.bias->data();
+      bias_strides_ = broadcast_strides(*m.bias);
+    }
+  }
+
+  /// True when some mask needs a look at each score (a boolean mask or a bias).
+  bool has_elementwise() const noexcept { return allowed_ != nullptr || bias_ != nullptr; }
+  /// True when any mask is set.
+  bool any() const noexcept {
+    return has_elementwise() || kv_lengths_.has_value() || causal_ != causal_mask::none;
+  }
+
+  /// One past the last key that key padding and causality let query i of batch item b see;
+  /// keys [key_end, Lk) are masked for that row. In [0, Lk].
+  index_t key_end(index_t b, index_t i) const noexcept {
+    index_t end = kv_lengths_ ? (*kv_lengths_)(b) : kv_len_;
+    if (causal_ == causal_mask::top_left) end = std::min(end, i + 1);
+    if (causal_ == causal_mask::bottom_right) end = std::min(end, i + 1 + kv_len_ - q_len_);
+    return std::max<index_t>(end, 0);
+  }
+
+  /// For keys j0 .. j0 + n - 1 of query row (b, h, i): adds the bias to s[j - j0] and sets the
+  /// score of every masked key to -inf, so its exp is exactly 0.
+  void apply(index_t b, index_t h, index_t i, index_t j0, T* s, index_t n) const noexcept {
+    constexpr T neg_inf = -std::numeric_limits<T>::infinity();
+    const index_t end = key_end(b, i);
+    const T* bias_row = bias_ ? bias_ + offset(bias_strides_, b, h, i) : nullptr;
+    const bool* allowed_row = allowed_ ? allowed_ + offset(allowed_strides_, b, h, i) : nullptr;
+    for (index_t t = 0; t < n; ++t) {
+      const index_t j = j0 + t;
+      if (bias_row) s[t] += bias_row[j * bias_strides_[3]];
+      if (j >= end || (allowed_row && !allowed_row[j * allowed_strides_[3]])) s[t] = neg_inf;
+    }
+  }
+
+ private:
+  // A broadcast dimension (extent 1) gets stride 0, so indexing it with any b, h, i or j works.
+  template <class E>
+  static std::array<index_t, 4> broadcast_strides(const tensor_view<E, 4>& v) noexcept {
+    std::array<index_t, 4> s{};
+    for (std::size_t r = 0; r < 4; ++r) s[r] = v.extent(r) == 1 ? 0 : v.stride(r);
+    return s;
+  }
+  static index_t offset(const std::array<index_t, 4>& s, index_t b, index_t h, index_t i) noexcept {
+    return b * s[0] + h * s[1] + i * s[2];
+  }
+
+  std::optional<tensor_view<const index_t, 1>> kv_lengths_;
+  causal_mask causal_;
+  index_t q_len_, kv_len_;
+  const bool* allowed_ = nullptr;
+  const T* bias_ = nullptr;
+  std::array<index_t, 4> allowed_strides_{}, bias_strides_{};
+};
+
+}  // namespace xattn::detail

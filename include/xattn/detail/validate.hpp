@@ -1,0 +1,91 @@
+// SPDX-License-Identifier: MIT
+// The argument checks every attention kernel runs once at its entry, before any work.
+#pragma once
+
+#include "xattn/config.hpp"
+#include "xattn/errors.hpp"
+#include "xattn/options.hpp"
+#include "xattn/shapes.hpp"
+#include "xattn/tensor_view.hpp"
+
+#include <cmath>
+
+namespace xattn::detail {
+
+/// What the checks establish: the sizes, the scale to use, and how many query heads share
+/// one key/value head.
+struct attention_problem {
+  attention_shape shape;
+  double scale = 1.0;
+  index_t group = 1;  ///< H / Hkv: query head h reads key/value head h / group
+};
+
+template <class E>
+void require_broadcastable(const char* fn, const char* arg, const tensor_view<E, 4>& m,
+                           const attention_shape& s) {
+  const index_t want[4] = {s.batch, s.num_heads, s.q_len, s.kv_len};
+  for (int r = 0; r < 4; ++r) require_extent_or_one(fn, arg, r, m.extent(std::size_t(r)), want[r]);
+}
+
+/// Checks q [B, H, Lq, Dk], k [B, Hkv, Lk, Dk], v [B, Hkv, Lk, Dv], out [B, H, Lq, Dv] (Hkv
+/// divides H) and every option against them; throws shape_error or value_error naming `fn`.
+template <class T>
+attention_problem check_attention_args(const char* fn, const tensor_view<const T, 4>& q,
+                                       const tensor_view<const T, 4>& k,
+                                       const tensor_view<const T, 4>& v,
+                                       const tensor_view<T, 4>& out,
+                                       const attention_options<T>& opts) {
+  attention_shape s;
+  s.batch = q.extent(0);
+  s.num_heads = q.extent(1);
+  s.q_len = q.extent(2);
+  s.head_dim = q.extent(3);
+  s.num_kv_heads = k.extent(1);
+  s.kv_len = k.extent(2);
+  s.value_dim = v.extent(3);
+
+  require_extent(fn, "k", 0, k.extent(0), s.batch);
+  if (s.num_kv_heads == 0 ? s.num_heads != 0 : s.num_heads % s.num_kv_heads != 0)
+    fail_shape(message(fn, ": k.extent(1) is ", s.num_kv_heads,
+                       ", expected a divisor of q.extent(1) = ", s.num_heads));
+  require_extent(fn, "k", 3, k.extent(3), s.head_dim);
+  require_extent(fn, "v", 0, v.extent(0), s.batch);
+  require_extent(fn, "v", 1, v.extent(1), s.num_kv_heads);
+  require_extent(fn, "v", 2, v.extent(2), s.kv_len);
+  require_extent(fn, "out", 0, out.extent(0), s.batch);
+  require_extent(fn, "out", 1, out.extent(1), s.num_heads);
+  require_extent(fn, "out", 2, out.extent(2), s.q_len);
+  require_extent(fn, "out", 3, out.extent(3), s.value_dim);
+
+  attention_problem p;
+  p.shape = s;
+  p.group = s.num_kv_heads > 0 ? s.num_heads / s.num_kv_heads : 1;
+  p.scale = opts.scale ? *opts.scale : (s.head_dim > 0 ? 1.0 / std::sqrt(double(s.head_dim)) : 1.0);
+  if (!std::isfinite(p.scale))
+    fail_value(message(fn, ": scale is ", p.scale, ", expected a finite number"));
+
+  const attention_mask<T>& m = opts.mask;
+  if (m.kv_lengths) {
+    const auto& len = *m.kv_lengths;
+    require_extent(fn, "mask.kv_lengths", 0, len.extent(0), s.batch);
+    for (index_t b = 0; b < s.batch; ++b)
+      if (len(b) < 0 || len(b) > s.kv_len)
+        fail_value(message(fn, ": mask.kv_lengths(", b, ") is ", len(b),
+                           ", expected a value in [0, ", s.kv_len, "]"));
+  }
+  if (m.allowed) require_broadcastable(fn, "mask.allowed", *m.allowed, s);
+  if (m.bias) require_broadcastable(fn, "mask.bias", *m.bias, s);
+  if (opts.weights_out) {
+    const index_t want[4] = {s.batch, s.num_heads, s.q_len, s.kv_len};
+    for (int r = 0; r < 4; ++r)
+      require_extent(fn, "weights_out", r, opts.weights_out->extent(std::size_t(r)), want[r]);
+  }
+  if (opts.lse_out) {
+    const index_t want[3] = {s.batch, s.num_heads, s.q_len};
+    for (int r = 0; r < 3; ++r)
+      require_extent(fn, "lse_out", r, opts.lse_out->extent(std::size_t(r)), want[r]);
+  }
+  return p;
+}
+
+}  // namespace xattn::detail

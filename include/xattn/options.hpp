@@ -1,0 +1,52 @@
+// SPDX-License-Identifier: MIT
+// attention_options: what every attention kernel accepts besides Q, K, V and the output: the
+// score scale, the masks, and the optional extra outputs (weights and log-sum-exp).
+#pragma once
+
+#include "xattn/config.hpp"
+#include "xattn/tensor_view.hpp"
+
+#include <optional>
+
+namespace xattn {
+
+/// Causal masking and how the causal diagonal is aligned when Lq != Lk.
+enum class causal_mask {
+  none,          ///< no causal masking
+  top_left,      ///< query i sees keys j <= i (the diagonal starts at the top-left corner)
+  bottom_right,  ///< query i sees keys j <= i + (Lk - Lq): the last query sees every key
+};
+
+/// The masks of one attention call. Each is optional, and they combine: a key takes part in a
+/// query's softmax only when every mask given allows it. A query row whose keys are all masked
+/// gets an output of zeros, weights of zeros and a log-sum-exp of -inf (never NaN).
+///
+/// Element masks are rank 4, [B, H, Lq, Lk], and every extent may be 1 to broadcast:
+/// to_rank<4>(v) turns a [Lq, Lk] view into [1, 1, Lq, Lk].
+template <class T>
+struct attention_mask {
+  /// Key padding, the usual cross-attention mask: batch item b has kv_lengths(b) real keys,
+  /// keys j >= kv_lengths(b) are padding. [B], each value in [0, Lk].
+  std::optional<tensor_view<const index_t, 1>> kv_lengths;
+  /// true where query i may attend key j, false where it must not. [B|1, H|1, Lq|1, Lk|1]
+  std::optional<tensor_view<const bool, 4>> allowed;
+  /// Added to the scaled scores before the softmax; -inf entries mask. [B|1, H|1, Lq|1, Lk|1]
+  std::optional<tensor_view<const T, 4>> bias;
+  /// Causal masking. Its alignment counts all Lk keys, whatever kv_lengths says.
+  causal_mask causal = causal_mask::none;
+};
+
+/// Options shared by the attention kernels.
+template <class T>
+struct attention_options {
+  /// Multiplies Q Kᵀ. Unset: 1/sqrt(Dk).
+  std::optional<double> scale;
+  /// Which keys each query may attend; see attention_mask.
+  attention_mask<T> mask;
+  /// If set, receives the attention weights P (rows sum to 1). [B, H, Lq, Lk]
+  std::optional<tensor_view<T, 4>> weights_out;
+  /// If set, receives each row's log-sum-exp of the scaled, masked scores. [B, H, Lq]
+  std::optional<tensor_view<T, 3>> lse_out;
+};
+
+}  // namespace xattn

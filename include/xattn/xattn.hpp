@@ -1,0 +1,13 @@
+// SPDX-License-Identifier: MIT
+// The umbrella header: includes every public xattn header. Start reading at tensor_view.hpp,
+// then attention_naive.hpp.
+#pragma once
+
+#include "xattn/attention.hpp"
+#include "xattn/attention_naive.hpp"
+#include "xattn/config.hpp"
+#include "xattn/errors.hpp"
+#include "xattn/options.hpp"
+#include "xattn/shapes.hpp"
+#include "xattn/tensor_view.hpp"
+#include "xattn/version.hpp"
