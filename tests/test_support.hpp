@@ -1,0 +1,185 @@
+// SPDX-License-Identifier: MIT
+// Helpers shared by the tests: owned tensors with views, seeded random fills, the tolerance
+// rule, an element-wise comparison that reports the worst element, and an independent
+// quadruple-loop attention in long double that the kernels are checked against.
+#pragma once
+
+#include "xattn/options.hpp"
+#include "xattn/shapes.hpp"
+#include "xattn/tensor_view.hpp"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstddef>
+#include <limits>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace xattn_test {
+
+using xattn::index_t;
+
+/// An owned, packed row-major tensor.
+template <class T, std::size_t Rank>
+struct tensor {
+  std::array<index_t, Rank> extents{};
+  std::vector<T> data;
+
+  tensor() = default;
+  explicit tensor(const std::array<index_t, Rank>& e, T fill = T(0)) : extents(e) {
+    index_t n = 1;
+    for (index_t x : e) n *= x;
+    data.assign(std::size_t(n), fill);
+  }
+  xattn::tensor_view<T, Rank> view() { return {data.data(), extents}; }
+  xattn::tensor_view<const T, Rank> view() const { return {data.data(), extents}; }
+  xattn::tensor_view<const T, Rank> cview() const { return view(); }
+};
+
+/// Fills with independent uniform draws from [lo, hi), reproducible from the seed.
+template <class T, std::size_t Rank>
+tensor<T, Rank> random_tensor(const std::array<index_t, Rank>& e, unsigned seed, double lo = -1.0,
+                              double hi = 1.0) {
+  tensor<T, Rank> t(e);
+  std::mt19937 gen(seed);
+  std::uniform_real_distribution<double> dist(lo, hi);
+  for (T& x : t.data) x = static_cast<T>(dist(gen));
+  return t;
+}
+
+/// The tolerance for an attention output computed in T against an exact reference.
+/// Rounding in a score s is about eps·|s|·sqrt(Dk) and moves the output by about as much; the
+/// weighted sum over Lk keys adds about eps·sqrt(Lk). Inputs are drawn from [-1, 1].
+template <class T>
+double attention_tol(index_t head_dim, index_t kv_len, double max_abs_score) {
+  const double eps = std::numeric_limits<T>::epsilon();
+  return 8.0 * eps *  // 8: measured headroom
+         (std::sqrt(double(kv_len)) + std::sqrt(double(head_dim)) * (1.0 + max_abs_score));
+}
+
+/// Compares every element: passes when |got - want| <= tol · (1 + |want|), or both are the same
+/// infinity. On failure the message names the worst element.
+template <class G, class W>
+::testing::AssertionResult all_close(const std::vector<G>& got, const std::vector<W>& want,
+                                     double tol) {
+  if (got.size() != want.size())
+    return ::testing::AssertionFailure() << "sizes differ: " << got.size() << " vs " << want.size();
+  double worst = 0.0;
+  std::size_t worst_at = 0;
+  for (std::size_t n = 0; n < got.size(); ++n) {
+    const double g = double(got[n]), w = double(want[n]);
+    if (std::isinf(w) && g == w) continue;
+    const double err = std::isnan(g) || std::isnan(w) ? std::numeric_limits<double>::infinity()
+                                                       : std::abs(g - w) / (1.0 + std::abs(w));
+    if (!(err <= worst)) {
+      worst = err;
+      worst_at = n;
+    }
+  }
+  if (worst <= tol) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure()
+         << "worst element " << worst_at << ": got " << double(got[worst_at]) << ", want "
+         << double(want[worst_at]) << ", relative error " << worst << " > tolerance " << tol;
+}
+
+/// Copies a view's elements out in row-major index order.
+template <class T>
+std::vector<std::remove_const_t<T>> elements(const xattn::tensor_view<T, 4>& v) {
+  std::vector<std::remove_const_t<T>> out;
+  for (index_t a = 0; a < v.extent(0); ++a)
+    for (index_t b = 0; b < v.extent(1); ++b)
+      for (index_t c = 0; c < v.extent(2); ++c)
+        for (index_t d = 0; d < v.extent(3); ++d) out.push_back(v(a, b, c, d));
+  return out;
+}
+
+/// What the reference computes: the output, the weights and the log-sum-exp, packed
+/// [B, H, Lq, Dv], [B, H, Lq, Lk] and [B, H, Lq], and the largest |score| seen.
+struct reference_result {
+  std::vector<long double> out, weights, lse;
+  double max_abs_score = 0.0;
+};
+
+/// Attention by definition, one score at a time, in long double. Independent of the library's
+/// kernels: it shares only the meaning of the options.
+template <class T>
+reference_result reference_attention(const xattn::tensor_view<const T, 4>& q,
+                                     const xattn::tensor_view<const T, 4>& k,
+                                     const xattn::tensor_view<const T, 4>& v,
+                                     const xattn::attention_options<T>& opts = {}) {
+  using ld = long double;
+  const index_t B = q.extent(0), H = q.extent(1), Lq = q.extent(2), Dk = q.extent(3);
+  const index_t Hkv = k.extent(1), Lk = k.extent(2), Dv = v.extent(3);
+  const ld scale = opts.scale ? ld(*opts.scale) : 1.0L / std::sqrt(ld(Dk));
+  const auto& m = opts.mask;
+  auto bcast = [](const auto& view, index_t b, index_t h, index_t i, index_t j) {
+    return view(view.extent(0) == 1 ? 0 : b, view.extent(1) == 1 ? 0 : h,
+                view.extent(2) == 1 ? 0 : i, view.extent(3) == 1 ? 0 : j);
+  };
+  reference_result r;
+  for (index_t b = 0; b < B; ++b)
+    for (index_t h = 0; h < H; ++h) {
+      const index_t hk = h / (H / Hkv);
+      for (index_t i = 0; i < Lq; ++i) {
+        std::vector<ld> s(static_cast<std::size_t>(Lk));
+        std::vector<bool> keep(std::size_t(Lk), true);
+        ld mx = -std::numeric_limits<ld>::infinity();
+        for (index_t j = 0; j < Lk; ++j) {
+          ld dot = 0;
+          for (index_t d = 0; d < Dk; ++d) dot += ld(q(b, h, i, d)) * ld(k(b, hk, j, d));
+          ld x = scale * dot;
+          if (m.bias) x += ld(bcast(*m.bias, b, h, i, j));
+          bool ok = !(x == -std::numeric_limits<ld>::infinity());  // a -inf bias masks
+          if (m.kv_lengths && j >= (*m.kv_lengths)(b)) ok = false;
+          if (m.allowed && !bcast(*m.allowed, b, h, i, j)) ok = false;
+          if (m.causal == xattn::causal_mask::top_left && j > i) ok = false;
+          if (m.causal == xattn::causal_mask::bottom_right && j > i + Lk - Lq) ok = false;
+          s[std::size_t(j)] = x;
+          keep[std::size_t(j)] = ok;
+          if (ok) {
+            mx = std::max(mx, x);
+            r.max_abs_score = std::max(r.max_abs_score, std::abs(double(x)));
+          }
+        }
+        std::vector<ld> p(std::size_t(Lk), 0.0L);
+        ld sum = 0;
+        if (mx > -std::numeric_limits<ld>::infinity()) {
+          for (index_t j = 0; j < Lk; ++j)
+            if (keep[std::size_t(j)]) sum += p[std::size_t(j)] = std::exp(s[std::size_t(j)] - mx);
+          for (ld& x : p) x /= sum;
+        }
+        for (index_t e = 0; e < Dv; ++e) {
+          ld o = 0;
+          for (index_t j = 0; j < Lk; ++j) o += p[std::size_t(j)] * ld(v(b, hk, j, e));
+          r.out.push_back(o);
+        }
+        r.weights.insert(r.weights.end(), p.begin(), p.end());
+        r.lse.push_back(sum > 0 ? mx + std::log(sum) : -std::numeric_limits<ld>::infinity());
+      }
+    }
+  return r;
+}
+
+/// Runs f and checks it throws E with a message containing every given fragment.
+template <class E, class F>
+::testing::AssertionResult throws_with(F&& f, std::initializer_list<const char*> fragments) {
+  try {
+    f();
+  } catch (const E& e) {
+    const std::string what = e.what();
+    for (const char* frag : fragments)
+      if (what.find(frag) == std::string::npos)
+        return ::testing::AssertionFailure() << "message \"" << what << "\" lacks \"" << frag << "\"";
+    return ::testing::AssertionSuccess();
+  } catch (const std::exception& e) {
+    return ::testing::AssertionFailure() << "threw the wrong type: " << e.what();
+  }
+  return ::testing::AssertionFailure() << "did not throw";
+}
+
+}  // namespace xattn_test
