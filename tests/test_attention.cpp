@@ -21,11 +21,12 @@ using xattn_test::throws_with;
 template <class T>
 class EigenAttention : public ::testing::Test {};
 using element_types = ::testing::Types<float, double>;
-TYPED_TEST_SUITE(EigenAttention, element_types);
+TYPED_TEST_SUITE(EigenAttention, element_types, );
 
 // The reference's output for single-head Q, K, V, as a row-major matrix.
 template <class T>
-xattn::row_matrix<long double> reference(const xattn::row_matrix<T>& Q, const xattn::row_matrix<T>& K,
+xattn::row_matrix<long double> reference(const xattn::row_matrix<T>& Q,
+                                         const xattn::row_matrix<T>& K,
                                          const xattn::row_matrix<T>& V,
                                          const xattn::attention_options<T>& opts = {},
                                          double* max_abs_score = nullptr) {
@@ -83,7 +84,8 @@ TYPED_TEST(EigenAttention, AcceptsRowMajorMapsBlocksAndExpressions) {
 
 TYPED_TEST(EigenAttention, PassesMasksAndReturnsWeights) {
   using T = TypeParam;
-  const xattn::row_matrix<T> Q = xattn::row_matrix<T>::Random(3, 4), K = xattn::row_matrix<T>::Random(6, 4),
+  const xattn::row_matrix<T> Q = xattn::row_matrix<T>::Random(3, 4),
+                             K = xattn::row_matrix<T>::Random(6, 4),
                              V = xattn::row_matrix<T>::Random(6, 2);
   xattn::row_matrix<T> P(3, 6);
   const index_t len[] = {4};

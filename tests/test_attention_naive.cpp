@@ -24,7 +24,7 @@ using xattn_test::throws_with;
 template <class T>
 class NaiveAttention : public ::testing::Test {};
 using element_types = ::testing::Types<float, double>;
-TYPED_TEST_SUITE(NaiveAttention, element_types);
+TYPED_TEST_SUITE(NaiveAttention, element_types, );
 
 // Random q, k, v for one shape, the output buffers, and the check against the reference.
 template <class T>
@@ -112,18 +112,18 @@ TYPED_TEST(NaiveAttention, MatchesHandComputedTwoQueriesThreeKeysDefaultScale) {
 
 TYPED_TEST(NaiveAttention, MatchesReferenceOnOddShapes) {
   const xattn::attention_shape shapes[] = {
-      shape(1, 1, 5, 9, 4, 4),     // Lq != Lk
-      shape(2, 3, 1, 17, 8, 5),    // Lq = 1 (a decoder step), Dk != Dv
-      shape(2, 2, 6, 1, 3, 7),     // Lk = 1: every weight is 1
-      shape(3, 2, 13, 7, 16, 2),   // Lq > Lk
-      shape(1, 4, 9, 33, 5, 6, 2), // grouped-query: 2 query heads per key/value head
-      shape(2, 3, 4, 10, 6, 6, 1), // multi-query: one key/value head
+      shape(1, 1, 5, 9, 4, 4),      // Lq != Lk
+      shape(2, 3, 1, 17, 8, 5),     // Lq = 1 (a decoder step), Dk != Dv
+      shape(2, 2, 6, 1, 3, 7),      // Lk = 1: every weight is 1
+      shape(3, 2, 13, 7, 16, 2),    // Lq > Lk
+      shape(1, 4, 9, 33, 5, 6, 2),  // grouped-query: 2 query heads per key/value head
+      shape(2, 3, 4, 10, 6, 6, 1),  // multi-query: one key/value head
       shape(1, 1, 64, 100, 64, 64),
   };
   unsigned seed = 10;
   for (const auto& s : shapes) {
-    SCOPED_TRACE(::testing::Message() << "B=" << s.batch << " H=" << s.num_heads << " Lq=" << s.q_len
-                                      << " Lk=" << s.kv_len << " Dk=" << s.head_dim
+    SCOPED_TRACE(::testing::Message() << "B=" << s.batch << " H=" << s.num_heads << " Lq="
+                                      << s.q_len << " Lk=" << s.kv_len << " Dk=" << s.head_dim
                                       << " Dv=" << s.value_dim << " Hkv=" << s.kv_heads());
     problem<TypeParam> p(s, seed += 3);
     p.run_and_check();
@@ -141,15 +141,16 @@ TYPED_TEST(NaiveAttention, UsesTheScaleWhenSet) {
 }
 
 TYPED_TEST(NaiveAttention, KeepsLargeScoresFiniteAndExact) {
-  // Inputs of about ±30 with Dk = 16 and scale 1 give scores up to ~1e4: exp would overflow
+  // Inputs of up to ±60 with Dk = 16 and scale 1 give scores of order 1e4: exp would overflow
   // without the max subtraction.
-  problem<TypeParam> p(shape(1, 2, 6, 11, 16, 4), 5, 30.0);
+  problem<TypeParam> p(shape(1, 2, 6, 11, 16, 4), 5, 60.0);
   xattn::attention_options<TypeParam> opts;
   opts.scale = 1.0;
   p.run_and_check(opts);
   for (auto x : p.out.data) EXPECT_TRUE(std::isfinite(x));
-  const auto ref = xattn_test::reference_attention<TypeParam>(p.q.view(), p.k.view(), p.v.view(), opts);
-  EXPECT_GT(ref.max_abs_score, 1000.0);
+  const auto ref =
+      xattn_test::reference_attention<TypeParam>(p.q.view(), p.k.view(), p.v.view(), opts);
+  EXPECT_GT(ref.max_abs_score, 5000.0);
 }
 
 // ---- masks -------------------------------------------------------------------------------------
@@ -171,8 +172,8 @@ TYPED_TEST(NaiveAttention, KeyPaddingMasksKeysPastEachLength) {
 TYPED_TEST(NaiveAttention, BooleanMaskBroadcastsOverEveryDimension) {
   using T = TypeParam;
   const index_t B = 2, H = 3, Lq = 4, Lk = 6;
-  const std::array<index_t, 4> mask_shapes[] = {
-      {1, 1, Lq, Lk}, {B, 1, Lq, Lk}, {1, H, Lq, Lk}, {B, H, Lq, Lk}, {B, 1, 1, Lk}, {1, 1, Lq, 1}};
+  const std::array<index_t, 4> mask_shapes[] = {{1, 1, Lq, Lk}, {B, 1, Lq, Lk}, {1, H, Lq, Lk},
+                                                {B, H, Lq, Lk}, {B, 1, 1, Lk},  {1, 1, Lq, 1}};
   unsigned seed = 40;
   for (const auto& ms : mask_shapes) {
     SCOPED_TRACE(::testing::Message() << ms[0] << "x" << ms[1] << "x" << ms[2] << "x" << ms[3]);
@@ -205,7 +206,8 @@ TYPED_TEST(NaiveAttention, CausalTopLeftAndBottomRightAlignments) {
   const std::array<index_t, 2> lens[] = {{3, 7}, {7, 3}, {5, 5}};
   for (auto causal : {xattn::causal_mask::top_left, xattn::causal_mask::bottom_right}) {
     for (const auto& l : lens) {
-      SCOPED_TRACE(::testing::Message() << "causal " << int(causal) << " Lq=" << l[0] << " Lk=" << l[1]);
+      SCOPED_TRACE(::testing::Message()
+                   << "causal " << int(causal) << " Lq=" << l[0] << " Lk=" << l[1]);
       problem<T> p(shape(1, 2, l[0], l[1], 4, 3), 60);
       xattn::attention_options<T> opts;
       opts.mask.causal = causal;
@@ -363,8 +365,10 @@ TYPED_TEST(NaiveAttention, ReadsAndWritesViewsWithNonUnitInnerStrides) {
   xattn::naive_attention<T>(q, k, v, xattn::permute(os.view(), {0, 1, 3, 2}), opts);
   const auto want = xattn_test::reference_attention<T>(q, k, v);
   const double tol = xattn_test::attention_tol<T>(Dk, Lk, want.max_abs_score);
-  EXPECT_TRUE(all_close(xattn_test::elements(xattn::permute(os.cview(), {0, 1, 3, 2})), want.out, tol));
-  EXPECT_TRUE(all_close(xattn_test::elements(xattn::permute(ws.cview(), {0, 1, 3, 2})), want.weights, tol));
+  EXPECT_TRUE(
+      all_close(xattn_test::elements(xattn::permute(os.cview(), {0, 1, 3, 2})), want.out, tol));
+  EXPECT_TRUE(
+      all_close(xattn_test::elements(xattn::permute(ws.cview(), {0, 1, 3, 2})), want.weights, tol));
 }
 
 // ---- empty extents -----------------------------------------------------------------------------
@@ -398,7 +402,8 @@ class NaiveAttentionErrors : public ::testing::Test {
                                    const xattn::attention_options<float>& opts,
                                    std::initializer_list<const char*> fragments) {
     const std::vector<float> before = p.out.data;
-    auto result = throws_with<E>([&] { xattn::naive_attention<float>(q, k, v, out, opts); }, fragments);
+    auto result =
+        throws_with<E>([&] { xattn::naive_attention<float>(q, k, v, out, opts); }, fragments);
     if (result && p.out.data != before) return ::testing::AssertionFailure() << "out was written";
     return result;
   }
@@ -417,26 +422,36 @@ TEST_F(NaiveAttentionErrors, NamesTheMismatchedExtent) {
   float* d = buf.data();
   const auto q = p.q.view(), k = p.k.view(), v = p.v.view();
   const auto out = p.out.view();
-  EXPECT_TRUE(fails(q, kv(d, 3, 2, 5, 6), v, out, {}, {"naive_attention: k.extent(0) is 3, expected 2"}));
+  EXPECT_TRUE(
+      fails(q, kv(d, 3, 2, 5, 6), v, out, {}, {"naive_attention: k.extent(0) is 3, expected 2"}));
   EXPECT_TRUE(fails(q, kv(d, 2, 3, 5, 6), kv(d, 2, 3, 5, 7), out, {},
                     {"naive_attention: k.extent(1) is 3, expected a divisor of q.extent(1) = 4"}));
-  EXPECT_TRUE(fails(q, kv(d, 2, 2, 5, 8), v, out, {}, {"naive_attention: k.extent(3) is 8, expected 6"}));
-  EXPECT_TRUE(fails(q, k, kv(d, 1, 2, 5, 7), out, {}, {"naive_attention: v.extent(0) is 1, expected 2"}));
-  EXPECT_TRUE(fails(q, k, kv(d, 2, 4, 5, 7), out, {}, {"naive_attention: v.extent(1) is 4, expected 2"}));
-  EXPECT_TRUE(fails(q, k, kv(d, 2, 2, 9, 7), out, {}, {"naive_attention: v.extent(2) is 9, expected 5"}));
+  EXPECT_TRUE(
+      fails(q, kv(d, 2, 2, 5, 8), v, out, {}, {"naive_attention: k.extent(3) is 8, expected 6"}));
+  EXPECT_TRUE(
+      fails(q, k, kv(d, 1, 2, 5, 7), out, {}, {"naive_attention: v.extent(0) is 1, expected 2"}));
+  EXPECT_TRUE(
+      fails(q, k, kv(d, 2, 4, 5, 7), out, {}, {"naive_attention: v.extent(1) is 4, expected 2"}));
+  EXPECT_TRUE(
+      fails(q, k, kv(d, 2, 2, 9, 7), out, {}, {"naive_attention: v.extent(2) is 9, expected 5"}));
   const auto o = [&](index_t b, index_t h, index_t l, index_t w) {
     return xattn::make_view(d, {b, h, l, w});
   };
-  EXPECT_TRUE(fails(q, k, v, o(1, 4, 3, 7), {}, {"naive_attention: out.extent(0) is 1, expected 2"}));
-  EXPECT_TRUE(fails(q, k, v, o(2, 2, 3, 7), {}, {"naive_attention: out.extent(1) is 2, expected 4"}));
-  EXPECT_TRUE(fails(q, k, v, o(2, 4, 4, 7), {}, {"naive_attention: out.extent(2) is 4, expected 3"}));
-  EXPECT_TRUE(fails(q, k, v, o(2, 4, 3, 6), {}, {"naive_attention: out.extent(3) is 6, expected 7"}));
+  EXPECT_TRUE(
+      fails(q, k, v, o(1, 4, 3, 7), {}, {"naive_attention: out.extent(0) is 1, expected 2"}));
+  EXPECT_TRUE(
+      fails(q, k, v, o(2, 2, 3, 7), {}, {"naive_attention: out.extent(1) is 2, expected 4"}));
+  EXPECT_TRUE(
+      fails(q, k, v, o(2, 4, 4, 7), {}, {"naive_attention: out.extent(2) is 4, expected 3"}));
+  EXPECT_TRUE(
+      fails(q, k, v, o(2, 4, 3, 6), {}, {"naive_attention: out.extent(3) is 6, expected 7"}));
 }
 
 TEST_F(NaiveAttentionErrors, NamesTheBadOption) {
   xattn::attention_options<float> opts;
   opts.scale = std::numeric_limits<double>::quiet_NaN();
-  EXPECT_TRUE(fails<xattn::value_error>(opts, {"naive_attention: scale is nan, expected a finite number"}));
+  EXPECT_TRUE(
+      fails<xattn::value_error>(opts, {"naive_attention: scale is nan, expected a finite number"}));
 
   const index_t three[] = {5, 5, 5}, bad[] = {5, 6};
   opts = {};

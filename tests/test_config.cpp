@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: MIT
 // config.hpp and version.hpp. This file is compiled with -fno-exceptions: a bad argument then
 // prints the error's message and aborts, which a death test observes.
+#include "xattn/attention_naive.hpp"
 #include "xattn/config.hpp"
 #include "xattn/version.hpp"
-#include "xattn/attention_naive.hpp"
 
 #include <gtest/gtest.h>
 
@@ -26,8 +26,9 @@ TEST(Config, VersionMacrosMatchThePackageVersion) {
 
 void call_with_mismatched_head_dim() {
   float q[4] = {}, k[3] = {}, v[1] = {}, out[1] = {};
-  xattn::naive_attention<float>(xattn::make_view(q, {1, 1, 1, 4}), xattn::make_view(k, {1, 1, 1, 3}),
-                                xattn::make_view(v, {1, 1, 1, 1}), xattn::make_view(out, {1, 1, 1, 1}));
+  xattn::naive_attention<float>(
+      xattn::make_view(q, {1, 1, 1, 4}), xattn::make_view(k, {1, 1, 1, 3}),
+      xattn::make_view(v, {1, 1, 1, 1}), xattn::make_view(out, {1, 1, 1, 1}));
 }
 
 TEST(ConfigDeathTest, WithoutExceptionsABadArgumentAbortsWithTheMessage) {

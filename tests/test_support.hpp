@@ -75,7 +75,7 @@ template <class G, class W>
     const double g = double(got[n]), w = double(want[n]);
     if (std::isinf(w) && g == w) continue;
     const double err = std::isnan(g) || std::isnan(w) ? std::numeric_limits<double>::infinity()
-                                                       : std::abs(g - w) / (1.0 + std::abs(w));
+                                                      : std::abs(g - w) / (1.0 + std::abs(w));
     if (!(err <= worst)) {
       worst = err;
       worst_at = n;
@@ -174,7 +174,8 @@ template <class E, class F>
     const std::string what = e.what();
     for (const char* frag : fragments)
       if (what.find(frag) == std::string::npos)
-        return ::testing::AssertionFailure() << "message \"" << what << "\" lacks \"" << frag << "\"";
+        return ::testing::AssertionFailure()
+               << "message \"" << what << "\" lacks \"" << frag << "\"";
     return ::testing::AssertionSuccess();
   } catch (const std::exception& e) {
     return ::testing::AssertionFailure() << "threw the wrong type: " << e.what();

@@ -67,8 +67,9 @@ TEST(TensorView, ConvertsToConstView) {
   const xattn::tensor_view<const float, 2> c = m;
   EXPECT_EQ(c.data(), m.data());
   EXPECT_EQ(c(1, 2), 5.0f);
-  static_assert(!std::is_convertible_v<xattn::tensor_view<const float, 2>, xattn::tensor_view<float, 2>>,
-                "a const view must not convert to a mutable one");
+  static_assert(
+      !std::is_convertible_v<xattn::tensor_view<const float, 2>, xattn::tensor_view<float, 2>>,
+      "a const view must not convert to a mutable one");
 }
 
 TEST(TensorView, SelectFixesOneDimension) {
@@ -151,28 +152,47 @@ TEST(TensorView, ViewsBlocksMapsAndConstMatrices) {
 
 TEST(TensorView, RejectsImpossibleViews) {
   float x = 0;
-  EXPECT_TRUE(throws_with<xattn::shape_error>([&] { (void)xattn::make_view(&x, {2, -3}); },
-                                              {"tensor_view: extent(1) is -3, expected >= 0"}));
-  EXPECT_TRUE(throws_with<xattn::shape_error>([&] { (void)xattn::make_view(&x, {2, 3}, {3, -1}); },
-                                              {"tensor_view: stride(1) is -1, expected >= 0"}));
   EXPECT_TRUE(throws_with<xattn::shape_error>(
-      [&] { (void)xattn::make_view(static_cast<float*>(nullptr), {2, 3}); },
+      [&] {
+        (void)xattn::make_view(&x, {2, -3});
+      },
+      {"tensor_view: extent(1) is -3, expected >= 0"}));
+  EXPECT_TRUE(throws_with<xattn::shape_error>(
+      [&] {
+        (void)xattn::make_view(&x, {2, 3}, {3, -1});
+      },
+      {"tensor_view: stride(1) is -1, expected >= 0"}));
+  EXPECT_TRUE(throws_with<xattn::shape_error>(
+      [&] {
+        (void)xattn::make_view(static_cast<float*>(nullptr), {2, 3});
+      },
       {"tensor_view: data is null but the view has 6 elements"}));
   const index_t big = index_t(1) << 40;
-  EXPECT_TRUE(throws_with<xattn::shape_error>([&] { (void)xattn::make_view(&x, {big, big}); },
-                                              {"tensor_view", "overflows the index type"}));
   EXPECT_TRUE(throws_with<xattn::shape_error>(
-      [&] { (void)xattn::make_view(&x, {4, 4}, {std::numeric_limits<index_t>::max() / 2, 1}); },
+      [&] {
+        (void)xattn::make_view(&x, {big, big});
+      },
+      {"tensor_view", "overflows the index type"}));
+  EXPECT_TRUE(throws_with<xattn::shape_error>(
+      [&] {
+        (void)xattn::make_view(&x, {4, 4}, {std::numeric_limits<index_t>::max() / 2, 1});
+      },
       {"tensor_view", "overflows the index type"}));
 }
 
 TEST(TensorView, RejectsBadRearrangements) {
   auto buf = iota(24);
   const auto v = xattn::make_view(buf.data(), {2, 3, 4});
-  EXPECT_TRUE(throws_with<xattn::shape_error>([&] { (void)xattn::permute(v, {0, 0, 1}); },
-                                              {"permute: order is not a permutation of 0..2"}));
-  EXPECT_TRUE(throws_with<xattn::shape_error>([&] { (void)xattn::permute(v, {0, 1, 3}); },
-                                              {"permute: order is not a permutation of 0..2"}));
+  EXPECT_TRUE(throws_with<xattn::shape_error>(
+      [&] {
+        (void)xattn::permute(v, {0, 0, 1});
+      },
+      {"permute: order is not a permutation of 0..2"}));
+  EXPECT_TRUE(throws_with<xattn::shape_error>(
+      [&] {
+        (void)xattn::permute(v, {0, 1, 3});
+      },
+      {"permute: order is not a permutation of 0..2"}));
   EXPECT_TRUE(throws_with<xattn::shape_error>(
       [&] { (void)xattn::split_heads(v, 3); },
       {"split_heads: x.extent(2) is 4, not a multiple of num_heads = 3"}));

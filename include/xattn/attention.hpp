@@ -49,11 +49,11 @@ row_matrix<typename DQ::Scalar> attention(const Eigen::MatrixBase<DQ>& Q,
   static_assert(std::is_same_v<T, typename DK::Scalar> && std::is_same_v<T, typename DV::Scalar>,
                 "attention: Q, K and V need the same scalar type");
   if (K.cols() != Q.cols())
-    detail::fail_shape(detail::message("attention: K.cols() is ", K.cols(), ", expected ",
-                                       Q.cols(), " (Q.cols())"));
+    detail::fail_shape(detail::message("attention: K.cols() is ", K.cols(), ", expected ", Q.cols(),
+                                       " (Q.cols())"));
   if (V.rows() != K.rows())
-    detail::fail_shape(detail::message("attention: V.rows() is ", V.rows(), ", expected ",
-                                       K.rows(), " (K.rows())"));
+    detail::fail_shape(detail::message("attention: V.rows() is ", V.rows(), ", expected ", K.rows(),
+                                       " (K.rows())"));
   row_matrix<T> q_store, k_store, v_store;
   row_matrix<T> O(Q.rows(), V.cols());
   naive_attention<T>(detail::view_of(Q, q_store), detail::view_of(K, k_store),

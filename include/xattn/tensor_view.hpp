@@ -125,7 +125,8 @@ class tensor_view {
   template <class, std::size_t>
   friend class tensor_view;
   struct unchecked_tag {};
-  tensor_view(T* data, const index_array& extents, const index_array& strides, unchecked_tag) noexcept
+  tensor_view(T* data, const index_array& extents, const index_array& strides,
+              unchecked_tag) noexcept
       : data_(data), extents_(extents), strides_(strides) {}
 
   // Extents and strides must be >= 0, a view with elements needs data, and the largest offset
@@ -134,11 +135,11 @@ class tensor_view {
     index_t count = 1, last = 0;
     for (std::size_t r = 0; r < Rank; ++r) {
       if (extents_[r] < 0)
-        detail::fail_shape(detail::message("tensor_view: extent(", r, ") is ", extents_[r],
-                                           ", expected >= 0"));
+        detail::fail_shape(
+            detail::message("tensor_view: extent(", r, ") is ", extents_[r], ", expected >= 0"));
       if (strides_[r] < 0)
-        detail::fail_shape(detail::message("tensor_view: stride(", r, ") is ", strides_[r],
-                                           ", expected >= 0"));
+        detail::fail_shape(
+            detail::message("tensor_view: stride(", r, ") is ", strides_[r], ", expected >= 0"));
       count = detail::checked_mul("tensor_view", count, extents_[r]);
     }
     if (count == 0) return;
@@ -149,8 +150,8 @@ class tensor_view {
       last += step;
     }
     if (data_ == nullptr)
-      detail::fail_shape(detail::message("tensor_view: data is null but the view has ", count,
-                                         " elements"));
+      detail::fail_shape(
+          detail::message("tensor_view: data is null but the view has ", count, " elements"));
   }
 
   T* data_ = nullptr;
@@ -191,7 +192,8 @@ auto make_view(Storage&& m) {
   using element = std::remove_pointer_t<decltype(m.data())>;
   const index_t inner = m.innerStride(), outer = m.outerStride();
   const bool row_major = static_cast<bool>(Plain::IsRowMajor);
-  return tensor_view<element, 2>(m.data(), {static_cast<index_t>(m.rows()), static_cast<index_t>(m.cols())},
+  return tensor_view<element, 2>(m.data(),
+                                 {static_cast<index_t>(m.rows()), static_cast<index_t>(m.cols())},
                                  {row_major ? outer : inner, row_major ? inner : outer});
 }
 
@@ -200,7 +202,8 @@ auto make_view(Storage&& m) {
 /// The same elements with dimensions reordered: result.extent(r) == v.extent(order[r]).
 /// permute(x, {0, 2, 1, 3}) turns a [B, L, H, D] view into [B, H, L, D].
 template <class T, std::size_t Rank>
-tensor_view<T, Rank> permute(const tensor_view<T, Rank>& v, const std::array<std::size_t, Rank>& order) {
+tensor_view<T, Rank> permute(const tensor_view<T, Rank>& v,
+                             const std::array<std::size_t, Rank>& order) {
   std::array<bool, Rank> seen{};
   std::array<index_t, Rank> e{}, s{};
   for (std::size_t r = 0; r < Rank; ++r) {

@@ -8,4 +8,5 @@
 #define XATTN_VERSION_PATCH 0
 
 /// The version as one number, major * 10000 + minor * 100 + patch, for preprocessor checks.
-#define XATTN_VERSION (XATTN_VERSION_MAJOR * 10000 + XATTN_VERSION_MINOR * 100 + XATTN_VERSION_PATCH)
+#define XATTN_VERSION \
+  (XATTN_VERSION_MAJOR * 10000 + XATTN_VERSION_MINOR * 100 + XATTN_VERSION_PATCH)

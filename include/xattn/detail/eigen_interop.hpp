@@ -30,8 +30,8 @@ using matrix_map = Eigen::Map<row_matrix_of<T>, Eigen::Unaligned, Eigen::OuterSt
 
 /// Any 2-D strided layout; Eigen reads it element by element.
 template <class T>
-using strided_map = Eigen::Map<row_matrix_of<T>, Eigen::Unaligned,
-                               Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>>;
+using strided_map =
+    Eigen::Map<row_matrix_of<T>, Eigen::Unaligned, Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>>;
 
 template <class T>
 bool has_contiguous_rows(const tensor_view<T, 2>& v) noexcept {
