@@ -20,8 +20,7 @@ using xattn_test::throws_with;
 
 template <class T>
 class EigenAttention : public ::testing::Test {};
-using element_types = ::testing::Types<float, double>;
-TYPED_TEST_SUITE(EigenAttention, element_types, );
+TYPED_TEST_SUITE(EigenAttention, xattn_test::element_types, );
 
 // The reference's output for single-head Q, K, V, as a row-major matrix.
 template <class T>

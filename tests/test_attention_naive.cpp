@@ -10,8 +10,8 @@
 
 #include <cmath>
 #include <limits>
-#include <numeric>
 #include <memory>
+#include <numeric>
 #include <vector>
 
 namespace {
@@ -24,8 +24,7 @@ using xattn_test::throws_with;
 
 template <class T>
 class NaiveAttention : public ::testing::Test {};
-using element_types = ::testing::Types<float, double>;
-TYPED_TEST_SUITE(NaiveAttention, element_types, );
+TYPED_TEST_SUITE(NaiveAttention, xattn_test::element_types, );
 
 // Random q, k, v for one shape, the output buffers, and the check against the reference.
 template <class T>

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
-// config.hpp and version.hpp (one file for both). This file is compiled with -fno-exceptions: a bad argument then
-// prints the error's message and aborts, which a death test observes.
+// config.hpp and version.hpp (one file for both). This file is compiled with -fno-exceptions: a bad
+// argument then prints the error's message and aborts, which a death test observes.
 #include "xattn/attention_naive.hpp"
 #include "xattn/config.hpp"
 #include "xattn/version.hpp"

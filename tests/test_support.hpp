@@ -24,6 +24,9 @@ namespace xattn_test {
 
 using xattn::index_t;
 
+/// The element types every typed kernel test runs over.
+using element_types = ::testing::Types<float, double>;
+
 /// An owned, packed row-major tensor.
 template <class T, std::size_t Rank>
 struct tensor {

@@ -17,18 +17,18 @@ using index_t = std::ptrdiff_t;
 // XATTN_ASSERT(cond) guards internal invariants and element indexing. It is off under NDEBUG,
 // like assert(). Define it before including any xattn header to route it elsewhere.
 #ifndef XATTN_ASSERT
-#include <cassert>
-#define XATTN_ASSERT(cond) assert(cond)
+#  include <cassert>
+#  define XATTN_ASSERT(cond) assert(cond)
 #endif
 
 // XATTN_THROW(err) reports a bad argument at a public entry point; these checks are always on.
 // By default it throws err. Without exception support (-fno-exceptions) it prints err.what() to
 // stderr and calls std::abort(). Define it before including any xattn header to replace both.
 #ifndef XATTN_THROW
-#if defined(__cpp_exceptions) || defined(__EXCEPTIONS) || defined(_CPPUNWIND)
-#define XATTN_THROW(err) throw err
-#else
-#define XATTN_THROW(err) ::xattn::detail::abort_with(err)
+#  if defined(__cpp_exceptions) || defined(__EXCEPTIONS) || defined(_CPPUNWIND)
+#    define XATTN_THROW(err) throw err
+#  else
+#    define XATTN_THROW(err) ::xattn::detail::abort_with(err)
 namespace xattn::detail {
 template <class Error>
 [[noreturn]] void abort_with(const Error& err) noexcept {
@@ -36,5 +36,5 @@ template <class Error>
   std::abort();
 }
 }  // namespace xattn::detail
-#endif
+#  endif
 #endif
