@@ -5,6 +5,7 @@
 
 #include "xattn/attention.hpp"
 #include "xattn/attention_naive.hpp"
+#include "xattn/attention_tiled.hpp"
 #include "xattn/config.hpp"
 #include "xattn/errors.hpp"
 #include "xattn/options.hpp"
