@@ -9,14 +9,17 @@
 #include "xattn/options.hpp"
 #include "xattn/tensor_view.hpp"
 
+#include <optional>
+
 namespace xattn {
 
-/// How tiled_attention cuts its work. A 0 means "choose": tile sizes from Dk, Dv and the cache
-/// size, the thread count from OpenMP (1 without OpenMP).
+/// How tiled_attention cuts its work. Unset fields are chosen by the kernel: tile sizes from Dk,
+/// Dv and the cache size, the thread count from OpenMP (1 without OpenMP). A set field must be
+/// >= 1 (a value_error otherwise). The result does not depend on num_threads, bit for bit.
 struct tile_options {
-  index_t q_tile = 0;   ///< query rows per tile
-  index_t kv_tile = 0;  ///< key/value rows per tile
-  int num_threads = 0;  ///< threads to use
+  std::optional<index_t> q_tile;   ///< query rows per tile
+  std::optional<index_t> kv_tile;  ///< key/value rows per tile
+  std::optional<int> num_threads;  ///< threads to use; more than OpenMP allows is a value_error
 };
 
 /// Scaled dot-product attention with O(tile) scratch; arguments as naive_attention:
