@@ -1,0 +1,209 @@
+// SPDX-License-Identifier: MIT
+// The inner loops of tiled_attention (attention_tiled.hpp explains the whole kernel).
+//
+// Layout: "lanes over queries". A query tile is stored transposed, Qᵀ [Dk, W], so that one SIMD
+// packet holds the same feature of several queries. Scores come out transposed too, Sᵀ [n, W]
+// for a tile of n keys, and so do the running output Oᵀ [Dv, W], the row max m [W] and the row
+// sum l [W]. Then:
+//   - both products are outer-product updates: a packet of queries times one broadcast element
+//     of K or V, read in place from the caller's rows (no packing of K or V);
+//   - every softmax reduction over keys (max, sum) runs down a column of Sᵀ, lane by lane,
+//     so it needs no horizontal reduction and no shuffle.
+#pragma once
+
+#include "xattn/config.hpp"
+#include "xattn/detail/simd.hpp"
+
+#include <Eigen/Core>
+
+#include <limits>
+
+namespace xattn::detail {
+
+// ---- the two products, as register-blocked micro-kernels --------------------------------------
+
+/// Sᵀ[r][c] = Σ_d K[r][d] · Qᵀ[d][c] for R keys and C packets of queries, accumulated in
+/// R x C registers over the whole Dk.
+template <class T, int R, int C>
+EIGEN_STRONG_INLINE void score_block(const T* k, index_t ldk, const T* qt, index_t ldq,
+                                     index_t head_dim, T* s, index_t lds) {
+  using P = simd::packet<T>;
+  constexpr index_t L = simd::lanes<T>;
+  P acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = Eigen::internal::pset1<P>(T(0));
+  for (index_t d = 0; d < head_dim; ++d) {
+    P q[C];
+    for (int c = 0; c < C; ++c) q[c] = simd::load(qt + d * ldq + c * L);
+    for (int r = 0; r < R; ++r) {
+      const P kb = simd::broadcast(k[r * ldk + d]);
+      for (int c = 0; c < C; ++c) acc[r][c] = simd::fma(kb, q[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) simd::store(s + r * lds + c * L, acc[r][c]);
+}
+
+/// Oᵀ[r][c] = corr[c] · Oᵀ[r][c] + Σ_j V[j][r] · Pᵀ[j][c] for R value features and C packets of
+/// queries: the online-softmax rescale and the P V product in one pass over Oᵀ.
+template <class T, int R, int C>
+EIGEN_STRONG_INLINE void value_block(const T* v, index_t ldv, const T* pt, index_t ldp, index_t n,
+                                     const T* corr, T* ot, index_t ldo) {
+  using P = simd::packet<T>;
+  constexpr index_t L = simd::lanes<T>;
+  P acc[R][C];
+  for (int c = 0; c < C; ++c) {
+    const P cf = simd::load(corr + c * L);
+    for (int r = 0; r < R; ++r) acc[r][c] = simd::mul(simd::load(ot + r * ldo + c * L), cf);
+  }
+  for (index_t j = 0; j < n; ++j) {
+    P p[C];
+    for (int c = 0; c < C; ++c) p[c] = simd::load(pt + j * ldp + c * L);
+    for (int r = 0; r < R; ++r) {
+      const P vb = simd::broadcast(v[j * ldv + r]);
+      for (int c = 0; c < C; ++c) acc[r][c] = simd::fma(vb, p[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) simd::store(ot + r * ldo + c * L, acc[r][c]);
+}
+
+// Runs Block<R, C> over `rows` rows (keys for scores, value features for outputs) in steps of
+// simd::block_rows, finishing with one smaller block; C is fixed by the caller.
+template <class T, int C, int R = simd::block_rows>
+EIGEN_STRONG_INLINE void score_rows_tail(index_t rem, const T* k, index_t ldk, const T* qt,
+                                         index_t ldq, index_t head_dim, T* s, index_t lds) {
+  if constexpr (R > 0) {
+    if (rem == R) return score_block<T, R, C>(k, ldk, qt, ldq, head_dim, s, lds);
+    score_rows_tail<T, C, R - 1>(rem, k, ldk, qt, ldq, head_dim, s, lds);
+  }
+}
+
+template <class T, int C, int R = simd::block_rows>
+EIGEN_STRONG_INLINE void value_rows_tail(index_t rem, const T* v, index_t ldv, const T* pt,
+                                         index_t ldp, index_t n, const T* corr, T* ot,
+                                         index_t ldo) {
+  if constexpr (R > 0) {
+    if (rem == R) return value_block<T, R, C>(v, ldv, pt, ldp, n, corr, ot, ldo);
+    value_rows_tail<T, C, R - 1>(rem, v, ldv, pt, ldp, n, corr, ot, ldo);
+  }
+}
+
+template <class T, int C>
+void score_columns(index_t n, const T* k, index_t ldk, const T* qt, index_t ldq,
+                   index_t head_dim, T* s, index_t lds) {
+  constexpr int R = simd::block_rows;
+  index_t j = 0;
+  for (; j + R <= n; j += R) score_block<T, R, C>(k + j * ldk, ldk, qt, ldq, head_dim, s + j * lds, lds);
+  if (j < n) score_rows_tail<T, C>(n - j, k + j * ldk, ldk, qt, ldq, head_dim, s + j * lds, lds);
+}
+
+template <class T, int C>
+void value_columns(index_t value_dim, const T* v, index_t ldv, const T* pt, index_t ldp,
+                   index_t n, const T* corr, T* ot, index_t ldo) {
+  constexpr int R = simd::block_rows;
+  index_t e = 0;
+  for (; e + R <= value_dim; e += R) value_block<T, R, C>(v + e, ldv, pt, ldp, n, corr, ot + e * ldo, ldo);
+  if (e < value_dim)
+    value_rows_tail<T, C>(value_dim - e, v + e, ldv, pt, ldp, n, corr, ot + e * ldo, ldo);
+}
+
+// The last (packets mod block_cols) packets of a tile, with a narrower C chosen at run time.
+template <class T, int C = simd::block_cols - 1>
+void score_columns_tail(index_t rem, index_t n, const T* k, index_t ldk, const T* qt, index_t ldq,
+                        index_t head_dim, T* s, index_t lds) {
+  if constexpr (C > 0) {
+    if (rem == C) return score_columns<T, C>(n, k, ldk, qt, ldq, head_dim, s, lds);
+    score_columns_tail<T, C - 1>(rem, n, k, ldk, qt, ldq, head_dim, s, lds);
+  }
+}
+
+template <class T, int C = simd::block_cols - 1>
+void value_columns_tail(index_t rem, index_t value_dim, const T* v, index_t ldv, const T* pt,
+                        index_t ldp, index_t n, const T* corr, T* ot, index_t ldo) {
+  if constexpr (C > 0) {
+    if (rem == C) return value_columns<T, C>(value_dim, v, ldv, pt, ldp, n, corr, ot, ldo);
+    value_columns_tail<T, C - 1>(rem, value_dim, v, ldv, pt, ldp, n, corr, ot, ldo);
+  }
+}
+
+/// Sᵀ [n, W] = K [n, Dk] · Qᵀ [Dk, W], W = `packets` packets of queries.
+template <class T>
+void tile_scores(index_t n, index_t packets, const T* k, index_t ldk, const T* qt, index_t ldq,
+                 index_t head_dim, T* s, index_t lds) {
+  constexpr index_t L = simd::lanes<T>;
+  constexpr int C = simd::block_cols;
+  index_t c = 0;
+  for (; c + C <= packets; c += C)
+    score_columns<T, C>(n, k, ldk, qt + c * L, ldq, head_dim, s + c * L, lds);
+  if (c < packets)
+    score_columns_tail<T>(packets - c, n, k, ldk, qt + c * L, ldq, head_dim, s + c * L, lds);
+}
+
+/// Oᵀ [Dv, W] = diag(corr) Oᵀ + Vᵀ [Dv, n] · Pᵀ [n, W].
+template <class T>
+void tile_values(index_t n, index_t packets, const T* v, index_t ldv, const T* pt, index_t ldp,
+                 index_t value_dim, const T* corr, T* ot, index_t ldo) {
+  constexpr index_t L = simd::lanes<T>;
+  constexpr int C = simd::block_cols;
+  index_t c = 0;
+  for (; c + C <= packets; c += C)
+    value_columns<T, C>(value_dim, v, ldv, pt + c * L, ldp, n, corr + c * L, ot + c * L, ldo);
+  if (c < packets)
+    value_columns_tail<T>(packets - c, value_dim, v, ldv, pt + c * L, ldp, n, corr + c * L,
+                          ot + c * L, ldo);
+}
+
+// ---- the online softmax over one tile ----------------------------------------------------------
+
+/// Online softmax. Per query keep m (running max), l (running sum of exp) and acc[Dv]
+/// (unnormalised output). For the next key tile with scores s_j:
+///   m_new = max(m, max_j s_j),  c = exp(m - m_new)
+///   l   = c·l   + Σ_j exp(s_j - m_new)
+///   acc = c·acc + Σ_j exp(s_j - m_new) · v_j
+/// After the last tile out = acc / l: equal to naive_attention up to rounding, without ever
+/// storing the [Lq, Lk] score matrix.
+///
+/// This function does the first two lines for every lane of Sᵀ [n, W]: it replaces the scores
+/// by p_j = exp(s_j - m_new), updates m and l, and leaves c in corr for tile_values. While a
+/// query has seen only masked keys (m = -inf) the shift is 0 instead of -inf, so exp(-inf - 0)
+/// gives weights of exactly 0 instead of NaN.
+template <class T>
+void online_softmax_tile(T* s, index_t lds, index_t n, index_t packets, T* m, T* l, T* corr) {
+  using P = simd::packet<T>;
+  using namespace Eigen::internal;
+  constexpr index_t L = simd::lanes<T>;
+  const P neg_inf = pset1<P>(-std::numeric_limits<T>::infinity());
+  const P zero = pset1<P>(T(0));
+  for (index_t c = 0; c < packets; ++c) {
+    T* col = s + c * L;
+    // pass 1: the tile's max, lane by lane
+    P tile_max = simd::load(col);
+    for (index_t j = 1; j < n; ++j) tile_max = simd::max_nan(tile_max, simd::load(col + j * lds));
+    const P m_old = simd::load(m + c * L);
+    const P m_new = simd::max_nan(m_old, tile_max);
+    const P shift = pselect(pcmp_eq(m_new, neg_inf), zero, m_new);
+    const P cf = simd::exp_flushed<T>(simd::sub(m_old, shift));
+    // pass 2: exponentials and their sum; two partial sums hide the add latency
+    P sum0 = zero, sum1 = zero;
+    index_t j = 0;
+    for (; j + 2 <= n; j += 2) {
+      const P p0 = simd::exp_flushed<T>(simd::sub(simd::load(col + j * lds), shift));
+      const P p1 = simd::exp_flushed<T>(simd::sub(simd::load(col + (j + 1) * lds), shift));
+      simd::store(col + j * lds, p0);
+      simd::store(col + (j + 1) * lds, p1);
+      sum0 = simd::add(sum0, p0);
+      sum1 = simd::add(sum1, p1);
+    }
+    if (j < n) {
+      const P p0 = simd::exp_flushed<T>(simd::sub(simd::load(col + j * lds), shift));
+      simd::store(col + j * lds, p0);
+      sum0 = simd::add(sum0, p0);
+    }
+    simd::store(l + c * L, simd::fma(cf, simd::load(l + c * L), simd::add(sum0, sum1)));
+    simd::store(m + c * L, m_new);
+    simd::store(corr + c * L, cf);
+  }
+}
+
+}  // namespace xattn::detail

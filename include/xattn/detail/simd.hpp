@@ -1,0 +1,79 @@
+// SPDX-License-Identifier: MIT
+// The SIMD vocabulary of the tiled kernel: one "packet" is the widest vector of T that Eigen
+// was built to use (16 floats with AVX-512, 8 with AVX, 4 with SSE or NEON, 1 without SIMD).
+// Everything goes through Eigen's packet functions, so the same kernel code serves every
+// instruction set Eigen supports.
+#pragma once
+
+#include "xattn/config.hpp"
+
+#include <Eigen/Core>
+
+#include <limits>
+
+namespace xattn::detail::simd {
+
+template <class T>
+using packet = typename Eigen::internal::packet_traits<T>::type;
+
+/// Lanes in one packet of T.
+template <class T>
+inline constexpr index_t lanes = Eigen::internal::unpacket_traits<packet<T>>::size;
+
+/// Vector registers the target has (32 with AVX-512 or NEON on AArch64, 16 with AVX).
+inline constexpr int registers = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS;
+
+/// Register blocking of the micro-kernels: an accumulator block is `rows` broadcast operands
+/// by `cols` packets. rows * cols accumulators + cols loads + 1 broadcast must fit in the
+/// register file; 6 x 4 = 24 accumulators with 32 registers, 4 x 2 = 8 with 16.
+inline constexpr int block_rows = registers >= 32 ? 6 : 4;
+inline constexpr int block_cols = registers >= 32 ? 4 : 2;
+
+template <class T>
+EIGEN_STRONG_INLINE packet<T> load(const T* p) {
+  return Eigen::internal::ploadu<packet<T>>(p);
+}
+template <class T>
+EIGEN_STRONG_INLINE void store(T* p, const packet<T>& x) {
+  Eigen::internal::pstoreu(p, x);
+}
+template <class T>
+EIGEN_STRONG_INLINE packet<T> broadcast(T x) {
+  return Eigen::internal::pset1<packet<T>>(x);
+}
+/// a * b + c
+template <class P>
+EIGEN_STRONG_INLINE P fma(const P& a, const P& b, const P& c) {
+  return Eigen::internal::pmadd(a, b, c);
+}
+template <class P>
+EIGEN_STRONG_INLINE P mul(const P& a, const P& b) {
+  return Eigen::internal::pmul(a, b);
+}
+template <class P>
+EIGEN_STRONG_INLINE P add(const P& a, const P& b) {
+  return Eigen::internal::padd(a, b);
+}
+template <class P>
+EIGEN_STRONG_INLINE P sub(const P& a, const P& b) {
+  return Eigen::internal::psub(a, b);
+}
+/// Lane-wise max that returns a NaN when either lane is NaN, so a NaN score poisons its row
+/// the same way in every kernel.
+template <class P>
+EIGEN_STRONG_INLINE P max_nan(const P& a, const P& b) {
+  return Eigen::internal::pmax<Eigen::PropagateNaN>(a, b);
+}
+
+/// exp(x) lane by lane, with results below the smallest normal number flushed to exactly 0.
+/// Eigen's vectorised exp clamps its argument from below, so exp(-inf) would otherwise come out
+/// as a tiny number instead of 0, and a masked key would keep a sliver of weight.
+template <class T>
+EIGEN_STRONG_INLINE packet<T> exp_flushed(const packet<T>& x) {
+  using namespace Eigen::internal;
+  const packet<T> e = pexp(x);
+  const packet<T> tiny = pset1<packet<T>>(std::numeric_limits<T>::min());
+  return pandnot(e, pcmp_lt(e, tiny));  // a NaN compares false and is kept
+}
+
+}  // namespace xattn::detail::simd
