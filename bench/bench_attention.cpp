@@ -138,6 +138,17 @@ void attention_cases(benchmark::internal::Benchmark* b) {
 }  // namespace
 
 BENCHMARK(BM_TiledAttention)->Apply(attention_cases);
+// One long context, Lq = Lk = 65536 (1.1 TFLOP, seconds per call): the tiled kernel's memory
+// stays at its inputs and output plus scratch, where the naive kernel would need a 16 GiB
+// score matrix. Run alone under /usr/bin/time -v to read the peak resident memory:
+//   bench_attention --benchmark_filter=Lq:65536
+BENCHMARK(BM_TiledAttention)
+    ->Name("BM_TiledAttentionLong")
+    ->ArgNames({"Lq", "Lk", "D", "threads"})
+    ->Args({65536, 65536, 64, 2})
+    ->Iterations(1)
+    ->Unit(benchmark::kSecond)
+    ->UseRealTime();
 BENCHMARK(BM_NaiveAttention)->Apply(attention_cases);
 BENCHMARK(BM_TwoGemms)->Apply(attention_cases);
 BENCHMARK(BM_EigenSgemm)

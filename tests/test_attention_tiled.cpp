@@ -321,6 +321,36 @@ TYPED_TEST(TiledAttention, NoQueriesIsANoOpAndNoKeysGivesZeros) {
   }
 }
 
+TYPED_TEST(TiledAttention, VectorisedExpIsAccurateAndFlushesBelowTheSmallestNormal) {
+  using T = TypeParam;
+  namespace simd = xattn::detail::simd;
+  constexpr index_t L = simd::lanes<T>;
+  const T eps = std::numeric_limits<T>::epsilon(), tiny = std::numeric_limits<T>::min();
+  const double lo = std::log(double(tiny)), hi = std::log(double(std::numeric_limits<T>::max()));
+  std::vector<T> x, got(static_cast<std::size_t>(L));
+  for (double t = lo - 30; t < hi; t += 0.0137) x.push_back(T(t));
+  for (T special : {T(0), -std::numeric_limits<T>::infinity(), std::numeric_limits<T>::infinity(),
+                    std::numeric_limits<T>::quiet_NaN(), T(lo + 1e-3), T(hi - 1e-3)})
+    x.push_back(special);
+  while (index_t(x.size()) % L != 0) x.push_back(T(0));
+  for (std::size_t n = 0; n < x.size(); n += std::size_t(L)) {
+    simd::store(got.data(), simd::exp_flushed<T>(simd::load(x.data() + n)));
+    for (std::size_t t = 0; t < std::size_t(L); ++t) {
+      const T want = std::exp(x[n + t]), g = got[t];
+      SCOPED_TRACE(::testing::Message() << "exp(" << x[n + t] << ")");
+      if (std::isnan(want)) {
+        EXPECT_TRUE(std::isnan(g));
+      } else if (std::isinf(want)) {
+        EXPECT_EQ(g, want);
+      } else if (want < tiny * T(0.999)) {
+        EXPECT_EQ(g, T(0));
+      } else if (want > tiny * T(1.001)) {
+        EXPECT_LE(std::abs(g - want), 4 * eps * want);
+      }
+    }
+  }
+}
+
 TEST(TiledAttentionScratch, DependsOnTheTilesNotOnTheLengths) {
   const auto at = [](index_t lq, index_t lk) {
     return xattn::tiled_attention_scratch_bytes<float>(shape(1, 8, lq, lk, 64, 64),

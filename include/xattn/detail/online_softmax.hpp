@@ -140,7 +140,7 @@ void tile_scores(index_t n, index_t packets, const T* k, index_t ldk, const T* q
     score_columns_tail<T>(packets - c, n, k, ldk, qt + c * L, ldq, head_dim, s + c * L, lds);
 }
 
-/// Oᵀ [Dv, W] = diag(corr) Oᵀ + Vᵀ [Dv, n] · Pᵀ [n, W].
+/// Oᵀ [Dv, W] = Oᵀ diag(corr) + Vᵀ [Dv, n] · Pᵀ [n, W].
 template <class T>
 void tile_values(index_t n, index_t packets, const T* v, index_t ldv, const T* pt, index_t ldp,
                  index_t value_dim, const T* corr, T* ot, index_t ldo) {

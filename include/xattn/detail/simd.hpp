@@ -76,4 +76,33 @@ EIGEN_STRONG_INLINE packet<T> exp_flushed(const packet<T>& x) {
   return pandnot(e, pcmp_lt(e, tiny));  // a NaN compares false and is kept
 }
 
+#if defined(EIGEN_VECTORIZE_AVX512) && !defined(XATTN_GENERIC_EXP)
+// With AVX-512 the softmax's exp is a third of the kernel's instructions, so it gets a shorter
+// form: exp(x) = 2^m · exp(r) with m = round(x / ln 2) and |r| <= ln(2) / 2, exp(r) from the
+// same degree-5 polynomial as Eigen's (Cephes' coefficients), and 2^m applied by vscalefps,
+// which also handles overflow and underflow: x is clamped to [-104, 89] only to keep m finite
+// (exp(-104) < 2^-150 rounds to 0, exp(89) overflows to inf). Accurate to about 2 ulp, like
+// Eigen's.
+template <>
+EIGEN_STRONG_INLINE packet<float> exp_flushed<float>(const packet<float>& x) {
+  // max and min return their second operand when either is NaN, so a NaN x stays NaN
+  const __m512 xc = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
+  const __m512 m = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(m, _mm512_set1_ps(0.693359375f), xc);  // ln 2 in two parts
+  r = _mm512_fnmadd_ps(m, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507E-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073E-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894E-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459E-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201E-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512 e = _mm512_scalef_ps(y, m);
+  const __mmask16 tiny = _mm512_cmp_ps_mask(e, _mm512_set1_ps(std::numeric_limits<float>::min()),
+                                            _CMP_LT_OQ);
+  return _mm512_maskz_mov_ps(__mmask16(~tiny), e);
+}
+#endif
+
 }  // namespace xattn::detail::simd

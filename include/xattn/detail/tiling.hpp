@@ -58,8 +58,10 @@ inline constexpr index_t min_split_keys = 128;
 
 /// Default tile sizes. 64 queries are one register block of four 16-float packets with
 /// AVX-512; 128 keys keep Sᵀ (32 KiB), Qᵀ and Oᵀ (16 KiB each at Dk = Dv = 64) in L1 and L2.
+/// The row path stores one score row only, so its key tiles are longer.
 inline constexpr index_t default_q_tile = 64;
 inline constexpr index_t default_kv_tile = 128;
+inline constexpr index_t default_row_kv_tile = 512;
 
 template <class T>
 tiled_plan make_tiled_plan(const attention_shape& s, const tile_options& t, bool need_weights) {
@@ -69,7 +71,7 @@ tiled_plan make_tiled_plan(const attention_shape& s, const tile_options& t, bool
   const index_t q_want = t.q_tile ? *t.q_tile : (p.rows ? s.q_len : default_q_tile);
   p.q_tile = std::max<index_t>(1, std::min(q_want, s.q_len));
   p.width = (p.q_tile + L - 1) / L * L;
-  p.kv_tile = std::max<index_t>(1, std::min(t.kv_tile ? *t.kv_tile : default_kv_tile, s.kv_len));
+  p.kv_tile = std::max<index_t>(1, std::min(t.kv_tile ? *t.kv_tile : (p.rows ? default_row_kv_tile : default_kv_tile), s.kv_len));
   p.q_tiles = (s.q_len + p.q_tile - 1) / p.q_tile;
   p.items = s.batch * s.num_heads * p.q_tiles;
   if (!need_weights && p.items > 0 && p.items < split_target_units) {
