@@ -195,22 +195,28 @@ TYPED_TEST(TiledAttention, FullyMaskedRowsAndTilesGiveZerosAndMinusInfinity) {
   }
 }
 
-TYPED_TEST(TiledAttention, SkipsTilesPastTheKeyPaddingAndTheCausalDiagonal) {
+TYPED_TEST(TiledAttention, NeverUsesKeysPastTheKeyPadding) {
   using T = TypeParam;
-  // Values past each length are NaN: a kernel that touched them would return NaN.
-  const auto s = shape(2, 2, 64, 200, 16, 16);
-  problem<T> p(s);
-  const std::vector<index_t> lengths = {31, 128};
-  for (index_t b = 0; b < 2; ++b)
-    for (index_t h = 0; h < 2; ++h)
-      for (index_t j = lengths[std::size_t(b)]; j < 200; ++j)
-        for (index_t e = 0; e < 16; ++e)
-          p.v.view()(b, h, j, e) = std::numeric_limits<T>::quiet_NaN();
-  xattn::attention_options<T> opts;
-  opts.mask.kv_lengths = xattn::make_view(lengths.data(), {2});
-  xattn::tiled_attention<T>(p.q.view(), p.k.view(), p.v.view(), p.out.view(), opts,
-                            tiles(16, 32));
-  for (T x : p.out.data) ASSERT_TRUE(std::isfinite(x));
+  // Keys and values past each length are NaN: a kernel that used them would return NaN.
+  for (index_t lq : {1, 3, 64}) {  // the row path (with and without key splitting), the lanes path
+    SCOPED_TRACE(::testing::Message() << "Lq " << lq);
+    const auto s = shape(2, 2, lq, 600, 16, 16);
+    problem<T> p(s);
+    const std::vector<index_t> lengths = {31, 300};
+    for (index_t b = 0; b < 2; ++b)
+      for (index_t h = 0; h < 2; ++h)
+        for (index_t j = lengths[std::size_t(b)]; j < 600; ++j)
+          for (index_t e = 0; e < 16; ++e) {
+            p.k.view()(b, h, j, e) = std::numeric_limits<T>::quiet_NaN();
+            p.v.view()(b, h, j, e) = std::numeric_limits<T>::quiet_NaN();
+          }
+    xattn::attention_options<T> opts;
+    opts.mask.kv_lengths = xattn::make_view(lengths.data(), {2});
+    for (const auto& t : {tiles(16, 32), tiles(0, 0)}) {
+      xattn::tiled_attention<T>(p.q.view(), p.k.view(), p.v.view(), p.out.view(), opts, t);
+      for (T x : p.out.data) ASSERT_TRUE(std::isfinite(x));
+    }
+  }
 }
 
 TYPED_TEST(TiledAttention, ReadsHeadsInPlaceFromAProjectionLayout) {

@@ -214,31 +214,30 @@ class row_unit {
     std::fill(m_, m_ + mq_, -std::numeric_limits<T>::infinity());
     std::fill(l_, l_ + mq_, T(0));
     std::fill(acc_, acc_ + mq_ * s.value_dim, T(0));
+    // Keys past the last one any row may see (key padding, causal) are never read.
+    index_t key_limit = 0;
+    for (index_t i = 0; i < mq_; ++i) key_limit = std::max(key_limit, job_.mask.key_end(b_, i0_ + i));
+    kend = std::min(kend, key_limit);
     for (index_t j0 = kbeg; j0 < kend; j0 += job_.plan.kv_tile) {
       const index_t n = std::min(job_.plan.kv_tile, kend - j0);
       index_t ldk = 0, ldv = 0;
-      const T* k = nullptr;
-      const T* v = nullptr;
+      const T* k = tiled_job<T>::rows_of(k_, j0, n, ws_.k_copy, ldk);
+      const T* v = tiled_job<T>::rows_of(v_, j0, n, ws_.v_copy, ldv);
       for (index_t i = 0; i < mq_; ++i) {
-        if (job_.mask.key_end(b_, i0_ + i) <= j0) continue;  // every key of the tile is masked
-        if (!k) {
-          k = tiled_job<T>::rows_of(k_, j0, n, ws_.k_copy, ldk);
-          v = tiled_job<T>::rows_of(v_, j0, n, ws_.v_copy, ldv);
-        }
-        scores(i, j0, n, k, ldk);
+        const index_t ni = std::min(n, job_.mask.key_end(b_, i0_ + i) - j0);  // keys it may see
+        if (ni <= 0) continue;
+        scores(i, j0, ni, k, ldk);
         // the online softmax for one row (see detail/online_softmax.hpp)
-        Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>> row(s_, n);
+        Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>> row(s_, ni);
         const T m_new = max_nan(m_[i], row.template maxCoeff<Eigen::PropagateNaN>());
         const T shift = safe_shift(m_new);
         const T corr = exp_flushed(m_[i] - shift);
-        exp_shifted(s_, n, shift);
+        exp_shifted(s_, ni, shift);
         l_[i] = corr * l_[i] + row.sum();
         m_[i] = m_new;
-        Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, 1>> acc(acc_ + i * job_.shape.value_dim,
-                                                            job_.shape.value_dim);
+        Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, 1>> acc(acc_ + i * s.value_dim, s.value_dim);
         acc *= corr;
-        acc.noalias() += as_matrix(make_tile(v, n, job_.shape.value_dim, ldv)).transpose() *
-                         row.matrix();
+        acc.noalias() += as_matrix(make_tile(v, ni, s.value_dim, ldv)).transpose() * row.matrix();
       }
     }
     return {m_, l_, acc_, s.value_dim, 1};
