@@ -90,6 +90,15 @@ T exp_flushed(T x) noexcept {
   return e < std::numeric_limits<T>::min() ? T(0) : e;
 }
 
+/// The online-softmax correction exp(m_old - shift), without calling exp in the two common
+/// cases: the first tile of a row (m_old = -inf) and a tile that leaves the max unchanged.
+template <class T>
+T correction(T m_old, T m_new, T shift) noexcept {
+  if (m_old == -std::numeric_limits<T>::infinity()) return T(0);
+  if (m_old == m_new && m_new == shift) return T(1);
+  return exp_flushed(m_old - shift);
+}
+
 // ---- the lanes path: a tile of queries in SIMD lanes ------------------------------------------
 
 template <class T>
@@ -231,13 +240,11 @@ class row_unit {
         Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>> row(s_, ni);
         const T m_new = max_nan(m_[i], row.template maxCoeff<Eigen::PropagateNaN>());
         const T shift = safe_shift(m_new);
-        const T corr = exp_flushed(m_[i] - shift);
+        const T corr = correction(m_[i], m_new, shift);
         exp_shifted(s_, ni, shift);
         l_[i] = corr * l_[i] + row.sum();
         m_[i] = m_new;
-        Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, 1>> acc(acc_ + i * s.value_dim, s.value_dim);
-        acc *= corr;
-        acc.noalias() += as_matrix(make_tile(v, ni, s.value_dim, ldv)).transpose() * row.matrix();
+        row_values(s_, v, ldv, s.value_dim, ni, corr, acc_ + i * s.value_dim);
       }
     }
     return {m_, l_, acc_, s.value_dim, 1};
@@ -260,16 +267,10 @@ class row_unit {
   }
 
  private:
-  static tensor_view<const T, 2> make_tile(const T* p, index_t n, index_t d, index_t ld) {
-    return tensor_view<const T, 2>(p, {n, d}, {ld, 1});
-  }
-
   // One query's scores against keys [j0, j0 + n), masks applied, into s_.
   void scores(index_t i, index_t j0, index_t n, const T* k, index_t ldk) {
     const index_t dk = job_.shape.head_dim;
-    Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, 1>> s(s_, n);
-    Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, 1>> q(qs_ + i * dk, dk);
-    s.noalias() = as_matrix(make_tile(k, n, dk, ldk)) * q;
+    row_scores(qs_ + i * dk, k, ldk, dk, n, s_);
     if (job_.mask.any()) job_.mask.apply(b_, h_, i0_ + i, j0, s_, n);
   }
 

@@ -154,6 +154,87 @@ void tile_values(index_t n, index_t packets, const T* v, index_t ldv, const T* p
                           ot + c * L, ldo);
 }
 
+// ---- the row path's two products: one query against a tile of keys -----------------------------
+
+/// s[j] = Σ_d q[d] · K[j][d] for j < n: four keys at a time, vectorised along Dk, one horizontal
+/// sum per key.
+template <class T>
+void row_scores(const T* q, const T* k, index_t ldk, index_t head_dim, index_t n, T* s) {
+  using P = simd::packet<T>;
+  constexpr index_t L = simd::lanes<T>;
+  const index_t full = head_dim / L * L;
+  index_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const T* k0 = k + j * ldk;
+    P a0 = Eigen::internal::pset1<P>(T(0)), a1 = a0, a2 = a0, a3 = a0;
+    for (index_t d = 0; d < full; d += L) {
+      const P qv = simd::load(q + d);
+      a0 = simd::fma(simd::load(k0 + d), qv, a0);
+      a1 = simd::fma(simd::load(k0 + ldk + d), qv, a1);
+      a2 = simd::fma(simd::load(k0 + 2 * ldk + d), qv, a2);
+      a3 = simd::fma(simd::load(k0 + 3 * ldk + d), qv, a3);
+    }
+    T r0 = Eigen::internal::predux(a0), r1 = Eigen::internal::predux(a1);
+    T r2 = Eigen::internal::predux(a2), r3 = Eigen::internal::predux(a3);
+    for (index_t d = full; d < head_dim; ++d) {
+      r0 += q[d] * k0[d];
+      r1 += q[d] * k0[ldk + d];
+      r2 += q[d] * k0[2 * ldk + d];
+      r3 += q[d] * k0[3 * ldk + d];
+    }
+    s[j] = r0;
+    s[j + 1] = r1;
+    s[j + 2] = r2;
+    s[j + 3] = r3;
+  }
+  for (; j < n; ++j) {
+    const T* kj = k + j * ldk;
+    P a = Eigen::internal::pset1<P>(T(0));
+    for (index_t d = 0; d < full; d += L) a = simd::fma(simd::load(kj + d), simd::load(q + d), a);
+    T r = Eigen::internal::predux(a);
+    for (index_t d = full; d < head_dim; ++d) r += q[d] * kj[d];
+    s[j] = r;
+  }
+}
+
+/// acc[e] = corr · acc[e] + Σ_j p[j] · V[j][e] for e < Dv: vectorised along Dv, up to four
+/// packets of acc held in registers across all n keys.
+template <class T>
+void row_values(const T* p, const T* v, index_t ldv, index_t value_dim, index_t n, T corr,
+                T* acc) {
+  using P = simd::packet<T>;
+  constexpr index_t L = simd::lanes<T>;
+  const P cf = simd::broadcast(corr);
+  index_t e = 0;
+  for (; e + 4 * L <= value_dim; e += 4 * L) {
+    P a0 = simd::mul(simd::load(acc + e), cf), a1 = simd::mul(simd::load(acc + e + L), cf);
+    P a2 = simd::mul(simd::load(acc + e + 2 * L), cf);
+    P a3 = simd::mul(simd::load(acc + e + 3 * L), cf);
+    for (index_t j = 0; j < n; ++j) {
+      const T* vj = v + j * ldv + e;
+      const P pj = simd::broadcast(p[j]);
+      a0 = simd::fma(pj, simd::load(vj), a0);
+      a1 = simd::fma(pj, simd::load(vj + L), a1);
+      a2 = simd::fma(pj, simd::load(vj + 2 * L), a2);
+      a3 = simd::fma(pj, simd::load(vj + 3 * L), a3);
+    }
+    simd::store(acc + e, a0);
+    simd::store(acc + e + L, a1);
+    simd::store(acc + e + 2 * L, a2);
+    simd::store(acc + e + 3 * L, a3);
+  }
+  for (; e + L <= value_dim; e += L) {
+    P a = simd::mul(simd::load(acc + e), cf);
+    for (index_t j = 0; j < n; ++j) a = simd::fma(simd::broadcast(p[j]), simd::load(v + j * ldv + e), a);
+    simd::store(acc + e, a);
+  }
+  for (; e < value_dim; ++e) {
+    T a = corr * acc[e];
+    for (index_t j = 0; j < n; ++j) a += p[j] * v[j * ldv + e];
+    acc[e] = a;
+  }
+}
+
 // ---- the online softmax over one tile ----------------------------------------------------------
 
 /// Online softmax. Per query keep m (running max), l (running sum of exp) and acc[Dv]

@@ -54,7 +54,7 @@ struct tiled_plan {
 /// Key splitting aims for at least this many units, and gives each range at least
 /// min_split_keys keys, so that the merge stays cheap next to the work it divides.
 inline constexpr index_t split_target_units = 16;
-inline constexpr index_t min_split_keys = 128;
+inline constexpr index_t min_split_keys = 256;
 
 /// Default tile sizes. 64 queries are one register block of four 16-float packets with
 /// AVX-512; 128 keys keep Sᵀ (32 KiB), Qᵀ and Oᵀ (16 KiB each at Dk = Dv = 64) in L1 and L2.
