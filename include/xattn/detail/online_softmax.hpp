@@ -258,17 +258,24 @@ void online_softmax_tile(T* s, index_t lds, index_t n, index_t packets, T* m, T*
   const P zero = pset1<P>(T(0));
   for (index_t c = 0; c < packets; ++c) {
     T* col = s + c * L;
-    // pass 1: the tile's max, lane by lane
-    P tile_max = simd::load(col);
-    for (index_t j = 1; j < n; ++j) tile_max = simd::max_nan(tile_max, simd::load(col + j * lds));
+    // pass 1: the tile's max, lane by lane, in four independent chains. A NaN score may be
+    // skipped here: its exp in pass 2 is NaN all the same, and makes l and the output NaN.
+    P max0 = neg_inf, max1 = neg_inf, max2 = neg_inf, max3 = neg_inf;
+    index_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+      max0 = pmax(max0, simd::load(col + j * lds));
+      max1 = pmax(max1, simd::load(col + (j + 1) * lds));
+      max2 = pmax(max2, simd::load(col + (j + 2) * lds));
+      max3 = pmax(max3, simd::load(col + (j + 3) * lds));
+    }
+    for (; j < n; ++j) max0 = pmax(max0, simd::load(col + j * lds));
     const P m_old = simd::load(m + c * L);
-    const P m_new = simd::max_nan(m_old, tile_max);
+    const P m_new = pmax(pmax(m_old, max0), pmax(pmax(max1, max2), max3));
     const P shift = pselect(pcmp_eq(m_new, neg_inf), zero, m_new);
     const P cf = simd::exp_flushed<T>(simd::sub(m_old, shift));
     // pass 2: exponentials and their sum; two partial sums hide the add latency
     P sum0 = zero, sum1 = zero;
-    index_t j = 0;
-    for (; j + 2 <= n; j += 2) {
+    for (j = 0; j + 2 <= n; j += 2) {
       const P p0 = simd::exp_flushed<T>(simd::sub(simd::load(col + j * lds), shift));
       const P p1 = simd::exp_flushed<T>(simd::sub(simd::load(col + (j + 1) * lds), shift));
       simd::store(col + j * lds, p0);

@@ -58,13 +58,6 @@ template <class P>
 EIGEN_STRONG_INLINE P sub(const P& a, const P& b) {
   return Eigen::internal::psub(a, b);
 }
-/// Lane-wise max that returns a NaN when either lane is NaN, so a NaN score poisons its row
-/// the same way in every kernel.
-template <class P>
-EIGEN_STRONG_INLINE P max_nan(const P& a, const P& b) {
-  return Eigen::internal::pmax<Eigen::PropagateNaN>(a, b);
-}
-
 /// exp(x) lane by lane, with results below the smallest normal number flushed to exactly 0.
 /// Eigen's vectorised exp clamps its argument from below, so exp(-inf) would otherwise come out
 /// as a tiny number instead of 0, and a masked key would keep a sliver of weight.
