@@ -4,7 +4,7 @@
 // threads. Run a Release build with -march=native (the bench preset), e.g.
 //   bench_attention --benchmark_filter='/Lq:4096/Lk:4096/D:64/'
 // Every case is named <kernel>/Lq:<Lq>/Lk:<Lk>/D:<Dk = Dv>/threads:<n> (the SGEMM n/threads),
-// and reports FLOPS (a rate) and a threads counter. The helpers are in bench_common.hpp.
+// and reports FLOPS (a rate) and a num_threads counter. The helpers are in bench_common.hpp.
 
 #include "bench_common.hpp"
 
@@ -42,7 +42,7 @@ xattn::attention_shape single_head(const benchmark::State& state) {
 int use_threads(benchmark::State& state, std::size_t arg) {
   const int threads = int(state.range(int(arg)));
   Eigen::setNbThreads(threads);
-  state.counters["threads"] = threads;
+  state.counters["num_threads"] = threads;
   return threads;
 }
 
