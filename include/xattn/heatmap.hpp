@@ -27,13 +27,13 @@ struct heatmap_options {
   std::vector<std::string> row_labels;
   /// One label per column (the source tokens, across the top); empty: 0, 1, 2, ...
   std::vector<std::string> col_labels;
-  std::string title;                           ///< drawn above the map (SVG); empty: none
-  std::string row_axis = "target (queries)";   ///< the name of the vertical axis (SVG)
-  std::string col_axis = "source (keys)";      ///< the name of the horizontal axis (SVG)
-  double vmin = 0.0;  ///< the value drawn with the lightest colour; smaller values are clamped
-  double vmax = 1.0;  ///< the value drawn with the darkest colour; larger values are clamped
-  int cell_size = 32;        ///< pixels per cell side, >= 1
-  bool show_values = true;   ///< print each value in its cell (SVG, when cell_size >= 28)
+  std::string title;                          ///< drawn above the map (SVG); empty: none
+  std::string row_axis = "target (queries)";  ///< the name of the vertical axis (SVG)
+  std::string col_axis = "source (keys)";     ///< the name of the horizontal axis (SVG)
+  double vmin = 0.0;   ///< the value drawn with the lightest colour; smaller values are clamped
+  double vmax = 1.0;   ///< the value drawn with the darkest colour; larger values are clamped
+  int cell_size = 32;  ///< pixels per cell side, >= 1
+  bool show_values = true;  ///< print each value in its cell (SVG, when cell_size >= 28)
 };
 
 /// A colour with 8-bit red, green and blue channels.
@@ -75,11 +75,21 @@ inline std::string xml_escape(const std::string& text) {
   out.reserve(text.size());
   for (const char c : text) {
     switch (c) {
-      case '&': out += "&amp;"; break;
-      case '<': out += "&lt;"; break;
-      case '>': out += "&gt;"; break;
-      case '"': out += "&quot;"; break;
-      case '\'': out += "&apos;"; break;
+      case '&':
+        out += "&amp;";
+        break;
+      case '<':
+        out += "&lt;";
+        break;
+      case '>':
+        out += "&gt;";
+        break;
+      case '"':
+        out += "&quot;";
+        break;
+      case '\'':
+        out += "&apos;";
+        break;
       default:
         if (static_cast<unsigned char>(c) < 0x20 && c != '\t' && c != '\n' && c != '\r')
           out += ' ';
@@ -178,7 +188,10 @@ std::string heatmap_svg(const tensor_view<T, 2>& values, const heatmap_options& 
   const double bar_x = left + grid_w + std::max(24.0, double(col_chars) * char_w * diag - cell);
   const double bar_w = 14.0, bar_h = std::max(grid_h, 80.0);
   const double row_axis_w = double(detail::utf8_length(opts.row_axis) + 2) * char_w;
-  const double width = bar_x + bar_w + 6.0 + 7.0 * char_w + pad;
+  // The title is centred over the grid, moved right (and the image widened) if it is wider.
+  const double title_w = double(detail::utf8_length(opts.title)) * 9.0;  // 15 px bold
+  const double title_x = std::max(left + grid_w / 2, pad + title_w / 2);
+  const double width = std::max(bar_x + bar_w + 6.0 + 7.0 * char_w, title_x + title_w / 2) + pad;
   const double height = std::max(top + bar_h, top + (grid_h + row_axis_w) / 2) + pad;
   const auto px = [](double x) { return format_number(x, 1); };
 
@@ -196,15 +209,15 @@ std::string heatmap_svg(const tensor_view<T, 2>& values, const heatmap_options& 
   svg << "</linearGradient></defs>\n"
       << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n";
   if (!opts.title.empty())
-    svg << "<text x=\"" << px(left + grid_w / 2) << "\" y=\"" << px(pad + 14.0)
+    svg << "<text x=\"" << px(title_x) << "\" y=\"" << px(pad + 14.0)
         << "\" text-anchor=\"middle\" font-size=\"15\" font-weight=\"bold\">"
         << xml_escape(opts.title) << "</text>\n";
   svg << "<text x=\"" << px(left + grid_w / 2) << "\" y=\"" << px(pad + title_h + 12.0)
       << "\" text-anchor=\"middle\" font-style=\"italic\">" << xml_escape(opts.col_axis)
-      << " \xe2\x86\x92</text>\n"
+      << "</text>\n"
       << "<text transform=\"translate(" << px(pad + 12.0) << ',' << px(top + grid_h / 2)
       << ") rotate(-90)\" text-anchor=\"middle\" font-style=\"italic\">"
-      << xml_escape(opts.row_axis) << " \xe2\x86\x92</text>\n";
+      << xml_escape(opts.row_axis) << "</text>\n";
 
   // Column labels slanted up and to the right from the top of their column, row labels
   // right-aligned against the grid.

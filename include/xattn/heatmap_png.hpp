@@ -134,7 +134,7 @@ void write_heatmap_png(const std::string& path, const tensor_view<T, 2>& values,
                        const heatmap_options& opts = {}) {
   const std::vector<std::uint8_t> png = heatmap_png(values, opts);
   detail::write_file("write_heatmap_png", path,
-                          std::string(reinterpret_cast<const char*>(png.data()), png.size()));
+                     std::string(reinterpret_cast<const char*>(png.data()), png.size()));
 }
 
 }  // namespace xattn
