@@ -14,7 +14,8 @@ What it reads, from each entry of the "benchmarks" list:
              "threads", which is Google Benchmark's own field); a "num_threads:N" or
              "threads:N" part of the name (an argument of that name, or Google Benchmark's
              /threads:N); the file's context value "num_threads" (AddCustomContext, for runs
-             of one binary with different OMP_NUM_THREADS); --threads (default 1).
+             of one binary with different OMP_NUM_THREADS), else "eigen_threads" (what
+             bench_common.hpp records: the threads Eigen's products use); --threads (default 1).
              Each thread count is one panel, side by side.
 
 Which entries are drawn:
@@ -67,7 +68,7 @@ def load(paths, default_threads):
             sys.exit(2)
         ctx = doc.get("context", {})
         context = context or ctx
-        file_threads = ctx.get("num_threads")
+        file_threads = ctx.get("num_threads", ctx.get("eigen_threads"))
         for b in doc.get("benchmarks", []):
             if b.get("error_occurred") or "FLOPS" not in b:
                 continue

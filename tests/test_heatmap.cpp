@@ -48,9 +48,12 @@ std::string xml_problem(const std::string& xml) {
     char quote = 0;  // scan to the end of the tag, skipping quoted attribute values
     for (; k < xml.size(); ++k) {
       if (quote) {
-        if (xml[k] == quote) quote = 0;
-        else if (xml[k] == '<') return "'<' in an attribute of <" + name + ">";
-        else if (xml[k] == '&' && !entity_ok(k)) return "bad entity in <" + name + ">";
+        if (xml[k] == quote)
+          quote = 0;
+        else if (xml[k] == '<')
+          return "'<' in an attribute of <" + name + ">";
+        else if (xml[k] == '&' && !entity_ok(k))
+          return "bad entity in <" + name + ">";
       } else if (xml[k] == '"' || xml[k] == '\'') {
         if (xml[k - 1] != '=') return "unexpected quote in <" + name + ">";
         quote = xml[k];
@@ -136,7 +139,9 @@ TEST(HeatmapSvg, EscapesLabels) {
   std::vector<double> w = {0.25, 0.75};
   xattn::heatmap_options opts;
   opts.row_labels = {"<b>&\"x\"'"};
-  opts.col_labels = {"a<b", "c\x01" "d"};
+  opts.col_labels = {"a<b",
+                     "c\x01"
+                     "d"};
   opts.title = "A & B";
   const std::string svg = xattn::heatmap_svg(xattn::make_view(w.data(), {1, 2}), opts);
   EXPECT_EQ(xml_problem(svg), "");
@@ -175,20 +180,23 @@ TEST(HeatmapSvg, RejectsBadArguments) {
   const auto v = xattn::make_view(w.data(), {2, 3});
   xattn::heatmap_options opts;
   opts.col_labels = {"a", "b"};
-  EXPECT_TRUE(throws_with<xattn::shape_error>([&] { (void)xattn::heatmap_svg(v, opts); },
-                                              {"heatmap_svg: opts.col_labels has 2 labels, expected 3"}));
+  EXPECT_TRUE(
+      throws_with<xattn::shape_error>([&] { (void)xattn::heatmap_svg(v, opts); },
+                                      {"heatmap_svg: opts.col_labels has 2 labels, expected 3"}));
   opts = {};
   opts.row_labels = {"a", "b", "c"};
   EXPECT_TRUE(throws_with<xattn::shape_error>([&] { (void)xattn::heatmap_svg(v, opts); },
                                               {"opts.row_labels has 3 labels, expected 2"}));
   EXPECT_TRUE(throws_with<xattn::shape_error>(
-      [&] { (void)xattn::heatmap_svg(xattn::make_view(w.data(), {0, 3})); },
+      [&] {
+        (void)xattn::heatmap_svg(xattn::make_view(w.data(), {0, 3}));
+      },
       {"heatmap_svg: values is [0, 3]"}));
   opts = {};
   opts.vmin = 1.0;
   opts.vmax = 1.0;
-  EXPECT_TRUE(throws_with<xattn::value_error>([&] { (void)xattn::heatmap_svg(v, opts); },
-                                              {"vmin < vmax"}));
+  EXPECT_TRUE(
+      throws_with<xattn::value_error>([&] { (void)xattn::heatmap_svg(v, opts); }, {"vmin < vmax"}));
   opts = {};
   opts.cell_size = 0;
   EXPECT_TRUE(throws_with<xattn::value_error>([&] { (void)xattn::heatmap_svg(v, opts); },

@@ -108,17 +108,23 @@ TEST(HeatmapPng, WritesTheFileAndNamesAnUnwritablePath) {
 TEST(HeatmapPng, RejectsBadShapes) {
   std::vector<float> w(8, 0.5f);
   EXPECT_TRUE(throws_with<xattn::shape_error>(
-      [&] { (void)xattn::heatmap_png(xattn::make_view(w.data(), {4, 0})); },
+      [&] {
+        (void)xattn::heatmap_png(xattn::make_view(w.data(), {4, 0}));
+      },
       {"heatmap_png: values is [4, 0]"}));
   xattn::heatmap_options opts;
   opts.cell_size = 4096;
   EXPECT_TRUE(throws_with<xattn::shape_error>(
-      [&] { (void)xattn::heatmap_png(xattn::make_view(w.data(), {1, 8}), opts); },
+      [&] {
+        (void)xattn::heatmap_png(xattn::make_view(w.data(), {1, 8}), opts);
+      },
       {"more than 32767 a side"}));
   opts = {};
   opts.row_labels = {"only one"};
   EXPECT_TRUE(throws_with<xattn::shape_error>(
-      [&] { (void)xattn::heatmap_png(xattn::make_view(w.data(), {2, 2}), opts); },
+      [&] {
+        (void)xattn::heatmap_png(xattn::make_view(w.data(), {2, 2}), opts);
+      },
       {"opts.row_labels has 1 labels, expected 2"}));
 }
 
