@@ -4,7 +4,7 @@
 // end with exactly the softmax-weighted sum, without ever holding all the scores at once.
 //
 // What you will learn:
-//   - the update for each tile of keys with scores s_j (see attention_tiled.hpp):
+//   - the update for each tile of keys with scores s_j (tiled_attention's kernel idea):
 //       m_new = max(m, max_j s_j),  c = exp(m - m_new)
 //       l   = c·l   + Σ_j exp(s_j - m_new)
 //       acc = c·acc + Σ_j exp(s_j - m_new) · v_j          out = acc / l at the end
@@ -61,7 +61,7 @@ int main() {
     const index_t n = std::min(kv_tile, kv_len - start);
     const Eigen::RowVectorXf s = scale * q * K.middleRows(start, n).transpose();  // [1, n]
     const float m_new = std::max(m, s.maxCoeff());
-    const float c = std::exp(m - m_new);  // rescales what was summed against the old max
+    const float c = std::exp(m - m_new);  // rescales the sums made against the old max (0 at first)
     const Eigen::RowVectorXf e = (s.array() - m_new).exp().matrix();  // each <= 1
     l = c * l + e.sum();
     acc = c * acc + e * V.middleRows(start, n);
