@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-packages=(cmake ninja-build g++ libeigen3-dev libgtest-dev libbenchmark-dev)
+packages=(cmake ninja-build g++ libeigen3-dev libgtest-dev libbenchmark-dev nlohmann-json3-dev)
 for arg in "$@"; do
   case "$arg" in
     --with-clang) packages+=(clang) ;;
