@@ -45,8 +45,9 @@ struct layer_shape {
   double projection_flops() const {
     const auto c = config();
     const double width = double(c.num_heads * c.head_dim);
-    return 2.0 * double(batch) * (double(q_len) * 2.0 * double(model_dim) * width +
-                                  double(kv_len) * 2.0 * double(context_dim) * width);
+    return 2.0 * double(batch) *
+           (double(q_len) * 2.0 * double(model_dim) * width +
+            double(kv_len) * 2.0 * double(context_dim) * width);
   }
   double query_side_projection_flops() const {  // Q and output projections only
     const auto c = config();
@@ -93,7 +94,8 @@ void label(benchmark::State& state, const layer_shape& s) {
 }
 
 void report(benchmark::State& state, double flops) {
-  state.counters["FLOPS"] = benchmark::Counter(flops, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["FLOPS"] =
+      benchmark::Counter(flops, benchmark::Counter::kIsIterationInvariantRate);
 }
 
 // The whole layer: K/V projections of the context, Q projection, attention, output projection.
@@ -170,9 +172,21 @@ void BM_CachedStep(benchmark::State& state) {
   report(state, s.query_side_projection_flops() + xattn::attention_flops(s.attention()));
 }
 
-BENCHMARK(BM_Forward)->ArgName("shape")->DenseRange(0, 2)->Unit(benchmark::kMicrosecond)->UseRealTime();
-BENCHMARK(BM_Projections)->ArgName("shape")->DenseRange(0, 2)->Unit(benchmark::kMicrosecond)->UseRealTime();
-BENCHMARK(BM_Kernel)->ArgName("shape")->DenseRange(0, 2)->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(BM_Forward)
+    ->ArgName("shape")
+    ->DenseRange(0, 2)
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
+BENCHMARK(BM_Projections)
+    ->ArgName("shape")
+    ->DenseRange(0, 2)
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
+BENCHMARK(BM_Kernel)
+    ->ArgName("shape")
+    ->DenseRange(0, 2)
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
 BENCHMARK(BM_CachedStep)->ArgName("shape")->Arg(1)->Unit(benchmark::kMicrosecond)->UseRealTime();
 
 }  // namespace

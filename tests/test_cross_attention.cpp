@@ -86,8 +86,8 @@ composition<T> compose(const xattn::cross_attention_config& cfg,
 template <class T>
 double module_tol(const xattn::cross_attention_config& cfg, index_t kv_len, double max_score) {
   const auto c = cfg.resolved();
-  const index_t widest = std::max({c.model_dim, c.context_dim, c.value_context_dim,
-                                   c.num_heads * c.head_dim});
+  const index_t widest =
+      std::max({c.model_dim, c.context_dim, c.value_context_dim, c.num_heads * c.head_dim});
   return xattn_test::attention_tol<T>(c.head_dim, kv_len, max_score) +
          2.0 * xattn_test::attention_tol<T>(widest, 1, 0.0);
 }
@@ -95,8 +95,7 @@ double module_tol(const xattn::cross_attention_config& cfg, index_t kv_len, doub
 template <class T>
 struct inputs {
   tensor<T, 3> query, context, values, out;
-  inputs(const xattn::cross_attention_config& cfg, index_t B, index_t Lq, index_t Lk,
-         unsigned seed)
+  inputs(const xattn::cross_attention_config& cfg, index_t B, index_t Lq, index_t Lk, unsigned seed)
       : query(random_tensor<T, 3>({B, Lq, cfg.resolved().model_dim}, seed)),
         context(random_tensor<T, 3>({B, Lk, cfg.resolved().context_dim}, seed + 1)),
         values(random_tensor<T, 3>({B, Lk, cfg.resolved().value_context_dim}, seed + 2)),
@@ -111,8 +110,8 @@ void check_against_composition(const xattn::cross_attention_config& cfg, index_t
   xattn::cross_attention_options<T> opts;
   opts.kernel = kernel;
   mha.forward(in.query.cview(), in.context.cview(), in.values.cview(), in.out.view(), opts);
-  const auto want = compose<T>(cfg, mha.weights(), in.query.cview(), in.context.cview(),
-                               in.values.cview());
+  const auto want =
+      compose<T>(cfg, mha.weights(), in.query.cview(), in.context.cview(), in.values.cview());
   EXPECT_TRUE(all_close(in.out.data, want.out, module_tol<T>(cfg, Lk, want.max_abs_score)));
 }
 
@@ -174,8 +173,7 @@ TYPED_TEST(CrossAttention, KeyPaddingMaskAsLengthsOrAnywhere) {
     bool pad[B][Lk] = {};
     const index_t lengths[B] = {6, 2, 4};
     for (index_t b = 0; b < B; ++b)
-      for (index_t j = 0; j < Lk; ++j)
-        pad[b][j] = at_end ? j >= lengths[b] : (j + b) % 3 == 0;
+      for (index_t j = 0; j < Lk; ++j) pad[b][j] = at_end ? j >= lengths[b] : (j + b) % 3 == 0;
     xattn::cross_attention_options<T> opts;
     opts.key_padding_mask = xattn::make_view(&pad[0][0], {B, Lk});
     mha.forward(in.query.cview(), in.context.cview(), in.values.cview(), in.out.view(), opts);
@@ -214,8 +212,7 @@ TYPED_TEST(CrossAttention, KeyPaddingCombinesWithAllowedMask) {
     for (index_t i = 0; i < Lq; ++i)
       for (index_t j = 0; j < Lk; ++j) both[b][i][j] = allowed[i][j] && !pad[b][j];
   xattn::attention_mask<ld> mask;
-  mask.allowed = xattn::make_view<const bool>(&both[0][0][0], {B, 1, Lq, Lk},
-                                              {Lq * Lk, 0, Lk, 1});
+  mask.allowed = xattn::make_view<const bool>(&both[0][0][0], {B, 1, Lq, Lk}, {Lq * Lk, 0, Lk, 1});
   const auto want = compose<T>(cfg, mha.weights(), in.query.cview(), in.context.cview(),
                                in.context.cview(), mask);
   EXPECT_TRUE(all_close(in.out.data, want.out, module_tol<T>(cfg, Lk, want.max_abs_score)));
@@ -236,15 +233,16 @@ TYPED_TEST(CrossAttention, WeightsPerHeadAndAveraged) {
   opts.weights_out = per_head.view();
   opts.average_weights_out = averaged.view();
   mha.forward(in.query.cview(), in.context.cview(), in.out.view(), opts);
-  const auto want = compose<T>(cfg, mha.weights(), in.query.cview(), in.context.cview(),
-                               in.context.cview());
+  const auto want =
+      compose<T>(cfg, mha.weights(), in.query.cview(), in.context.cview(), in.context.cview());
   const double tol = module_tol<T>(cfg, Lk, want.max_abs_score);
   EXPECT_TRUE(all_close(per_head.data, want.weights, tol));
   std::vector<ld> mean(std::size_t(B * Lq * Lk), 0.0L);
   for (index_t b = 0; b < B; ++b)
     for (index_t h = 0; h < H; ++h)
       for (index_t n = 0; n < Lq * Lk; ++n)
-        mean[std::size_t(b * Lq * Lk + n)] += want.weights[std::size_t((b * H + h) * Lq * Lk + n)] / H;
+        mean[std::size_t(b * Lq * Lk + n)] +=
+            want.weights[std::size_t((b * H + h) * Lq * Lk + n)] / H;
   EXPECT_TRUE(all_close(averaged.data, mean, tol));
 
   // Averaged weights alone (no per-head output given) come from the module's workspace.
@@ -280,8 +278,7 @@ TYPED_TEST(CrossAttention, StepByStepWithCacheEqualsFullForward) {
   for (index_t t = 0; t < Lq; ++t) {
     const xattn::tensor_view<const T, 3> q_t(in.query.data.data() + t * 32, {B, 1, 32},
                                              {Lq * 32, 32, 1});
-    const xattn::tensor_view<T, 3> out_t(steps.data.data() + t * 32, {B, 1, 32},
-                                         {Lq * 32, 32, 1});
+    const xattn::tensor_view<T, 3> out_t(steps.data.data() + t * 32, {B, 1, 32}, {Lq * 32, 32, 1});
     mha.forward(q_t, cache, out_t, opts);
   }
   // Only the GEMM sizes differ between the two runs, so only rounding can.
@@ -368,14 +365,13 @@ TEST(CrossAttentionConfig, InvalidConfigurationsThrow) {
                              {"num_heads = 8 is not a multiple of num_kv_heads = 3"}));
   EXPECT_TRUE(throws_with<E>([&] { (void)cfg_with(60, 8, 0, 0).resolved(); },
                              {"model_dim = 60 is not a multiple of num_heads = 8"}));
-  EXPECT_TRUE(throws_with<E>([&] { (void)cfg_with(0, 8, 0, 0).resolved(); },
-                             {"model_dim is 0"}));
-  EXPECT_TRUE(throws_with<E>([&] { (void)cfg_with(64, 0, 0, 0).resolved(); },
-                             {"num_heads is 0"}));
-  EXPECT_TRUE(throws_with<E>([&] { (void)cfg_with(64, 8, -2, 0).resolved(); },
-                             {"num_kv_heads = -2"}));
-  EXPECT_TRUE(throws_with<E>([&] { xattn::multi_head_cross_attention<float> m(cfg_with(64, 8, 3, 0)); },
-                             {"num_kv_heads"}));
+  EXPECT_TRUE(throws_with<E>([&] { (void)cfg_with(0, 8, 0, 0).resolved(); }, {"model_dim is 0"}));
+  EXPECT_TRUE(throws_with<E>([&] { (void)cfg_with(64, 0, 0, 0).resolved(); }, {"num_heads is 0"}));
+  EXPECT_TRUE(
+      throws_with<E>([&] { (void)cfg_with(64, 8, -2, 0).resolved(); }, {"num_kv_heads = -2"}));
+  EXPECT_TRUE(
+      throws_with<E>([&] { xattn::multi_head_cross_attention<float> m(cfg_with(64, 8, 3, 0)); },
+                     {"num_kv_heads"}));
   EXPECT_NO_THROW((void)cfg_with(60, 8, 0, 16).resolved());  // an explicit head_dim is fine
 }
 
@@ -389,18 +385,18 @@ TEST(CrossAttentionModule, WeightsOfTheWrongShapeThrow) {
   EXPECT_EQ(w.k_proj.out_features(), 8);  // one kv head of width 8
   auto bad = w;
   bad.k_proj.weight.resize(16, 8);
-  EXPECT_TRUE(throws_with<xattn::shape_error>(
-      [&] { xattn::multi_head_cross_attention<float> m(cfg, bad); },
-      {"k_proj.weight is [16, 8], expected [8, 8]"}));
+  EXPECT_TRUE(
+      throws_with<xattn::shape_error>([&] { xattn::multi_head_cross_attention<float> m(cfg, bad); },
+                                      {"k_proj.weight is [16, 8], expected [8, 8]"}));
   bad = w;
   bad.out_proj.bias.resize(0);
-  EXPECT_TRUE(throws_with<xattn::shape_error>(
-      [&] { xattn::multi_head_cross_attention<float> m(cfg, bad); },
-      {"out_proj.bias.extent(0) is 0, expected 16"}));
+  EXPECT_TRUE(
+      throws_with<xattn::shape_error>([&] { xattn::multi_head_cross_attention<float> m(cfg, bad); },
+                                      {"out_proj.bias.extent(0) is 0, expected 16"}));
   cfg.bias = false;
-  EXPECT_TRUE(throws_with<xattn::shape_error>(
-      [&] { xattn::multi_head_cross_attention<float> m(cfg, w); },
-      {"q_proj has a bias but config.bias is false"}));
+  EXPECT_TRUE(
+      throws_with<xattn::shape_error>([&] { xattn::multi_head_cross_attention<float> m(cfg, w); },
+                                      {"q_proj has a bias but config.bias is false"}));
 }
 
 TEST(CrossAttentionModule, ForwardShapeErrorsNameTheArgument) {
@@ -418,8 +414,9 @@ TEST(CrossAttentionModule, ForwardShapeErrorsNameTheArgument) {
                              {"context.extent(2) is 9, expected 8"}));
   EXPECT_TRUE(throws_with<E>([&] { mha.forward(q.cview(), ctx.cview(), bad_out.view()); },
                              {"out.extent(1) is 4, expected 3"}));
-  EXPECT_TRUE(throws_with<E>([&] { mha.forward(q.cview(), ctx.cview(), bad_q.cview(), out.view()); },
-                             {"values.extent(1) is 3, expected 5"}));
+  EXPECT_TRUE(
+      throws_with<E>([&] { mha.forward(q.cview(), ctx.cview(), bad_q.cview(), out.view()); },
+                     {"values.extent(1) is 3, expected 5"}));
   const auto cache = mha.encode_context(other_batch.cview());
   EXPECT_TRUE(throws_with<E>([&] { mha.forward(q.cview(), cache, out.view()); },
                              {"the context has batch 3, expected query.extent(0) = 2"}));

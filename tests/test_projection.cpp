@@ -43,7 +43,8 @@ xattn::linear<T> random_linear(index_t out, index_t in, bool bias, unsigned seed
 
 // y = x Wᵀ + b by definition, in long double, packed [B, L, out].
 template <class T>
-std::vector<long double> reference(const xattn::linear<T>& l, const xattn::tensor_view<const T, 3>& x) {
+std::vector<long double> reference(const xattn::linear<T>& l,
+                                   const xattn::tensor_view<const T, 3>& x) {
   std::vector<long double> y;
   for (index_t b = 0; b < x.extent(0); ++b)
     for (index_t r = 0; r < x.extent(1); ++r)
@@ -111,8 +112,7 @@ TYPED_TEST(Linear, EigenCallMatchesForward) {
   using T = TypeParam;
   const auto l = random_linear<T>(5, 7, true, 31);
   const auto x = random_tensor<T, 3>({1, 4, 7}, 32);
-  const xattn::row_matrix<T> X =
-      Eigen::Map<const xattn::row_matrix<T>>(x.data.data(), 4, 7);
+  const xattn::row_matrix<T> X = Eigen::Map<const xattn::row_matrix<T>>(x.data.data(), 4, 7);
   const xattn::row_matrix<T> Y = l(X);
   const std::vector<T> got(Y.data(), Y.data() + Y.size());
   EXPECT_TRUE(all_close(got, reference(l, x.cview()), linear_tol<T>(7)));

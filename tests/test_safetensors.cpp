@@ -42,10 +42,14 @@ xattn::safetensors_file parse(const std::string& header, std::size_t data_bytes)
 // Relative spacing of the values a dtype can hold (half an ulp is the rounding error).
 double dtype_eps(safetensors_dtype d) {
   switch (d) {
-    case safetensors_dtype::f64: return std::numeric_limits<double>::epsilon();
-    case safetensors_dtype::f32: return std::numeric_limits<float>::epsilon();
-    case safetensors_dtype::f16: return std::ldexp(1.0, -10);
-    case safetensors_dtype::bf16: return std::ldexp(1.0, -7);
+    case safetensors_dtype::f64:
+      return std::numeric_limits<double>::epsilon();
+    case safetensors_dtype::f32:
+      return std::numeric_limits<float>::epsilon();
+    case safetensors_dtype::f16:
+      return std::ldexp(1.0, -10);
+    case safetensors_dtype::bf16:
+      return std::ldexp(1.0, -7);
   }
   return 1.0;
 }
@@ -68,7 +72,8 @@ TYPED_TEST(Safetensors, EveryDtypeRoundTrips) {
     // Rounding to nearest: within half a spacing of the stored dtype (or of T when coarser).
     const double tol = 0.5 * std::max(dtype_eps(d), double(std::numeric_limits<T>::epsilon()));
     for (std::size_t n = 0; n < values.size(); ++n)
-      EXPECT_LE(std::abs(double(got.values[n]) - double(values[n])), tol * std::abs(double(values[n])));
+      EXPECT_LE(std::abs(double(got.values[n]) - double(values[n])),
+                tol * std::abs(double(values[n])));
     // A value already in the dtype survives a second round trip exactly.
     xattn::safetensors_writer again;
     again.add("x", {3, 5}, got.values.data(), d);
@@ -147,8 +152,8 @@ TEST(Safetensors, MalformedFilesThrowNamingFileAndTensor) {
   EXPECT_TRUE(expect_bad(R"({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
                              "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}})",
                          12, {"bad.safetensors", "tensor 'b'", "overlap tensor 'a'"}));
-  EXPECT_TRUE(expect_bad(R"({"w": {"dtype": "F32", "shape": [3, 2], "data_offsets": [0, 20]}})",
-                         24, {"tensor 'w'", "shape [3, 2] of F32 needs 24 bytes", "give 20"}));
+  EXPECT_TRUE(expect_bad(R"({"w": {"dtype": "F32", "shape": [3, 2], "data_offsets": [0, 20]}})", 24,
+                         {"tensor 'w'", "shape [3, 2] of F32 needs 24 bytes", "give 20"}));
   EXPECT_TRUE(expect_bad(R"({"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 1]}})", 1,
                          {"bad.safetensors", "tensor 'w'", "unsupported dtype 'Q4'"}));
   EXPECT_TRUE(expect_bad(R"({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 0]}})", 0,
@@ -175,8 +180,11 @@ TEST(Safetensors, MalformedFilesThrowNamingFileAndTensor) {
   const xattn::safetensors_file ok(w.bytes(), "ok.safetensors");
   EXPECT_TRUE(throws_with<E>([&] { (void)ok.read<float>("y"); },
                              {"ok.safetensors", "tensor 'y' is missing"}));
-  EXPECT_TRUE(throws_with<E>([&] { (void)ok.read<float>("x", {2, 2}); },
-                             {"ok.safetensors", "tensor 'x' has shape [4], expected [2, 2]"}));
+  EXPECT_TRUE(throws_with<E>(
+      [&] {
+        (void)ok.read<float>("x", {2, 2});
+      },
+      {"ok.safetensors", "tensor 'x' has shape [4], expected [2, 2]"}));
 }
 
 xattn::cross_attention_config small_config(index_t context_dim) {
@@ -296,10 +304,8 @@ void check_fixture(const char* name) {
     opts.mask.bias = xattn::to_rank<4>(xattn::make_view<const T>(bias.data(), {Lq, Lk}));
   }
   const std::string kind = f.metadata().at("weights");
-  if (kind == "per_head")
-    opts.weights_out = xattn::make_view(weights.data(), {B, H, Lq, Lk});
-  if (kind == "averaged")
-    opts.average_weights_out = xattn::make_view(weights.data(), {B, Lq, Lk});
+  if (kind == "per_head") opts.weights_out = xattn::make_view(weights.data(), {B, H, Lq, Lk});
+  if (kind == "averaged") opts.average_weights_out = xattn::make_view(weights.data(), {B, Lq, Lk});
 
   for (auto kernel : {xattn::attention_kernel::tiled, xattn::attention_kernel::naive}) {
     opts.kernel = kernel;
@@ -329,9 +335,7 @@ TYPED_TEST(Safetensors, MatchesPyTorchBoolAttnMask) {
 TYPED_TEST(Safetensors, MatchesPyTorchFloatAttnMaskWithKeyPadding) {
   check_fixture<TypeParam>("mha_float_attn_mask");
 }
-TYPED_TEST(Safetensors, MatchesPyTorchWithoutBias) {
-  check_fixture<TypeParam>("mha_no_bias");
-}
+TYPED_TEST(Safetensors, MatchesPyTorchWithoutBias) { check_fixture<TypeParam>("mha_no_bias"); }
 TYPED_TEST(Safetensors, MatchesPyTorchGroupedQueryF16Weights) {
   check_fixture<TypeParam>("gqa_hf_naming");
 }

@@ -133,7 +133,7 @@ struct cross_attention_options {
   /// Multiplies Q Kᵀ. Unset: 1/sqrt(Dk).
   std::optional<double> scale;
   attention_kernel kernel = attention_kernel::tiled;  ///< the kernel to run
-  tile_options tiles;                                ///< passed to tiled_attention
+  tile_options tiles;                                 ///< passed to tiled_attention
 };
 
 namespace detail {
@@ -268,8 +268,7 @@ class multi_head_cross_attention {
   void forward(tensor_view<const T, 3> query, tensor_view<const T, 3> context,
                tensor_view<const T, 3> values, tensor_view<T, 3> out,
                const cross_attention_options<T>& opts = {}) {
-    encode_into("multi_head_cross_attention::forward", context, values, own_cache_,
-                allocations_);
+    encode_into("multi_head_cross_attention::forward", context, values, own_cache_, allocations_);
     run("multi_head_cross_attention::forward", query, own_cache_, out, opts);
   }
   /// Keys and values from the same context [B, Lk, Dc] (needs Dcv = Dc).
@@ -299,8 +298,7 @@ class multi_head_cross_attention {
       detail::fail_shape(detail::message(fn, ": ", name, ".bias.extent(0) is ", l.bias.size(),
                                          ", expected ", out, " (config.bias is true)"));
     if (!config_.bias && l.has_bias())
-      detail::fail_shape(detail::message(fn, ": ", name,
-                                         " has a bias but config.bias is false"));
+      detail::fail_shape(detail::message(fn, ": ", name, " has a bias but config.bias is false"));
   }
 
   void encode_into(const char* fn, const tensor_view<const T, 3>& context,
@@ -315,8 +313,8 @@ class multi_head_cross_attention {
     cache.kv_len_ = context.extent(1);
     cache.num_kv_heads_ = c.num_kv_heads;
     cache.head_dim_ = c.head_dim;
-    const index_t n = detail::checked_mul(
-        fn, detail::checked_mul(fn, cache.batch_, cache.kv_len_), c.num_kv_heads * c.head_dim);
+    const index_t n = detail::checked_mul(fn, detail::checked_mul(fn, cache.batch_, cache.kv_len_),
+                                          c.num_kv_heads * c.head_dim);
     cache.k_.ensure(n, allocations);
     cache.v_.ensure(n, allocations);
     row_matrix<T> unused;  // the outputs are packed, so linear::forward never needs scratch
@@ -397,7 +395,8 @@ class multi_head_cross_attention {
   void add_key_padding(const char* fn, const tensor_view<const bool, 2>& pad,
                        const attention_shape& s, attention_mask<T>& mask) {
     const index_t B = s.batch, Lk = s.kv_len;
-    if (mask.kv_lengths) detail::require_extent(fn, "mask.kv_lengths", 0, mask.kv_lengths->extent(0), B);
+    if (mask.kv_lengths)
+      detail::require_extent(fn, "mask.kv_lengths", 0, mask.kv_lengths->extent(0), B);
     if (mask.allowed) detail::require_broadcastable(fn, "mask.allowed", *mask.allowed, s);
     detail::require_extent(fn, "key_padding_mask", 0, pad.extent(0), B);
     detail::require_extent(fn, "key_padding_mask", 1, pad.extent(1), Lk);

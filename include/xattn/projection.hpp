@@ -25,8 +25,8 @@ template <class T>
 struct linear {
   static_assert(std::is_floating_point_v<T>, "xattn::linear needs a floating-point element type");
 
-  row_matrix<T> weight;                            ///< W [out, in]
-  Eigen::Matrix<T, 1, Eigen::Dynamic> bias;        ///< b [out], or empty for no bias
+  row_matrix<T> weight;                      ///< W [out, in]
+  Eigen::Matrix<T, 1, Eigen::Dynamic> bias;  ///< b [out], or empty for no bias
 
   linear() = default;
   /// Zero weights of the given size, with a zero bias when has_bias.
@@ -59,7 +59,8 @@ struct linear {
     row_matrix<T> x_copy;  // only for an x whose rows do not collapse: rare, so not kept
     const auto X = rows_of(x, x_copy);
     if (collapses(y)) {
-      auto Y = detail::matrix_map<T>(y.data(), rows, y.extent(2), Eigen::OuterStride<>(row_step(y)));
+      auto Y =
+          detail::matrix_map<T>(y.data(), rows, y.extent(2), Eigen::OuterStride<>(row_step(y)));
       Y.noalias() = X * weight.transpose();
       if (has_bias()) Y.rowwise() += bias;
     } else {
@@ -85,8 +86,8 @@ struct linear {
                   "linear<T>: the input's scalar type must be T");
     check_bias("linear");
     if (X.cols() != weight.cols())
-      detail::fail_shape(detail::message("linear: x.extent(1) is ", X.cols(), ", expected ",
-                                         weight.cols()));
+      detail::fail_shape(
+          detail::message("linear: x.extent(1) is ", X.cols(), ", expected ", weight.cols()));
     row_matrix<T> Y = X * weight.transpose();
     if (has_bias()) Y.rowwise() += bias;
     return Y;
@@ -108,8 +109,8 @@ struct linear {
   template <class E>
   static bool collapses(const tensor_view<E, 3>& v) noexcept {
     const bool inner = v.stride(2) == 1 || v.extent(2) <= 1;
-    const bool outer = v.extent(0) <= 1 || v.extent(1) <= 1 ||
-                       v.stride(0) == v.extent(1) * v.stride(1);
+    const bool outer =
+        v.extent(0) <= 1 || v.extent(1) <= 1 || v.stride(0) == v.extent(1) * v.stride(1);
     return inner && outer && row_step(v) >= v.extent(2);
   }
   static detail::matrix_map<const T> rows_of(const tensor_view<const T, 3>& x,

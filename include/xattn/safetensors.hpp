@@ -40,19 +40,26 @@ namespace detail {
 
 inline const char* dtype_name(safetensors_dtype d) noexcept {
   switch (d) {
-    case safetensors_dtype::f32: return "F32";
-    case safetensors_dtype::f64: return "F64";
-    case safetensors_dtype::f16: return "F16";
-    case safetensors_dtype::bf16: return "BF16";
+    case safetensors_dtype::f32:
+      return "F32";
+    case safetensors_dtype::f64:
+      return "F64";
+    case safetensors_dtype::f16:
+      return "F16";
+    case safetensors_dtype::bf16:
+      return "BF16";
   }
   return "?";
 }
 
 inline std::size_t dtype_size(safetensors_dtype d) noexcept {
   switch (d) {
-    case safetensors_dtype::f64: return 8;
-    case safetensors_dtype::f32: return 4;
-    default: return 2;
+    case safetensors_dtype::f64:
+      return 8;
+    case safetensors_dtype::f32:
+      return 4;
+    default:
+      return 2;
   }
 }
 
@@ -75,7 +82,8 @@ inline float half_to_float(std::uint16_t h) noexcept {
   if (exp == 0)
     magnitude = std::ldexp(float(man), -24);  // zero or subnormal: man · 2^-24
   else if (exp == 31)
-    magnitude = man ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
+    magnitude =
+        man ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
   else
     magnitude = std::ldexp(float(man | 0x400u), int(exp) - 25);
   std::uint32_t bits;
@@ -93,8 +101,8 @@ inline std::uint16_t float_to_half(float f) noexcept {
   const std::uint16_t sign = std::uint16_t((bits >> 16) & 0x8000u);
   const float a = std::fabs(f);
   if (std::isnan(f)) return std::uint16_t(sign | 0x7e00u);
-  if (a >= 65520.0f) return std::uint16_t(sign | 0x7c00u);  // rounds past the largest half
-  if (a < std::ldexp(1.0f, -14)) {                          // subnormal half: steps of 2^-24
+  if (a >= 65520.0f) return std::uint16_t(sign | 0x7c00u);         // rounds past the largest half
+  if (a < std::ldexp(1.0f, -14)) {                                 // subnormal half: steps of 2^-24
     const float steps = std::nearbyint(a * std::ldexp(1.0f, 24));  // ties to even
     return std::uint16_t(sign | std::uint16_t(steps));
   }
@@ -150,8 +158,10 @@ inline double decode_element(const unsigned char* p, safetensors_dtype d) noexce
       std::memcpy(&x, &b, 4);
       return x;
     }
-    case safetensors_dtype::f16: return half_to_float(static_cast<std::uint16_t>(load_le(p, 2)));
-    case safetensors_dtype::bf16: return bf16_to_float(static_cast<std::uint16_t>(load_le(p, 2)));
+    case safetensors_dtype::f16:
+      return half_to_float(static_cast<std::uint16_t>(load_le(p, 2)));
+    case safetensors_dtype::bf16:
+      return bf16_to_float(static_cast<std::uint16_t>(load_le(p, 2)));
   }
   return 0.0;
 }
@@ -171,15 +181,18 @@ inline void encode_element(unsigned char* p, double x, safetensors_dtype d) noex
       store_le(p, b, 4);
       return;
     }
-    case safetensors_dtype::f16: store_le(p, float_to_half(static_cast<float>(x)), 2); return;
-    case safetensors_dtype::bf16: store_le(p, float_to_bf16(static_cast<float>(x)), 2); return;
+    case safetensors_dtype::f16:
+      store_le(p, float_to_half(static_cast<float>(x)), 2);
+      return;
+    case safetensors_dtype::bf16:
+      store_le(p, float_to_bf16(static_cast<float>(x)), 2);
+      return;
   }
 }
 
 inline std::string shape_string(const std::vector<index_t>& shape) {
   std::string s = "[";
-  for (std::size_t i = 0; i < shape.size(); ++i)
-    s += (i ? ", " : "") + std::to_string(shape[i]);
+  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
   return s + "]";
 }
 
@@ -362,9 +375,8 @@ class safetensors_file {
     if (count > max_index / width) fail_tensor(key, "the byte size overflows");
     if (count * width != t.end - t.begin)
       fail_tensor(key, "shape " + detail::shape_string(t.shape) + " of " +
-                           detail::dtype_name(t.dtype) + " needs " +
-                           std::to_string(count * width) + " bytes, data_offsets give " +
-                           std::to_string(t.end - t.begin));
+                           detail::dtype_name(t.dtype) + " needs " + std::to_string(count * width) +
+                           " bytes, data_offsets give " + std::to_string(t.end - t.begin));
     return t;
   }
 
@@ -518,7 +530,8 @@ cross_attention_weights<T> load_cross_attention_weights(const safetensors_file& 
       detail::fill_linear(w.k_proj, rows(q, kv), c.bias ? &bk : nullptr);
       detail::fill_linear(w.v_proj, rows(q + kv, kv), c.bias ? &bv : nullptr);
     } else {
-      detail::fill_linear(w.q_proj, read("q_proj_weight", {q, c.model_dim}), c.bias ? &bq : nullptr);
+      detail::fill_linear(w.q_proj, read("q_proj_weight", {q, c.model_dim}),
+                          c.bias ? &bq : nullptr);
       detail::fill_linear(w.k_proj, read("k_proj_weight", {kv, c.context_dim}),
                           c.bias ? &bk : nullptr);
       detail::fill_linear(w.v_proj, read("v_proj_weight", {kv, c.value_context_dim}),
