@@ -119,6 +119,8 @@ struct cross_attention_options {
   /// Masks in xattn's convention (see attention_mask in options.hpp): allowed is true where a
   /// query MAY attend a key, bias is added to the scaled scores. [B|1, H|1, Lq|1, Lk|1].
   /// A PyTorch boolean attn_mask is the opposite (true = may NOT attend): pass its negation.
+  /// A PyTorch float attn_mask is a bias. A 3-D PyTorch mask [B·H, Lq, Lk] is the
+  /// [B, H, Lq, Lk] view of the same data; a 2-D one [Lq, Lk] is to_rank<4> of its view.
   attention_mask<T> mask;
   /// PyTorch's key_padding_mask: [B, Lk], true where a key is padding and must be ignored.
   /// Combined with `mask`. When every row is padding only at its end (the usual case) it turns
