@@ -1,12 +1,15 @@
 // SPDX-License-Identifier: MIT
-// Attention benchmarks: naive_attention, the two Eigen GEMMs it is built on with nothing else,
-// and one large Eigen SGEMM as the machine's ceiling. Run a Release build, e.g.
-//   bench_attention --benchmark_filter=BM_NaiveAttention/Lq:1024
-// The helpers are in bench_common.hpp.
+// Attention benchmarks: tiled_attention, naive_attention, the two Eigen GEMMs they are built on
+// with nothing else, and one large Eigen SGEMM as the machine's ceiling, each at 1 and 2
+// threads. Run a Release build with -march=native (the bench preset), e.g.
+//   bench_attention --benchmark_filter='/Lq:4096/Lk:4096/D:64/'
+// Every case is named <kernel>/Lq:<Lq>/Lk:<Lk>/D:<Dk = Dv>/threads:<n> (the SGEMM n/threads),
+// and reports FLOPS (a rate) and a num_threads counter. The helpers are in bench_common.hpp.
 
 #include "bench_common.hpp"
 
 #include "xattn/attention_naive.hpp"
+#include "xattn/attention_tiled.hpp"
 #include "xattn/shapes.hpp"
 #include "xattn/tensor_view.hpp"
 
@@ -25,20 +28,48 @@ void report_flops(benchmark::State& state, double flops_per_iteration) {
       benchmark::Counter(flops_per_iteration, benchmark::Counter::kIsIterationInvariantRate);
 }
 
-// One (batch, head) slice, B = H = 1, Dk = Dv = 64, with Lq and Lk from the arguments.
+// One (batch, head) slice, B = H = 1, with Lq, Lk and Dk = Dv = D from the arguments.
 xattn::attention_shape single_head(const benchmark::State& state) {
   xattn::attention_shape s;
   s.q_len = state.range(0);
   s.kv_len = state.range(1);
-  s.head_dim = 64;
-  s.value_dim = 64;
+  s.head_dim = state.range(2);
+  s.value_dim = state.range(2);
   return s;
 }
 
+// The thread count of a case (its last argument), applied to Eigen's own GEMM threads too.
+int use_threads(benchmark::State& state, std::size_t arg) {
+  const int threads = int(state.range(int(arg)));
+  Eigen::setNbThreads(threads);
+  state.counters["num_threads"] = threads;
+  return threads;
+}
+
+// The memory-efficient kernel. Its scratch is reused from call to call, so only the first
+// (untimed warm-up) call allocates.
+void BM_TiledAttention(benchmark::State& state) {
+  xattn_bench::label_build(state);
+  const xattn::attention_shape s = single_head(state);
+  xattn::tile_options tiles;
+  tiles.num_threads = use_threads(state, 3);
+  attention_inputs<float> io(s);
+  for (auto _ : state) {
+    xattn::tiled_attention<float>(io.q(), io.k(), io.v(), io.out(), {}, tiles);
+    benchmark::DoNotOptimize(io.out().data());
+    benchmark::ClobberMemory();
+  }
+  report_flops(state, xattn::attention_flops(s));
+  state.counters["scratch_KiB"] =
+      double(xattn::tiled_attention_scratch_bytes<float>(s, tiles)) / 1024.0;
+}
+
 // The reference kernel as users call it, so its per-call [Lq, Lk] score allocation is timed too.
+// With 2 threads Eigen runs its GEMMs on both; the softmax stays on one.
 void BM_NaiveAttention(benchmark::State& state) {
   xattn_bench::label_build(state);
   const xattn::attention_shape s = single_head(state);
+  use_threads(state, 3);
   attention_inputs<float> io(s);
   for (auto _ : state) {
     xattn::naive_attention<float>(io.q(), io.k(), io.v(), io.out());
@@ -54,6 +85,7 @@ void BM_NaiveAttention(benchmark::State& state) {
 void BM_TwoGemms(benchmark::State& state) {
   xattn_bench::label_build(state);
   const xattn::attention_shape s = single_head(state);
+  use_threads(state, 3);
   const attention_inputs<float> io(s);
   using const_map = Eigen::Map<const xattn::row_matrix<float>>;
   const const_map Q(io.q().data(), s.q_len, s.head_dim);
@@ -69,11 +101,12 @@ void BM_TwoGemms(benchmark::State& state) {
   report_flops(state, xattn::attention_flops(s));
 }
 
-// One square n x n x n SGEMM (2·n³ FLOPs), single-threaded like the kernels above: the
-// fastest this machine multiplies float matrices through Eigen.
+// One square n x n x n SGEMM (2·n³ FLOPs): the fastest this machine multiplies float matrices
+// through Eigen, the ceiling the attention rates are read against.
 void BM_EigenSgemm(benchmark::State& state) {
   xattn_bench::label_build(state);
   const index_t n = state.range(0);
+  use_threads(state, 1);
   const auto A = xattn_bench::random_matrix<float>(n, n, /*seed=*/1);
   const auto B = xattn_bench::random_matrix<float>(n, n, /*seed=*/2);
   xattn::row_matrix<float> C(n, n);
@@ -85,18 +118,44 @@ void BM_EigenSgemm(benchmark::State& state) {
   report_flops(state, 2.0 * double(n) * double(n) * double(n));
 }
 
-const auto lengths = benchmark::CreateRange(128, 8192, /*multi=*/2);  // 128, 256, ..., 8192
+// Square sweeps (Lq = Lk) at D = 64, and the cross-attention shapes that matter in practice:
+// Stable Diffusion's UNet (4096 latents, 77 prompt tokens, D = 40 and 160), a Perceiver's
+// latents over a long input, a short query block, and one decoder step over a Whisper-sized
+// audio context.
+void attention_cases(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"Lq", "Lk", "D", "threads"});
+  for (int threads : {1, 2}) {
+    for (index_t n = 128; n <= 8192; n *= 2) b->Args({n, n, 64, threads});
+    b->Args({4096, 77, 40, threads});
+    b->Args({4096, 77, 160, threads});
+    b->Args({256, 16384, 64, threads});
+    b->Args({64, 4096, 64, threads});
+    b->Args({1, 1500, 64, threads});
+  }
+  b->Unit(benchmark::kMillisecond)->UseRealTime();
+}
 
 }  // namespace
 
-BENCHMARK(BM_NaiveAttention)
-    ->ArgNames({"Lq", "Lk"})
-    ->ArgsProduct({lengths, lengths})
-    ->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_TwoGemms)
-    ->ArgNames({"Lq", "Lk"})
-    ->ArgsProduct({lengths, lengths})
-    ->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_EigenSgemm)->ArgName("n")->Arg(2048)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_TiledAttention)->Apply(attention_cases);
+// One long context, Lq = Lk = 65536 (1.1 TFLOP, seconds per call): the tiled kernel's memory
+// stays at its inputs and output plus scratch, where the naive kernel would need a 16 GiB
+// score matrix. Run alone under /usr/bin/time -v to read the peak resident memory:
+//   bench_attention --benchmark_filter=Lq:65536
+BENCHMARK(BM_TiledAttention)
+    ->Name("BM_TiledAttentionLong")
+    ->ArgNames({"Lq", "Lk", "D", "threads"})
+    ->Args({65536, 65536, 64, 2})
+    ->Iterations(1)
+    ->Unit(benchmark::kSecond)
+    ->UseRealTime();
+BENCHMARK(BM_NaiveAttention)->Apply(attention_cases);
+BENCHMARK(BM_TwoGemms)->Apply(attention_cases);
+BENCHMARK(BM_EigenSgemm)
+    ->ArgNames({"n", "threads"})
+    ->Args({2048, 1})
+    ->Args({2048, 2})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 
 int main(int argc, char** argv) { return xattn_bench::run_benchmarks(argc, argv); }

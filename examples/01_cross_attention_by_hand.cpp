@@ -7,21 +7,29 @@
 //   - how scaled scores become attention weights (a softmax along each row)
 //   - how to call xattn::attention and get the weights back through opts.weights_out
 //   - that the library computes exactly the formula, by redoing it with plain Eigen
+//   - how to draw the weights as an attention map (heatmap.hpp, heatmap_png.hpp)
 // Run it:
 //   cmake -S . -B build && cmake --build build --target 01_cross_attention_by_hand
-//   ./build/examples/01_cross_attention_by_hand
+//   ./build/examples/01_cross_attention_by_hand [output directory, default: the current one]
 // What to expect: Q, K, V, the scores, a table of weights in which each English word puts most
-// of its weight on its translation (the -> le, cat -> chat, sleeps -> dort), the output, and
-// "all checks passed" (the exit status is non-zero if a check fails).
+// of its weight on its translation (the -> le, cat -> chat, sleeps -> dort), the output, the
+// attention map written to 01_attention_map.svg (and .png), and "all checks passed" (the exit
+// status is non-zero if a check fails).
 #include "xattn/attention.hpp"
+#include "xattn/heatmap.hpp"
 #include "xattn/options.hpp"
 #include "xattn/tensor_view.hpp"
+#if XATTN_EXAMPLE_PNG  // set by examples/CMakeLists.txt where stb_image_write.h is installed
+#  define STB_IMAGE_WRITE_IMPLEMENTATION  // stb's functions are compiled in this one file
+#  include "xattn/heatmap_png.hpp"
+#endif
 
 #include <Eigen/Core>
 
 #include <cmath>
 #include <cstdio>
 #include <iostream>
+#include <string>
 
 namespace {
 
@@ -34,7 +42,7 @@ void print(const char* name, const matrix& m) {
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
   // Every word is a vector of Dk = 4 hand-made "meaning" features:
   //   article, animal, sleeping, furniture
   // A real model learns such vectors (and projections to Q, K, V); here we write them down.
@@ -105,6 +113,18 @@ int main() {
   // Each output row blends the V rows of the source words by their weights: "the" comes out
   // mostly article, "cat" mostly noun, "sleeps" mostly verb.
   print("O = P V, one row per target word (article, noun, verb)", O);
+
+  // ---- the attention map: source words across, target words down ---------------------------
+  const std::string dir = argc > 1 ? std::string(argv[1]) + "/" : "";
+  xattn::heatmap_options map;
+  map.row_labels = {std::begin(target), std::end(target)};
+  map.col_labels = {std::begin(source), std::end(source)};
+  map.title = "English words attending to French words";
+  xattn::write_heatmap_svg(dir + "01_attention_map.svg", xattn::make_view(P), map);
+#if XATTN_EXAMPLE_PNG
+  xattn::write_heatmap_png(dir + "01_attention_map.png", xattn::make_view(P), map);
+#endif
+  std::cout << "attention map written to " << dir << "01_attention_map.svg\n\n";
 
   // ---- checks ------------------------------------------------------------------------------
   bool ok = true;

@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: MIT
 # Installs the Debian packages that building and testing xattn needs, skipping those already
-# installed. Usage: scripts/deps.sh [--with-clang]   (--with-clang adds clang for the clang preset)
+# installed. Usage: scripts/deps.sh [--with-clang] [--with-docs]
+#   --with-clang  clang, for the clang preset
+#   --with-docs   doxygen (target docs), rsvg-convert (renders the examples' SVG maps in their
+#                 picture tests) and matplotlib (scripts/plot_bench.py and its test)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-packages=(cmake ninja-build g++ libeigen3-dev libgtest-dev libbenchmark-dev nlohmann-json3-dev)
+packages=(cmake ninja-build g++ libeigen3-dev libgtest-dev libbenchmark-dev libstb-dev
+          nlohmann-json3-dev)
 for arg in "$@"; do
   case "$arg" in
     --with-clang) packages+=(clang) ;;
+    --with-docs) packages+=(doxygen librsvg2-bin python3-matplotlib) ;;
     -h | --help)
-      sed -n '3,4p' "${BASH_SOURCE[0]}" | sed 's/^# //'
+      sed -n '3,7p' "${BASH_SOURCE[0]}" | sed 's/^# //'
       exit 0
       ;;
     *)

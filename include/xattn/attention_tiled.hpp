@@ -1,38 +1,459 @@
 // SPDX-License-Identifier: MIT
 // tiled_attention: the memory-efficient kernel. Same arguments and results as naive_attention
-// (see attention_naive.hpp for the math), computed tile by tile with an online softmax so the
-// [Lq, Lk] score matrix is never stored.
+// (see attention_naive.hpp for the math), computed tile by tile with an online softmax
+// (detail/online_softmax.hpp) so the [Lq, Lk] score matrix is never stored: its scratch depends
+// on the tile sizes and Dk, Dv only. Read detail/online_softmax.hpp next for the inner loops.
 #pragma once
 
-#include "xattn/attention_naive.hpp"
 #include "xattn/config.hpp"
+#include "xattn/detail/eigen_interop.hpp"
+#include "xattn/detail/masking.hpp"
+#include "xattn/detail/online_softmax.hpp"
+#include "xattn/detail/simd.hpp"
+#include "xattn/detail/softmax.hpp"
+#include "xattn/detail/tiling.hpp"
+#include "xattn/detail/validate.hpp"
+#include "xattn/errors.hpp"
 #include "xattn/options.hpp"
+#include "xattn/shapes.hpp"
 #include "xattn/tensor_view.hpp"
 
-#include <optional>
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
 
 namespace xattn {
 
-/// How tiled_attention cuts its work. Unset fields are chosen by the kernel: tile sizes from Dk,
-/// Dv and the cache size, the thread count from OpenMP (1 without OpenMP). A set field must be
-/// >= 1 (a value_error otherwise). The result does not depend on num_threads, bit for bit.
-struct tile_options {
-  std::optional<index_t> q_tile;   ///< query rows per tile
-  std::optional<index_t> kv_tile;  ///< key/value rows per tile
-  std::optional<int> num_threads;  ///< threads to use; more than OpenMP allows is a value_error
+namespace detail {
+
+/// One tiled_attention call with its arguments checked and its work planned.
+template <class T>
+struct tiled_job {
+  tensor_view<const T, 4> q, k, v;
+  tensor_view<T, 4> out;
+  const attention_options<T>& opts;
+  mask_plan<T> mask;
+  attention_shape shape;
+  index_t group;  ///< H / Hkv
+  T scale;
+  tiled_plan plan;
+  T* partials;  ///< splits > 1: m, l and an output row per query of every unit
+
+  /// A [n, D] tile of keys or values starting at key j0, as a pointer and a row stride: the
+  /// caller's rows in place when each is contiguous, else copied into `copy`.
+  static const T* rows_of(const tensor_view<const T, 2>& x, index_t j0, index_t n,
+                          aligned_vector<T>& copy, index_t& ld) {
+    if (x.stride(1) == 1 || x.extent(1) <= 1) {
+      ld = x.stride(0);
+      return x.data() + j0 * x.stride(0);
+    }
+    const index_t d = x.extent(1);
+    T* dst = at_least(copy, n * d);
+    for (index_t j = 0; j < n; ++j)
+      for (index_t e = 0; e < d; ++e) dst[j * d + e] = x(j0 + j, e);
+    ld = d;
+    return dst;
+  }
 };
 
-/// Scaled dot-product attention with O(tile) scratch; arguments as naive_attention:
+/// The per-query state a unit ends with: running max m, sum l and the unnormalised output,
+/// read through acc(i, e) whatever the path's layout.
+template <class T>
+struct unit_state {
+  const T* m;
+  const T* l;
+  const T* acc;
+  index_t acc_row, acc_col;  ///< acc(i, e) = acc[i * acc_row + e * acc_col]
+  T operator()(index_t i, index_t e) const noexcept { return acc[i * acc_row + e * acc_col]; }
+};
+
+/// The shift used for query rows with running max m: m itself, or 0 while every key seen so far
+/// was masked (m = -inf), so that exp(-inf - shift) is 0 and not NaN.
+template <class T>
+T safe_shift(T m) noexcept {
+  return m == -std::numeric_limits<T>::infinity() ? T(0) : m;
+}
+
+/// max(a, b), or NaN when either is NaN.
+template <class T>
+T max_nan(T a, T b) noexcept {
+  return std::isnan(a) || std::isnan(b) ? std::numeric_limits<T>::quiet_NaN() : std::max(a, b);
+}
+
+/// exp(x) flushed to 0 below the smallest normal number, like simd::exp_flushed.
+template <class T>
+T exp_flushed(T x) noexcept {
+  const T e = std::exp(x);
+  return e < std::numeric_limits<T>::min() ? T(0) : e;
+}
+
+/// The online-softmax correction exp(m_old - shift), without calling exp in the two common
+/// cases: the first tile of a row (m_old = -inf) and a tile that leaves the max unchanged.
+template <class T>
+T correction(T m_old, T m_new, T shift) noexcept {
+  if (m_old == -std::numeric_limits<T>::infinity()) return T(0);
+  if (m_old == m_new && m_new == shift) return T(1);
+  return exp_flushed(m_old - shift);
+}
+
+// ---- the lanes path: a tile of queries in SIMD lanes ------------------------------------------
+
+template <class T>
+class lanes_unit {
+ public:
+  lanes_unit(const tiled_job<T>& job, tile_scratch<T>& ws, index_t b, index_t h, index_t i0,
+             index_t mq)
+      : job_(job), ws_(ws), b_(b), h_(h), i0_(i0), mq_(mq), w_(job.plan.width),
+        packets_(w_ / simd::lanes<T>),
+        k_(job.k.select(0, b).select(0, h / job.group)),
+        v_(job.v.select(0, b).select(0, h / job.group)) {
+    const attention_shape& s = job.shape;
+    // Qᵀ [Dk, W] with the scale folded in; lanes past the tile's last query stay 0.
+    qt_ = at_least(ws.qt, s.head_dim * w_);
+    const auto q = job.q.select(0, b).select(0, h);
+    for (index_t d = 0; d < s.head_dim; ++d) {
+      T* row = qt_ + d * w_;
+      for (index_t i = 0; i < mq; ++i) row[i] = job.scale * q(i0 + i, d);
+      std::fill(row + mq, row + w_, T(0));
+    }
+    s_ = at_least(ws.s, job.plan.kv_tile * w_);
+    ot_ = at_least(ws.acc, s.value_dim * w_);
+    m_ = at_least(ws.stats, 3 * w_);
+    l_ = m_ + w_;
+    corr_ = l_ + w_;
+    // Keys past the last one any query of the tile may see (key padding, causal) are skipped.
+    key_limit_ = 0;
+    for (index_t i = 0; i < mq; ++i) key_limit_ = std::max(key_limit_, job.mask.key_end(b, i0 + i));
+  }
+
+  /// Runs keys [kbeg, kend) through the online softmax.
+  unit_state<T> run(index_t kbeg, index_t kend) {
+    const attention_shape& s = job_.shape;
+    std::fill(m_, m_ + w_, -std::numeric_limits<T>::infinity());
+    std::fill(l_, l_ + w_, T(0));
+    std::fill(ot_, ot_ + s.value_dim * w_, T(0));
+    kend = std::min(kend, key_limit_);
+    for (index_t j0 = kbeg; j0 < kend; j0 += job_.plan.kv_tile) {
+      const index_t n = std::min(job_.plan.kv_tile, kend - j0);
+      if (!scores(j0, n)) continue;
+      online_softmax_tile(s_, w_, n, packets_, m_, l_, corr_);
+      index_t ldv = 0;
+      const T* v = tiled_job<T>::rows_of(v_, j0, n, ws_.v_copy, ldv);
+      tile_values(n, packets_, v, ldv, s_, w_, s.value_dim, corr_, ot_, w_);
+    }
+    return {m_, l_, ot_, 1, w_};
+  }
+
+  /// Writes the attention weights of the tile's queries for every key, recomputing the scores
+  /// tile by tile: exp(s - m) / l, as naive_attention gives them.
+  void write_weights(const tensor_view<T, 4>& weights) {
+    const index_t kv_len = job_.shape.kv_len;
+    for (index_t i = 0; i < mq_; ++i) {  // shift and 1/l per query, kept in corr
+      m_[i] = safe_shift(m_[i]);
+      corr_[i] = l_[i] == T(0) ? T(0) : T(1) / l_[i];
+    }
+    for (index_t j0 = 0; j0 < kv_len; j0 += job_.plan.kv_tile) {
+      const index_t n = std::min(job_.plan.kv_tile, kv_len - j0);
+      const bool live = j0 < key_limit_ && scores(j0, n);
+      for (index_t i = 0; i < mq_; ++i)
+        for (index_t j = 0; j < n; ++j)
+          weights(b_, h_, i0_ + i, j0 + j) =
+              live ? exp_flushed(s_[j * w_ + i] - m_[i]) * corr_[i] : T(0);
+    }
+  }
+
+ private:
+  // Sᵀ for keys [j0, j0 + n) with the masks applied; false when the masks forbid the whole
+  // tile (nothing computed).
+  bool scores(index_t j0, index_t n) {
+    const mask_plan<T>& mask = job_.mask;
+    if (!mask.allows_any(b_, h_, i0_, mq_, j0, n)) return false;
+    index_t ldk = 0;
+    const T* k = tiled_job<T>::rows_of(k_, j0, n, ws_.k_copy, ldk);
+    tile_scores(n, packets_, k, ldk, qt_, w_, job_.shape.head_dim, s_, w_);
+    if (mask.has_elementwise()) {
+      for (index_t i = 0; i < mq_; ++i) mask.apply(b_, h_, i0_ + i, j0, s_ + i, n, w_);
+    } else if (mask.any()) {  // key padding and causal: only the keys past each query's end
+      for (index_t i = 0; i < mq_; ++i) {
+        const index_t end = mask.key_end(b_, i0_ + i);
+        for (index_t j = std::max<index_t>(end - j0, 0); j < n; ++j)
+          s_[j * w_ + i] = -std::numeric_limits<T>::infinity();
+      }
+    }
+    return true;
+  }
+
+  const tiled_job<T>& job_;
+  tile_scratch<T>& ws_;
+  index_t b_, h_, i0_, mq_, w_, packets_;
+  tensor_view<const T, 2> k_, v_;
+  T *qt_, *s_, *ot_, *m_, *l_, *corr_;
+  index_t key_limit_;
+};
+
+// ---- the row path: fewer queries than one packet has lanes ------------------------------------
+// With a handful of queries (a decoder step has one) the lanes path would leave most lanes
+// idle. Here each query row runs on its own: its scores are one matrix-vector product over the
+// key tile (vectorised along Dk) and its output another (vectorised along Dv).
+
+template <class T>
+class row_unit {
+ public:
+  row_unit(const tiled_job<T>& job, tile_scratch<T>& ws, index_t b, index_t h, index_t i0,
+           index_t mq)
+      : job_(job), ws_(ws), b_(b), h_(h), i0_(i0), mq_(mq),
+        k_(job.k.select(0, b).select(0, h / job.group)),
+        v_(job.v.select(0, b).select(0, h / job.group)) {
+    const attention_shape& s = job.shape;
+    qs_ = at_least(ws.qt, mq * s.head_dim);
+    const auto q = job.q.select(0, b).select(0, h);
+    for (index_t i = 0; i < mq; ++i)
+      for (index_t d = 0; d < s.head_dim; ++d) qs_[i * s.head_dim + d] = job.scale * q(i0 + i, d);
+    s_ = at_least(ws.s, job.plan.kv_tile);
+    acc_ = at_least(ws.acc, mq * s.value_dim);
+    m_ = at_least(ws.stats, 2 * mq);
+    l_ = m_ + mq;
+  }
+
+  unit_state<T> run(index_t kbeg, index_t kend) {
+    const attention_shape& s = job_.shape;
+    std::fill(m_, m_ + mq_, -std::numeric_limits<T>::infinity());
+    std::fill(l_, l_ + mq_, T(0));
+    std::fill(acc_, acc_ + mq_ * s.value_dim, T(0));
+    // Keys past the last one any row may see (key padding, causal) are never read.
+    index_t key_limit = 0;
+    for (index_t i = 0; i < mq_; ++i) key_limit = std::max(key_limit, job_.mask.key_end(b_, i0_ + i));
+    kend = std::min(kend, key_limit);
+    for (index_t j0 = kbeg; j0 < kend; j0 += job_.plan.kv_tile) {
+      const index_t n = std::min(job_.plan.kv_tile, kend - j0);
+      index_t ldk = 0, ldv = 0;
+      const T* k = tiled_job<T>::rows_of(k_, j0, n, ws_.k_copy, ldk);
+      const T* v = tiled_job<T>::rows_of(v_, j0, n, ws_.v_copy, ldv);
+      for (index_t i = 0; i < mq_; ++i) {
+        const index_t ni = std::min(n, job_.mask.key_end(b_, i0_ + i) - j0);  // keys it may see
+        if (ni <= 0) continue;
+        scores(i, j0, ni, k, ldk);
+        // the online softmax for one row (see detail/online_softmax.hpp)
+        Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>> row(s_, ni);
+        const T m_new = max_nan(m_[i], row.template maxCoeff<Eigen::PropagateNaN>());
+        const T shift = safe_shift(m_new);
+        const T corr = correction(m_[i], m_new, shift);
+        exp_shifted(s_, ni, shift);
+        l_[i] = corr * l_[i] + row.sum();
+        m_[i] = m_new;
+        row_values(s_, v, ldv, s.value_dim, ni, corr, acc_ + i * s.value_dim);
+      }
+    }
+    return {m_, l_, acc_, s.value_dim, 1};
+  }
+
+  void write_weights(const tensor_view<T, 4>& weights) {
+    const index_t kv_len = job_.shape.kv_len;
+    for (index_t j0 = 0; j0 < kv_len; j0 += job_.plan.kv_tile) {
+      const index_t n = std::min(job_.plan.kv_tile, kv_len - j0);
+      index_t ldk = 0;
+      const T* k = tiled_job<T>::rows_of(k_, j0, n, ws_.k_copy, ldk);
+      for (index_t i = 0; i < mq_; ++i) {
+        const T shift = safe_shift(m_[i]);
+        const T inv_l = l_[i] == T(0) ? T(0) : T(1) / l_[i];
+        scores(i, j0, n, k, ldk);
+        for (index_t j = 0; j < n; ++j)
+          weights(b_, h_, i0_ + i, j0 + j) = exp_flushed(s_[j] - shift) * inv_l;
+      }
+    }
+  }
+
+ private:
+  // One query's scores against keys [j0, j0 + n), masks applied, into s_.
+  void scores(index_t i, index_t j0, index_t n, const T* k, index_t ldk) {
+    const index_t dk = job_.shape.head_dim;
+    row_scores(qs_ + i * dk, k, ldk, dk, n, s_);
+    if (job_.mask.any()) job_.mask.apply(b_, h_, i0_ + i, j0, s_, n);
+  }
+
+  const tiled_job<T>& job_;
+  tile_scratch<T>& ws_;
+  index_t b_, h_, i0_, mq_;
+  tensor_view<const T, 2> k_, v_;
+  T *qs_, *s_, *acc_, *m_, *l_;
+};
+
+// ---- units, partial results and the merge ------------------------------------------------------
+
+/// out = acc / l and lse = m + log(l) for the unit's queries; a query with l = 0 (every key
+/// masked) gets zeros and -inf.
+template <class T>
+void write_output(const tiled_job<T>& job, index_t b, index_t h, index_t i0, index_t mq,
+                  const unit_state<T>& st) {
+  for (index_t i = 0; i < mq; ++i) {
+    const T l = st.l[i];
+    const T inv_l = l == T(0) ? T(0) : T(1) / l;
+    for (index_t e = 0; e < job.shape.value_dim; ++e) job.out(b, h, i0 + i, e) = st(i, e) * inv_l;
+    if (job.opts.lse_out)
+      (*job.opts.lse_out)(b, h, i0 + i) =
+          l == T(0) ? -std::numeric_limits<T>::infinity() : st.m[i] + std::log(l);
+  }
+}
+
+template <class T>
+T* partial_block(const tiled_job<T>& job, index_t unit) {
+  return job.partials + unit * job.plan.q_tile * (job.shape.value_dim + 2);
+}
+
+template <class T, class Unit>
+void finish_unit(const tiled_job<T>& job, Unit& unit, index_t u, index_t b, index_t h,
+                 index_t i0, index_t mq, index_t split) {
+  const tiled_plan& p = job.plan;
+  const index_t kbeg = split * p.split_len;
+  const unit_state<T> st = unit.run(kbeg, std::min(job.shape.kv_len, kbeg + p.split_len));
+  if (p.splits == 1) {
+    write_output(job, b, h, i0, mq, st);
+    if (job.opts.weights_out) unit.write_weights(*job.opts.weights_out);
+    return;
+  }
+  T* part = partial_block(job, u);  // m [mq], l [mq], acc [mq, Dv]
+  const index_t dv = job.shape.value_dim;
+  for (index_t i = 0; i < mq; ++i) {
+    part[i] = st.m[i];
+    part[mq + i] = st.l[i];
+    for (index_t e = 0; e < dv; ++e) part[2 * mq + i * dv + e] = st(i, e);
+  }
+}
+
+/// Splits of one item merged in split order: with M the largest split max,
+///   l = Σ_s exp(m_s - M) l_s,   acc = Σ_s exp(m_s - M) acc_s,   out = acc / l.
+template <class T>
+void merge_item(const tiled_job<T>& job, index_t item, index_t b, index_t h, index_t i0,
+                index_t mq) {
+  const index_t dv = job.shape.value_dim, splits = job.plan.splits;
+  T* acc = at_least(thread_scratch<T>().acc, dv);
+  for (index_t i = 0; i < mq; ++i) {
+    T big = -std::numeric_limits<T>::infinity();
+    for (index_t sp = 0; sp < splits; ++sp) big = max_nan(big, partial_block(job, item * splits + sp)[i]);
+    const T shift = safe_shift(big);
+    T l = 0;
+    std::fill(acc, acc + dv, T(0));
+    for (index_t sp = 0; sp < splits; ++sp) {
+      const T* part = partial_block(job, item * splits + sp);
+      const T w = exp_flushed(part[i] - shift);
+      l += w * part[mq + i];
+      for (index_t e = 0; e < dv; ++e) acc[e] += w * part[2 * mq + i * dv + e];
+    }
+    const T inv_l = l == T(0) ? T(0) : T(1) / l;
+    for (index_t e = 0; e < dv; ++e) job.out(b, h, i0 + i, e) = acc[e] * inv_l;
+    if (job.opts.lse_out)
+      (*job.opts.lse_out)(b, h, i0 + i) =
+          l == T(0) ? -std::numeric_limits<T>::infinity() : big + std::log(l);
+  }
+}
+
+/// Work unit u: item u / splits, key range u % splits. Items run batch, then head, then query
+/// tile.
+template <class T>
+void run_unit(const tiled_job<T>& job, index_t u) {
+  const tiled_plan& p = job.plan;
+  const index_t item = u / p.splits, split = u % p.splits;
+  const index_t b = item / (job.shape.num_heads * p.q_tiles);
+  const index_t h = item / p.q_tiles % job.shape.num_heads;
+  const index_t i0 = item % p.q_tiles * p.q_tile;
+  const index_t mq = std::min(p.q_tile, job.shape.q_len - i0);
+  tile_scratch<T>& ws = thread_scratch<T>();
+  if (p.rows) {
+    row_unit<T> unit(job, ws, b, h, i0, mq);
+    finish_unit(job, unit, u, b, h, i0, mq, split);
+  } else {
+    lanes_unit<T> unit(job, ws, b, h, i0, mq);
+    finish_unit(job, unit, u, b, h, i0, mq, split);
+  }
+}
+
+template <class T>
+void run_merge(const tiled_job<T>& job, index_t item) {
+  const tiled_plan& p = job.plan;
+  const index_t b = item / (job.shape.num_heads * p.q_tiles);
+  const index_t h = item / p.q_tiles % job.shape.num_heads;
+  const index_t i0 = item % p.q_tiles * p.q_tile;
+  merge_item(job, item, b, h, i0, std::min(p.q_tile, job.shape.q_len - i0));
+}
+
+/// Runs f(i) for i in [0, n) on `threads` threads, round-robin so that tiles of unequal cost
+/// (causal masks) spread evenly.
+template <class F>
+void parallel_for(index_t n, int threads, const F& f) {
+#ifdef _OPENMP
+  if (threads > 1) {
+#  pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (index_t i = 0; i < n; ++i) f(i);
+    return;
+  }
+#else
+  (void)threads;
+#endif
+  for (index_t i = 0; i < n; ++i) f(i);
+}
+
+}  // namespace detail
+
+/// Bytes of scratch tiled_attention<T> keeps for a call of shape s: per thread, the tiles of
+/// Qᵀ, Sᵀ and Oᵀ (and of K and V when their rows are strided), plus the per-split partial
+/// results when the keys are split. It grows with the tile sizes, Dk and Dv, never with Lq or Lk
+/// (splits are bounded, and each partial holds one query tile). The scratch belongs to each
+/// thread and is reused by its later calls.
+template <class T>
+index_t tiled_attention_scratch_bytes(const attention_shape& s, const tile_options& tiles = {},
+                                      bool need_weights = false) {
+  const detail::tiled_plan p = detail::make_tiled_plan<T>(s, tiles, need_weights);
+  const index_t per_thread = detail::unit_scratch_elements<T>(p, s);
+  return (index_t(p.threads) * per_thread + detail::partial_elements(p, s)) * index_t(sizeof(T));
+}
+
+/// Scaled dot-product attention with O(tile) scratch; arguments and results as
+/// naive_attention (attention_naive.hpp):
 ///
-///   q   [B, H,   Lq, Dk]    k [B, Hkv, Lk, Dk]    v [B, Hkv, Lk, Dv]    out [B, H, Lq, Dv]
+///   q   [B, H,   Lq, Dk]    queries
+///   k   [B, Hkv, Lk, Dk]    keys;   Hkv divides H (grouped-query attention)
+///   v   [B, Hkv, Lk, Dv]    values
+///   out [B, H,   Lq, Dv]    written; must not overlap the inputs
+///
+/// Work runs in units of one (batch, head, query tile), on tiles.num_threads OpenMP threads
+/// when built with OpenMP. With fewer units than split_target_units the keys are split into
+/// ranges as well, and the ranges merged through their log-sum-exp. The output is the same, bit
+/// for bit, for every thread count. Tiles whose keys are all masked (key padding, causal, a
+/// boolean mask) are skipped.
 template <class T>
 void tiled_attention(detail::identity_t<tensor_view<const T, 4>> q,
                      detail::identity_t<tensor_view<const T, 4>> k,
                      detail::identity_t<tensor_view<const T, 4>> v, tensor_view<T, 4> out,
                      const detail::identity_t<attention_options<T>>& opts = {},
                      const tile_options& tiles = {}) {
-  (void)tiles;  // interface only for now: the tiled kernel replaces this body
-  naive_attention<T>(q, k, v, out, opts);
+  static_assert(std::is_floating_point_v<T>, "xattn kernels need a floating-point element type");
+  constexpr const char* fn = "tiled_attention";
+  const detail::attention_problem pr = detail::check_attention_args<T>(fn, q, k, v, out, opts);
+  if (tiles.q_tile && *tiles.q_tile < 1)
+    detail::fail_value(detail::message(fn, ": tiles.q_tile is ", *tiles.q_tile, ", expected >= 1"));
+  if (tiles.kv_tile && *tiles.kv_tile < 1)
+    detail::fail_value(
+        detail::message(fn, ": tiles.kv_tile is ", *tiles.kv_tile, ", expected >= 1"));
+  if (tiles.num_threads && (*tiles.num_threads < 1 || *tiles.num_threads > detail::max_threads))
+    detail::fail_value(detail::message(fn, ": tiles.num_threads is ", *tiles.num_threads,
+                                       ", expected a value in [1, ", detail::max_threads, "]"));
+  const attention_shape& s = pr.shape;
+  if (s.batch == 0 || s.num_heads == 0 || s.q_len == 0) return;
+
+  const detail::tiled_plan plan =
+      detail::make_tiled_plan<T>(s, tiles, opts.weights_out.has_value());
+  T* partials = detail::at_least(detail::thread_scratch<T>().partials,
+                                 detail::partial_elements(plan, s));
+  const detail::tiled_job<T> job{q,       k,        v,   out, opts, detail::mask_plan<T>(opts.mask, s),
+                                 s,       pr.group, static_cast<T>(pr.scale), plan, partials};
+  detail::parallel_for(plan.units(), plan.threads,
+                       [&](index_t u) { detail::run_unit(job, u); });
+  if (plan.splits > 1)
+    detail::parallel_for(plan.items, std::min<int>(plan.threads, int(plan.items)),
+                         [&](index_t item) { detail::run_merge(job, item); });
 }
 
 }  // namespace xattn

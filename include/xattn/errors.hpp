@@ -58,4 +58,10 @@ inline void require_extent_or_one(const char* fn, const char* arg, int dim, inde
 }
 
 }  // namespace detail
+
+/// A file could not be written (or read); the message names the path and what failed.
+struct io_error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 }  // namespace xattn

@@ -49,4 +49,13 @@ struct attention_options {
   std::optional<tensor_view<T, 3>> lse_out;
 };
 
+/// How tiled_attention cuts its work. Unset fields are chosen by the kernel: tile sizes from Dk,
+/// Dv and the cache size, the thread count from OpenMP (1 without OpenMP). A set field must be
+/// >= 1 (a value_error otherwise). The result does not depend on num_threads, bit for bit.
+struct tile_options {
+  std::optional<index_t> q_tile;   ///< query rows per tile
+  std::optional<index_t> kv_tile;  ///< key/value rows per tile
+  std::optional<int> num_threads;  ///< threads to use; more than OpenMP allows is a value_error
+};
+
 }  // namespace xattn

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
-// The umbrella header: includes every public xattn header. Start reading at tensor_view.hpp,
-// then attention_naive.hpp.
+// The umbrella header: includes every public xattn header except heatmap_png.hpp, which needs
+// stb_image_write. Start reading at tensor_view.hpp, then attention_naive.hpp.
 #pragma once
 
 #include "xattn/attention.hpp"
@@ -9,6 +9,7 @@
 #include "xattn/config.hpp"
 #include "xattn/cross_attention.hpp"
 #include "xattn/errors.hpp"
+#include "xattn/heatmap.hpp"
 #include "xattn/options.hpp"
 #include "xattn/projection.hpp"
 #include "xattn/shapes.hpp"

@@ -46,18 +46,32 @@ class mask_plan {
     return std::max<index_t>(end, 0);
   }
 
-  /// For keys j0 .. j0 + n - 1 of query row (b, h, i): adds the bias to s[j - j0] and sets the
-  /// score of every masked key to -inf, so its exp is exactly 0.
-  void apply(index_t b, index_t h, index_t i, index_t j0, T* s, index_t n) const noexcept {
+  /// For keys j0 .. j0 + n - 1 of query row (b, h, i): adds the bias to s[(j - j0) * step] and
+  /// sets the score of every masked key to -inf, so its exp is exactly 0.
+  void apply(index_t b, index_t h, index_t i, index_t j0, T* s, index_t n,
+             index_t step = 1) const noexcept {
     constexpr T neg_inf = -std::numeric_limits<T>::infinity();
     const index_t end = key_end(b, i);
     const T* bias_row = bias_ ? bias_ + offset(bias_strides_, b, h, i) : nullptr;
     const bool* allowed_row = allowed_ ? allowed_ + offset(allowed_strides_, b, h, i) : nullptr;
     for (index_t t = 0; t < n; ++t) {
       const index_t j = j0 + t;
-      if (bias_row) s[t] += bias_row[j * bias_strides_[3]];
-      if (j >= end || (allowed_row && !allowed_row[j * allowed_strides_[3]])) s[t] = neg_inf;
+      T& x = s[t * step];
+      if (bias_row) x += bias_row[j * bias_strides_[3]];
+      if (j >= end || (allowed_row && !allowed_row[j * allowed_strides_[3]])) x = neg_inf;
     }
+  }
+
+  /// False when the boolean mask forbids every key j0 .. j0 + n - 1 to every query
+  /// i0 .. i0 + m - 1 of (b, h): such a tile can be skipped. True when there is no boolean mask.
+  bool allows_any(index_t b, index_t h, index_t i0, index_t m, index_t j0, index_t n) const noexcept {
+    if (!allowed_) return true;
+    for (index_t i = i0; i < i0 + m; ++i) {
+      const bool* row = allowed_ + offset(allowed_strides_, b, h, i);
+      for (index_t j = j0; j < j0 + n; ++j)
+        if (row[j * allowed_strides_[3]]) return true;
+    }
+    return false;
   }
 
  private:

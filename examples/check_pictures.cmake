@@ -1,0 +1,53 @@
+# SPDX-License-Identifier: MIT
+# Checks an example's pictures, run with cmake -P from the directory the example wrote them to:
+#   -DSVG=<file>  rendered to <file>.png with rsvg-convert (-DRSVG_CONVERT=<program>) if given,
+#                 else parsed with xmllint (-DXMLLINT=<program>) if given, else only checked to
+#                 start with an XML declaration and end with </svg>
+#   -DPNG=<file> -DPNG_WIDTH=<w> -DPNG_HEIGHT=<h>   (PNG may be empty: no PNG to check)
+#                 the PNG signature and the width and height in its IHDR header
+cmake_minimum_required(VERSION 3.21)
+
+if(NOT EXISTS "${SVG}")
+  message(FATAL_ERROR "${SVG} was not written")
+endif()
+if(RSVG_CONVERT)
+  execute_process(COMMAND ${RSVG_CONVERT} "${SVG}" -o "${SVG}.png" RESULT_VARIABLE rc
+                  ERROR_VARIABLE err)
+  if(NOT rc EQUAL 0 OR NOT EXISTS "${SVG}.png")
+    message(FATAL_ERROR "rsvg-convert could not render ${SVG}: ${err}")
+  endif()
+  message(STATUS "${SVG}: rendered by rsvg-convert to ${SVG}.png")
+elseif(XMLLINT)
+  execute_process(COMMAND ${XMLLINT} --noout "${SVG}" RESULT_VARIABLE rc ERROR_VARIABLE err)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "${SVG} is not well-formed XML: ${err}")
+  endif()
+  message(STATUS "${SVG}: well-formed XML (xmllint)")
+else()
+  file(READ "${SVG}" text)
+  if(NOT text MATCHES "^<\\?xml" OR NOT text MATCHES "</svg>\n$")
+    message(FATAL_ERROR "${SVG} does not look like an SVG document")
+  endif()
+  message(STATUS "${SVG}: starts and ends like SVG (install rsvg-convert or xmllint to check more)")
+endif()
+
+if(PNG)
+  if(NOT EXISTS "${PNG}")
+    message(FATAL_ERROR "${PNG} was not written")
+  endif()
+  # 8-byte signature, then the IHDR chunk: length, "IHDR", width, height (big-endian)
+  file(READ "${PNG}" head LIMIT 24 HEX)
+  string(SUBSTRING "${head}" 0 16 signature)
+  string(SUBSTRING "${head}" 24 8 chunk)
+  string(SUBSTRING "${head}" 32 8 width_hex)
+  string(SUBSTRING "${head}" 40 8 height_hex)
+  if(NOT signature STREQUAL "89504e470d0a1a0a" OR NOT chunk STREQUAL "49484452")
+    message(FATAL_ERROR "${PNG} is not a PNG file")
+  endif()
+  math(EXPR width "0x${width_hex}")
+  math(EXPR height "0x${height_hex}")
+  if(NOT width EQUAL PNG_WIDTH OR NOT height EQUAL PNG_HEIGHT)
+    message(FATAL_ERROR "${PNG} is ${width} x ${height}, expected ${PNG_WIDTH} x ${PNG_HEIGHT}")
+  endif()
+  message(STATUS "${PNG}: PNG, ${width} x ${height}")
+endif()

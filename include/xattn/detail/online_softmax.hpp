@@ -1,0 +1,297 @@
+// SPDX-License-Identifier: MIT
+// The inner loops of tiled_attention (attention_tiled.hpp explains the whole kernel).
+//
+// Layout: "lanes over queries". A query tile is stored transposed, Qᵀ [Dk, W], so that one SIMD
+// packet holds the same feature of several queries. Scores come out transposed too, Sᵀ [n, W]
+// for a tile of n keys, and so do the running output Oᵀ [Dv, W], the row max m [W] and the row
+// sum l [W]. Then:
+//   - both products are outer-product updates: a packet of queries times one broadcast element
+//     of K or V, read in place from the caller's rows (no packing of K or V);
+//   - every softmax reduction over keys (max, sum) runs down a column of Sᵀ, lane by lane,
+//     so it needs no horizontal reduction and no shuffle.
+#pragma once
+
+#include "xattn/config.hpp"
+#include "xattn/detail/simd.hpp"
+
+#include <Eigen/Core>
+
+#include <limits>
+
+namespace xattn::detail {
+
+// ---- the two products, as register-blocked micro-kernels --------------------------------------
+
+/// Sᵀ[r][c] = Σ_d K[r][d] · Qᵀ[d][c] for R keys and C packets of queries, accumulated in
+/// R x C registers over the whole Dk.
+template <class T, int R, int C>
+EIGEN_STRONG_INLINE void score_block(const T* k, index_t ldk, const T* qt, index_t ldq,
+                                     index_t head_dim, T* s, index_t lds) {
+  using P = simd::packet<T>;
+  constexpr index_t L = simd::lanes<T>;
+  P acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = Eigen::internal::pset1<P>(T(0));
+  for (index_t d = 0; d < head_dim; ++d) {
+    P q[C];
+    for (int c = 0; c < C; ++c) q[c] = simd::load(qt + d * ldq + c * L);
+    for (int r = 0; r < R; ++r) {
+      const P kb = simd::broadcast(k[r * ldk + d]);
+      for (int c = 0; c < C; ++c) acc[r][c] = simd::fma(kb, q[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) simd::store(s + r * lds + c * L, acc[r][c]);
+}
+
+/// Oᵀ[r][c] = corr[c] · Oᵀ[r][c] + Σ_j V[j][r] · Pᵀ[j][c] for R value features and C packets of
+/// queries: the online-softmax rescale and the P V product in one pass over Oᵀ.
+template <class T, int R, int C>
+EIGEN_STRONG_INLINE void value_block(const T* v, index_t ldv, const T* pt, index_t ldp, index_t n,
+                                     const T* corr, T* ot, index_t ldo) {
+  using P = simd::packet<T>;
+  constexpr index_t L = simd::lanes<T>;
+  P acc[R][C];
+  for (int c = 0; c < C; ++c) {
+    const P cf = simd::load(corr + c * L);
+    for (int r = 0; r < R; ++r) acc[r][c] = simd::mul(simd::load(ot + r * ldo + c * L), cf);
+  }
+  for (index_t j = 0; j < n; ++j) {
+    P p[C];
+    for (int c = 0; c < C; ++c) p[c] = simd::load(pt + j * ldp + c * L);
+    for (int r = 0; r < R; ++r) {
+      const P vb = simd::broadcast(v[j * ldv + r]);
+      for (int c = 0; c < C; ++c) acc[r][c] = simd::fma(vb, p[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) simd::store(ot + r * ldo + c * L, acc[r][c]);
+}
+
+// Runs Block<R, C> over `rows` rows (keys for scores, value features for outputs) in steps of
+// simd::block_rows, finishing with one smaller block; C is fixed by the caller.
+template <class T, int C, int R = simd::block_rows>
+EIGEN_STRONG_INLINE void score_rows_tail(index_t rem, const T* k, index_t ldk, const T* qt,
+                                         index_t ldq, index_t head_dim, T* s, index_t lds) {
+  if constexpr (R > 0) {
+    if (rem == R) return score_block<T, R, C>(k, ldk, qt, ldq, head_dim, s, lds);
+    score_rows_tail<T, C, R - 1>(rem, k, ldk, qt, ldq, head_dim, s, lds);
+  }
+}
+
+template <class T, int C, int R = simd::block_rows>
+EIGEN_STRONG_INLINE void value_rows_tail(index_t rem, const T* v, index_t ldv, const T* pt,
+                                         index_t ldp, index_t n, const T* corr, T* ot,
+                                         index_t ldo) {
+  if constexpr (R > 0) {
+    if (rem == R) return value_block<T, R, C>(v, ldv, pt, ldp, n, corr, ot, ldo);
+    value_rows_tail<T, C, R - 1>(rem, v, ldv, pt, ldp, n, corr, ot, ldo);
+  }
+}
+
+template <class T, int C>
+void score_columns(index_t n, const T* k, index_t ldk, const T* qt, index_t ldq,
+                   index_t head_dim, T* s, index_t lds) {
+  constexpr int R = simd::block_rows;
+  index_t j = 0;
+  for (; j + R <= n; j += R) score_block<T, R, C>(k + j * ldk, ldk, qt, ldq, head_dim, s + j * lds, lds);
+  if (j < n) score_rows_tail<T, C>(n - j, k + j * ldk, ldk, qt, ldq, head_dim, s + j * lds, lds);
+}
+
+template <class T, int C>
+void value_columns(index_t value_dim, const T* v, index_t ldv, const T* pt, index_t ldp,
+                   index_t n, const T* corr, T* ot, index_t ldo) {
+  constexpr int R = simd::block_rows;
+  index_t e = 0;
+  for (; e + R <= value_dim; e += R) value_block<T, R, C>(v + e, ldv, pt, ldp, n, corr, ot + e * ldo, ldo);
+  if (e < value_dim)
+    value_rows_tail<T, C>(value_dim - e, v + e, ldv, pt, ldp, n, corr, ot + e * ldo, ldo);
+}
+
+// The last (packets mod block_cols) packets of a tile, with a narrower C chosen at run time.
+template <class T, int C = simd::block_cols - 1>
+void score_columns_tail(index_t rem, index_t n, const T* k, index_t ldk, const T* qt, index_t ldq,
+                        index_t head_dim, T* s, index_t lds) {
+  if constexpr (C > 0) {
+    if (rem == C) return score_columns<T, C>(n, k, ldk, qt, ldq, head_dim, s, lds);
+    score_columns_tail<T, C - 1>(rem, n, k, ldk, qt, ldq, head_dim, s, lds);
+  }
+}
+
+template <class T, int C = simd::block_cols - 1>
+void value_columns_tail(index_t rem, index_t value_dim, const T* v, index_t ldv, const T* pt,
+                        index_t ldp, index_t n, const T* corr, T* ot, index_t ldo) {
+  if constexpr (C > 0) {
+    if (rem == C) return value_columns<T, C>(value_dim, v, ldv, pt, ldp, n, corr, ot, ldo);
+    value_columns_tail<T, C - 1>(rem, value_dim, v, ldv, pt, ldp, n, corr, ot, ldo);
+  }
+}
+
+/// Sᵀ [n, W] = K [n, Dk] · Qᵀ [Dk, W], W = `packets` packets of queries.
+template <class T>
+void tile_scores(index_t n, index_t packets, const T* k, index_t ldk, const T* qt, index_t ldq,
+                 index_t head_dim, T* s, index_t lds) {
+  constexpr index_t L = simd::lanes<T>;
+  constexpr int C = simd::block_cols;
+  index_t c = 0;
+  for (; c + C <= packets; c += C)
+    score_columns<T, C>(n, k, ldk, qt + c * L, ldq, head_dim, s + c * L, lds);
+  if (c < packets)
+    score_columns_tail<T>(packets - c, n, k, ldk, qt + c * L, ldq, head_dim, s + c * L, lds);
+}
+
+/// Oᵀ [Dv, W] = Oᵀ diag(corr) + Vᵀ [Dv, n] · Pᵀ [n, W].
+template <class T>
+void tile_values(index_t n, index_t packets, const T* v, index_t ldv, const T* pt, index_t ldp,
+                 index_t value_dim, const T* corr, T* ot, index_t ldo) {
+  constexpr index_t L = simd::lanes<T>;
+  constexpr int C = simd::block_cols;
+  index_t c = 0;
+  for (; c + C <= packets; c += C)
+    value_columns<T, C>(value_dim, v, ldv, pt + c * L, ldp, n, corr + c * L, ot + c * L, ldo);
+  if (c < packets)
+    value_columns_tail<T>(packets - c, value_dim, v, ldv, pt + c * L, ldp, n, corr + c * L,
+                          ot + c * L, ldo);
+}
+
+// ---- the row path's two products: one query against a tile of keys -----------------------------
+
+/// s[j] = Σ_d q[d] · K[j][d] for j < n: four keys at a time, vectorised along Dk, one horizontal
+/// sum per key.
+template <class T>
+void row_scores(const T* q, const T* k, index_t ldk, index_t head_dim, index_t n, T* s) {
+  using P = simd::packet<T>;
+  constexpr index_t L = simd::lanes<T>;
+  const index_t full = head_dim / L * L;
+  index_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const T* k0 = k + j * ldk;
+    P a0 = Eigen::internal::pset1<P>(T(0)), a1 = a0, a2 = a0, a3 = a0;
+    for (index_t d = 0; d < full; d += L) {
+      const P qv = simd::load(q + d);
+      a0 = simd::fma(simd::load(k0 + d), qv, a0);
+      a1 = simd::fma(simd::load(k0 + ldk + d), qv, a1);
+      a2 = simd::fma(simd::load(k0 + 2 * ldk + d), qv, a2);
+      a3 = simd::fma(simd::load(k0 + 3 * ldk + d), qv, a3);
+    }
+    T r0 = Eigen::internal::predux(a0), r1 = Eigen::internal::predux(a1);
+    T r2 = Eigen::internal::predux(a2), r3 = Eigen::internal::predux(a3);
+    for (index_t d = full; d < head_dim; ++d) {
+      r0 += q[d] * k0[d];
+      r1 += q[d] * k0[ldk + d];
+      r2 += q[d] * k0[2 * ldk + d];
+      r3 += q[d] * k0[3 * ldk + d];
+    }
+    s[j] = r0;
+    s[j + 1] = r1;
+    s[j + 2] = r2;
+    s[j + 3] = r3;
+  }
+  for (; j < n; ++j) {
+    const T* kj = k + j * ldk;
+    P a = Eigen::internal::pset1<P>(T(0));
+    for (index_t d = 0; d < full; d += L) a = simd::fma(simd::load(kj + d), simd::load(q + d), a);
+    T r = Eigen::internal::predux(a);
+    for (index_t d = full; d < head_dim; ++d) r += q[d] * kj[d];
+    s[j] = r;
+  }
+}
+
+/// acc[e] = corr · acc[e] + Σ_j p[j] · V[j][e] for e < Dv: vectorised along Dv, up to four
+/// packets of acc held in registers across all n keys.
+template <class T>
+void row_values(const T* p, const T* v, index_t ldv, index_t value_dim, index_t n, T corr,
+                T* acc) {
+  using P = simd::packet<T>;
+  constexpr index_t L = simd::lanes<T>;
+  const P cf = simd::broadcast(corr);
+  index_t e = 0;
+  for (; e + 4 * L <= value_dim; e += 4 * L) {
+    P a0 = simd::mul(simd::load(acc + e), cf), a1 = simd::mul(simd::load(acc + e + L), cf);
+    P a2 = simd::mul(simd::load(acc + e + 2 * L), cf);
+    P a3 = simd::mul(simd::load(acc + e + 3 * L), cf);
+    for (index_t j = 0; j < n; ++j) {
+      const T* vj = v + j * ldv + e;
+      const P pj = simd::broadcast(p[j]);
+      a0 = simd::fma(pj, simd::load(vj), a0);
+      a1 = simd::fma(pj, simd::load(vj + L), a1);
+      a2 = simd::fma(pj, simd::load(vj + 2 * L), a2);
+      a3 = simd::fma(pj, simd::load(vj + 3 * L), a3);
+    }
+    simd::store(acc + e, a0);
+    simd::store(acc + e + L, a1);
+    simd::store(acc + e + 2 * L, a2);
+    simd::store(acc + e + 3 * L, a3);
+  }
+  for (; e + L <= value_dim; e += L) {
+    P a = simd::mul(simd::load(acc + e), cf);
+    for (index_t j = 0; j < n; ++j) a = simd::fma(simd::broadcast(p[j]), simd::load(v + j * ldv + e), a);
+    simd::store(acc + e, a);
+  }
+  for (; e < value_dim; ++e) {
+    T a = corr * acc[e];
+    for (index_t j = 0; j < n; ++j) a += p[j] * v[j * ldv + e];
+    acc[e] = a;
+  }
+}
+
+// ---- the online softmax over one tile ----------------------------------------------------------
+
+/// Online softmax. Per query keep m (running max), l (running sum of exp) and acc[Dv]
+/// (unnormalised output). For the next key tile with scores s_j:
+///   m_new = max(m, max_j s_j),  c = exp(m - m_new)
+///   l   = c·l   + Σ_j exp(s_j - m_new)
+///   acc = c·acc + Σ_j exp(s_j - m_new) · v_j
+/// After the last tile out = acc / l: equal to naive_attention up to rounding, without ever
+/// storing the [Lq, Lk] score matrix.
+///
+/// This function does the first two lines for every lane of Sᵀ [n, W]: it replaces the scores
+/// by p_j = exp(s_j - m_new), updates m and l, and leaves c in corr for tile_values. While a
+/// query has seen only masked keys (m = -inf) the shift is 0 instead of -inf, so exp(-inf - 0)
+/// gives weights of exactly 0 instead of NaN.
+template <class T>
+void online_softmax_tile(T* s, index_t lds, index_t n, index_t packets, T* m, T* l, T* corr) {
+  using P = simd::packet<T>;
+  using namespace Eigen::internal;
+  constexpr index_t L = simd::lanes<T>;
+  const P neg_inf = pset1<P>(-std::numeric_limits<T>::infinity());
+  const P zero = pset1<P>(T(0));
+  for (index_t c = 0; c < packets; ++c) {
+    T* col = s + c * L;
+    // pass 1: the tile's max, lane by lane, in four independent chains. A NaN score may be
+    // skipped here: its exp in pass 2 is NaN all the same, and makes l and the output NaN.
+    P max0 = neg_inf, max1 = neg_inf, max2 = neg_inf, max3 = neg_inf;
+    index_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+      max0 = pmax(max0, simd::load(col + j * lds));
+      max1 = pmax(max1, simd::load(col + (j + 1) * lds));
+      max2 = pmax(max2, simd::load(col + (j + 2) * lds));
+      max3 = pmax(max3, simd::load(col + (j + 3) * lds));
+    }
+    for (; j < n; ++j) max0 = pmax(max0, simd::load(col + j * lds));
+    const P m_old = simd::load(m + c * L);
+    const P m_new = pmax(pmax(m_old, max0), pmax(pmax(max1, max2), max3));
+    const P shift = pselect(pcmp_eq(m_new, neg_inf), zero, m_new);
+    const P cf = simd::exp_flushed<T>(simd::sub(m_old, shift));
+    // pass 2: exponentials and their sum; two partial sums hide the add latency
+    P sum0 = zero, sum1 = zero;
+    for (j = 0; j + 2 <= n; j += 2) {
+      const P p0 = simd::exp_flushed<T>(simd::sub(simd::load(col + j * lds), shift));
+      const P p1 = simd::exp_flushed<T>(simd::sub(simd::load(col + (j + 1) * lds), shift));
+      simd::store(col + j * lds, p0);
+      simd::store(col + (j + 1) * lds, p1);
+      sum0 = simd::add(sum0, p0);
+      sum1 = simd::add(sum1, p1);
+    }
+    if (j < n) {
+      const P p0 = simd::exp_flushed<T>(simd::sub(simd::load(col + j * lds), shift));
+      simd::store(col + j * lds, p0);
+      sum0 = simd::add(sum0, p0);
+    }
+    simd::store(l + c * L, simd::fma(cf, simd::load(l + c * L), simd::add(sum0, sum1)));
+    simd::store(m + c * L, m_new);
+    simd::store(corr + c * L, cf);
+  }
+}
+
+}  // namespace xattn::detail
