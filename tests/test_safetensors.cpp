@@ -120,7 +120,7 @@ TEST(Safetensors, SavesAndLoadsAFile) {
   EXPECT_EQ(f.name(), path);
   const auto got = f.read<double>("m", {4, 3});
   EXPECT_TRUE(std::equal(got.begin(), got.end(), m.data()));
-  EXPECT_TRUE(throws_with<xattn::format_error>(
+  EXPECT_TRUE(throws_with<xattn::io_error>(
       [] { (void)xattn::safetensors_file::load("no/such/file.safetensors"); },
       {"no/such/file.safetensors", "cannot open"}));
 }

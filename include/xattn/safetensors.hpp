@@ -222,13 +222,14 @@ struct safetensors_tensor {
 /// A safetensors file held in memory, its header checked in full on construction.
 class safetensors_file {
  public:
-  /// Reads and checks the file at path; throws format_error if it cannot be read or is malformed.
+  /// Reads and checks the file at path: io_error if it cannot be read, format_error if it is
+  /// malformed.
   static safetensors_file load(const std::string& path) {
     std::ifstream in(path, std::ios::binary);
-    if (!in) fail(path, "cannot open the file");
+    if (!in) XATTN_THROW(io_error("safetensors: " + path + ": cannot open the file"));
     std::vector<unsigned char> bytes((std::istreambuf_iterator<char>(in)),
                                      std::istreambuf_iterator<char>());
-    if (in.bad()) fail(path, "reading the file failed");
+    if (in.bad()) XATTN_THROW(io_error("safetensors: " + path + ": reading the file failed"));
     return safetensors_file(std::move(bytes), path);
   }
 
@@ -443,12 +444,12 @@ class safetensors_writer {
     for (const entry& e : entries_) at = std::copy(e.bytes.begin(), e.bytes.end(), at);
     return out;
   }
-  /// Writes the file; throws format_error if it cannot be written.
+  /// Writes the file; throws io_error if it cannot be written.
   void save(const std::string& path) const {
     const auto b = bytes();
     std::ofstream out(path, std::ios::binary);
     out.write(reinterpret_cast<const char*>(b.data()), std::streamsize(b.size()));
-    if (!out) safetensors_file::fail(path, "writing the file failed");
+    if (!out) XATTN_THROW(io_error("safetensors: " + path + ": writing the file failed"));
   }
 
  private:
