@@ -68,13 +68,18 @@ std::vector<T> elements3(const xattn::tensor_view<T, 3>& v) {
 
 TYPED_TEST(Linear, PackedBatchMatchesDefinitionWithAndWithoutBias) {
   using T = TypeParam;
-  for (bool bias : {true, false}) {
-    const auto l = random_linear<T>(24, 40, bias, 3);
-    const auto x = random_tensor<T, 3>({3, 7, 40}, 5);
-    tensor<T, 3> y({3, 7, 24}, T(-9));
-    l.forward(x.cview(), y.view());
-    EXPECT_TRUE(all_close(y.data, reference(l, x.cview()), linear_tol<T>(40))) << "bias " << bias;
-  }
+  // 21 rows go through GEMM; 2 and 4 rows (decoder steps) through one GEMV per row.
+  const index_t shapes[3][2] = {{3, 7}, {2, 1}, {1, 4}};  // [B, L]
+  for (const auto& bl : shapes)
+    for (bool bias : {true, false}) {
+      const index_t batch = bl[0], len = bl[1];
+      const auto l = random_linear<T>(24, 40, bias, 3);
+      const auto x = random_tensor<T, 3>({batch, len, 40}, 5);
+      tensor<T, 3> y({batch, len, 24}, T(-9));
+      l.forward(x.cview(), y.view());
+      EXPECT_TRUE(all_close(y.data, reference(l, x.cview()), linear_tol<T>(40)))
+          << "rows " << batch * len << ", bias " << bias;
+    }
 }
 
 TYPED_TEST(Linear, ReadsAndWritesColumnSlicesInPlace) {

@@ -20,7 +20,8 @@ namespace xattn {
 ///   weight [out, in]    bias [out] (empty: no bias)
 ///   y = x Wᵀ + b        x [..., in] -> y [..., out]
 ///
-/// The [B, L, in] input is treated as one [B·L, in] matrix, so a whole batch is one GEMM.
+/// The [B, L, in] input is treated as one [B·L, in] matrix, so a whole batch is one GEMM (for a
+/// few rows, a decoder step, one matrix-vector product per row instead).
 template <class T>
 struct linear {
   static_assert(std::is_floating_point_v<T>, "xattn::linear needs a floating-point element type");
@@ -61,7 +62,14 @@ struct linear {
     if (collapses(y)) {
       auto Y =
           detail::matrix_map<T>(y.data(), rows, y.extent(2), Eigen::OuterStride<>(row_step(y)));
-      Y.noalias() = X * weight.transpose();
+      if (rows <= gemv_rows) {
+        // A decoder step has one row per sequence: a matrix-vector product per row reads W
+        // once, where GEMM would first pack all of W into its blocking buffers.
+        for (index_t r = 0; r < rows; ++r)
+          Y.row(r).transpose().noalias() = weight * X.row(r).transpose();
+      } else {
+        Y.noalias() = X * weight.transpose();
+      }
       if (has_bias()) Y.rowwise() += bias;
     } else {
       scratch.resize(rows, out_features());
@@ -94,6 +102,8 @@ struct linear {
   }
 
  private:
+  static constexpr index_t gemv_rows = 4;  // up to this many rows, one GEMV per row beats GEMM
+
   void check_bias(const char* fn) const {
     if (has_bias() && bias.size() != weight.rows())
       detail::fail_shape(detail::message(fn, ": bias.extent(0) is ", bias.size(), ", expected ",
