@@ -8,7 +8,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-packages=(cmake ninja-build g++ libeigen3-dev libgtest-dev libbenchmark-dev libstb-dev)
+packages=(cmake ninja-build g++ libeigen3-dev libgtest-dev libbenchmark-dev libstb-dev
+          nlohmann-json3-dev)
 for arg in "$@"; do
   case "$arg" in
     --with-clang) packages+=(clang) ;;

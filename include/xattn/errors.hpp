@@ -24,6 +24,13 @@ struct value_error : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
 
+/// A file's contents are not what its format promises (a truncated or malformed safetensors
+/// file, a tensor missing from it). The message names the file and, where one is involved, the
+/// tensor.
+struct format_error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 namespace detail {
 
 /// Joins the arguments into one string with operator<<.

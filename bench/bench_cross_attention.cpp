@@ -1,0 +1,194 @@
+// SPDX-License-Identifier: MIT
+// multi_head_cross_attention at three shapes models use, and where the time goes:
+//   sd_unet      Stable Diffusion UNet cross-attention: B = 2, Lq = 4096 latents, Lk = 77 prompt
+//                tokens, Dm = 320, Dc = 768, 8 heads (Dk = 40)
+//   whisper_step Whisper-like decoder step: B = 1, Lq = 1, Lk = 1500 audio frames, Dm = Dc = 384,
+//                6 heads (Dk = 64)
+//   perceiver    Perceiver-like: B = 1, 256 latents, Lk = 16384 inputs, Dm = 512, Dc = 256, 8 heads
+// BM_Forward is the whole layer (projecting the context every call); BM_Projections and
+// BM_Kernel are its two parts alone, so their times give the share of each; BM_CachedStep runs
+// against a context_cache (what a decoder does after its first step). Run a Release build:
+//   bench_cross_attention --benchmark_min_time=0.2
+#include "bench_common.hpp"
+
+#include "xattn/attention_tiled.hpp"
+#include "xattn/cross_attention.hpp"
+#include "xattn/projection.hpp"
+#include "xattn/shapes.hpp"
+#include "xattn/tensor_view.hpp"
+
+#include <benchmark/benchmark.h>
+#include <Eigen/Core>
+
+#include <string>
+
+namespace {
+
+using xattn::index_t;
+
+struct layer_shape {
+  const char* name;
+  index_t batch, q_len, kv_len, model_dim, context_dim, num_heads;
+
+  xattn::cross_attention_config config() const {
+    xattn::cross_attention_config c;
+    c.model_dim = model_dim;
+    c.context_dim = context_dim;
+    c.num_heads = num_heads;
+    return c.resolved();
+  }
+  xattn::attention_shape attention() const {
+    const auto c = config();
+    return {batch, num_heads, q_len, kv_len, c.head_dim, c.head_dim, num_heads};
+  }
+  // 2·rows·in·out per projection: Q and the output over B·Lq rows, K and V over B·Lk rows.
+  double projection_flops() const {
+    const auto c = config();
+    const double width = double(c.num_heads * c.head_dim);
+    return 2.0 * double(batch) *
+           (double(q_len) * 2.0 * double(model_dim) * width +
+            double(kv_len) * 2.0 * double(context_dim) * width);
+  }
+  double query_side_projection_flops() const {  // Q and output projections only
+    const auto c = config();
+    return 2.0 * double(batch * q_len) * 2.0 * double(model_dim) * double(c.num_heads * c.head_dim);
+  }
+};
+
+const layer_shape shapes[] = {
+    {"sd_unet", 2, 4096, 77, 320, 768, 8},
+    {"whisper_step", 1, 1, 1500, 384, 384, 6},
+    {"perceiver", 1, 256, 16384, 512, 256, 8},
+};
+
+// The operands of one layer call: weights, query [B, Lq, Dm], context [B, Lk, Dc], out.
+struct layer_inputs {
+  explicit layer_inputs(const layer_shape& s)
+      : shape(s),
+        mha(s.config(), xattn::random_weights<float>(s.config(), 1)),
+        query(xattn_bench::random_matrix<float>(s.batch * s.q_len, s.model_dim, 2)),
+        context(xattn_bench::random_matrix<float>(s.batch * s.kv_len, s.context_dim, 3)),
+        out(xattn::row_matrix<float>::Zero(s.batch * s.q_len, s.model_dim)) {}
+
+  xattn::tensor_view<const float, 3> q() const {
+    return xattn::make_view(query.data(), {shape.batch, shape.q_len, shape.model_dim});
+  }
+  xattn::tensor_view<const float, 3> ctx() const {
+    return xattn::make_view(context.data(), {shape.batch, shape.kv_len, shape.context_dim});
+  }
+  xattn::tensor_view<float, 3> o() {
+    return xattn::make_view(out.data(), {shape.batch, shape.q_len, shape.model_dim});
+  }
+
+  layer_shape shape;
+  xattn::multi_head_cross_attention<float> mha;
+  xattn::row_matrix<float> query, context, out;
+};
+
+void label(benchmark::State& state, const layer_shape& s) {
+#ifdef NDEBUG
+  state.SetLabel(s.name);
+#else
+  state.SetLabel(std::string(s.name) + " asserts-on");
+#endif
+}
+
+void report(benchmark::State& state, double flops) {
+  state.counters["FLOPS"] =
+      benchmark::Counter(flops, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// The whole layer: K/V projections of the context, Q projection, attention, output projection.
+void BM_Forward(benchmark::State& state) {
+  const layer_shape& s = shapes[state.range(0)];
+  label(state, s);
+  layer_inputs io(s);
+  for (auto _ : state) {
+    io.mha.forward(io.q(), io.ctx(), io.o());
+    benchmark::DoNotOptimize(io.out.data());
+    benchmark::ClobberMemory();
+  }
+  report(state, s.projection_flops() + xattn::attention_flops(s.attention()));
+  state.counters["proj_flop_share"] =
+      s.projection_flops() / (s.projection_flops() + xattn::attention_flops(s.attention()));
+}
+
+// The four projections alone, as the module runs them.
+void BM_Projections(benchmark::State& state) {
+  const layer_shape& s = shapes[state.range(0)];
+  label(state, s);
+  layer_inputs io(s);
+  const auto& w = io.mha.weights();
+  const index_t width = s.config().num_heads * s.config().head_dim;
+  xattn::row_matrix<float> q(s.batch * s.q_len, width), k(s.batch * s.kv_len, width),
+      v(s.batch * s.kv_len, width), scratch;
+  auto view = [&](xattn::row_matrix<float>& m, index_t len) {
+    return xattn::make_view(m.data(), {s.batch, len, width});
+  };
+  for (auto _ : state) {
+    w.q_proj.forward(io.q(), view(q, s.q_len), scratch);
+    w.k_proj.forward(io.ctx(), view(k, s.kv_len), scratch);
+    w.v_proj.forward(io.ctx(), view(v, s.kv_len), scratch);
+    w.out_proj.forward(xattn::tensor_view<const float, 3>(view(q, s.q_len)), io.o(), scratch);
+    benchmark::DoNotOptimize(io.out.data());
+    benchmark::ClobberMemory();
+  }
+  report(state, s.projection_flops());
+}
+
+// The attention kernel alone, reading heads in place from [B, L, H·Dk] buffers as the module does.
+void BM_Kernel(benchmark::State& state) {
+  const layer_shape& s = shapes[state.range(0)];
+  label(state, s);
+  const auto c = s.config();
+  const index_t width = c.num_heads * c.head_dim;
+  const auto q = xattn_bench::random_matrix<float>(s.batch * s.q_len, width, 4);
+  const auto k = xattn_bench::random_matrix<float>(s.batch * s.kv_len, width, 5);
+  const auto v = xattn_bench::random_matrix<float>(s.batch * s.kv_len, width, 6);
+  xattn::row_matrix<float> o(s.batch * s.q_len, width);
+  const auto heads = [&](auto& m, index_t len) {
+    return xattn::split_heads(xattn::make_view(m.data(), {s.batch, len, width}), c.num_heads);
+  };
+  for (auto _ : state) {
+    xattn::tiled_attention<float>(heads(q, s.q_len), heads(k, s.kv_len), heads(v, s.kv_len),
+                                  heads(o, s.q_len));
+    benchmark::DoNotOptimize(o.data());
+    benchmark::ClobberMemory();
+  }
+  report(state, xattn::attention_flops(s.attention()));
+}
+
+// A step against a context projected once: Q projection, attention, output projection.
+void BM_CachedStep(benchmark::State& state) {
+  const layer_shape& s = shapes[state.range(0)];
+  label(state, s);
+  layer_inputs io(s);
+  const auto cache = io.mha.encode_context(io.ctx());
+  for (auto _ : state) {
+    io.mha.forward(io.q(), cache, io.o());
+    benchmark::DoNotOptimize(io.out.data());
+    benchmark::ClobberMemory();
+  }
+  report(state, s.query_side_projection_flops() + xattn::attention_flops(s.attention()));
+}
+
+BENCHMARK(BM_Forward)
+    ->ArgName("shape")
+    ->DenseRange(0, 2)
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
+BENCHMARK(BM_Projections)
+    ->ArgName("shape")
+    ->DenseRange(0, 2)
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
+BENCHMARK(BM_Kernel)
+    ->ArgName("shape")
+    ->DenseRange(0, 2)
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
+BENCHMARK(BM_CachedStep)->ArgName("shape")->Arg(1)->Unit(benchmark::kMicrosecond)->UseRealTime();
+
+}  // namespace
+
+int main(int argc, char** argv) { return xattn_bench::run_benchmarks(argc, argv); }

@@ -1,0 +1,456 @@
+// SPDX-License-Identifier: MIT
+// multi_head_cross_attention<T>: the layer a model uses. Queries come from the target side
+// (decoder tokens, image latents), keys and values from a context (encoder output, prompt
+// embeddings); projections, heads, grouped-query sharing and the output projection around one
+// attention kernel call. context_cache<T> keeps a projected context for many query steps.
+// The math of the kernel itself is in attention_naive.hpp.
+#pragma once
+
+#include "xattn/attention_naive.hpp"
+#include "xattn/attention_tiled.hpp"
+#include "xattn/config.hpp"
+#include "xattn/detail/validate.hpp"
+#include "xattn/errors.hpp"
+#include "xattn/options.hpp"
+#include "xattn/projection.hpp"
+#include "xattn/shapes.hpp"
+#include "xattn/tensor_view.hpp"
+
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <random>
+#include <type_traits>
+#include <utility>
+
+namespace xattn {
+
+/// Which attention kernel the module runs. Both give the same results up to rounding.
+enum class attention_kernel {
+  tiled,  ///< tiled_attention: O(tile) scratch, the fast one (default)
+  naive,  ///< naive_attention: the reference
+};
+
+/// The sizes of a cross-attention layer. Zero fields take the defaults named below; resolved()
+/// fills them in and checks the whole configuration.
+///
+///   query    [B, Lq, Dm]  -> Q = query Wqᵀ        [B, Lq, H·Dk]
+///   context  [B, Lk, Dc]  -> K = context Wkᵀ      [B, Lk, Hkv·Dk]
+///   values   [B, Lk, Dcv] -> V = values Wvᵀ       [B, Lk, Hkv·Dk]
+///   attention per head, then out = O Woᵀ           [B, Lq, Dm]
+struct cross_attention_config {
+  index_t model_dim = 0;          ///< Dm: query-side width (PyTorch embed_dim)
+  index_t context_dim = 0;        ///< Dc: width of the context keys come from (kdim); 0: Dm
+  index_t value_context_dim = 0;  ///< Dcv: width of the context values come from (vdim); 0: Dc
+  index_t num_heads = 1;          ///< H: query heads
+  index_t num_kv_heads = 0;       ///< Hkv: key/value heads, divides H (1: multi-query); 0: H
+  index_t head_dim = 0;           ///< Dk: per-head width of q, k and v; 0: Dm / H
+  bool bias = true;               ///< whether the four projections have a bias
+
+  /// The configuration with defaults filled in; throws value_error when it is inconsistent.
+  cross_attention_config resolved() const {
+    constexpr const char* fn = "cross_attention_config";
+    cross_attention_config c = *this;
+    if (c.model_dim <= 0)
+      detail::fail_value(detail::message(fn, ": model_dim is ", c.model_dim, ", expected >= 1"));
+    if (c.num_heads <= 0)
+      detail::fail_value(detail::message(fn, ": num_heads is ", c.num_heads, ", expected >= 1"));
+    if (c.context_dim == 0) c.context_dim = c.model_dim;
+    if (c.value_context_dim == 0) c.value_context_dim = c.context_dim;
+    if (c.num_kv_heads == 0) c.num_kv_heads = c.num_heads;
+    if (c.context_dim < 0 || c.value_context_dim < 0)
+      detail::fail_value(detail::message(fn, ": context_dim is ", c.context_dim,
+                                         " and value_context_dim is ", c.value_context_dim,
+                                         ", expected >= 1 (or 0 for the default)"));
+    if (c.num_kv_heads < 0 || c.num_heads % c.num_kv_heads != 0)
+      detail::fail_value(detail::message(fn, ": num_heads = ", c.num_heads,
+                                         " is not a multiple of num_kv_heads = ", c.num_kv_heads));
+    if (c.head_dim == 0) {
+      if (c.model_dim % c.num_heads != 0)
+        detail::fail_value(detail::message(fn, ": model_dim = ", c.model_dim,
+                                           " is not a multiple of num_heads = ", c.num_heads,
+                                           "; set head_dim explicitly"));
+      c.head_dim = c.model_dim / c.num_heads;
+    }
+    if (c.head_dim < 0)
+      detail::fail_value(detail::message(fn, ": head_dim is ", c.head_dim, ", expected >= 1"));
+    return c;
+  }
+};
+
+/// The four projections, named as in PyTorch and Hugging Face models. With the resolved config:
+///
+///   q_proj   weight [H·Dk, Dm]     k_proj weight [Hkv·Dk, Dc]    v_proj weight [Hkv·Dk, Dcv]
+///   out_proj weight [Dm, H·Dk]     each bias [out] when config.bias, empty otherwise
+template <class T>
+struct cross_attention_weights {
+  linear<T> q_proj, k_proj, v_proj, out_proj;
+};
+
+/// Zero weights (and biases when cfg.bias) of the right shapes for cfg.
+template <class T>
+cross_attention_weights<T> zero_weights(const cross_attention_config& config) {
+  const cross_attention_config c = config.resolved();
+  const index_t q = c.num_heads * c.head_dim, kv = c.num_kv_heads * c.head_dim;
+  return {linear<T>(q, c.model_dim, c.bias), linear<T>(kv, c.context_dim, c.bias),
+          linear<T>(kv, c.value_context_dim, c.bias), linear<T>(c.model_dim, q, c.bias)};
+}
+
+/// Weights drawn uniformly from [-1/sqrt(in), 1/sqrt(in)] (the scale of PyTorch's default
+/// initialisation), reproducible from the seed: for tests, examples and benchmarks.
+template <class T>
+cross_attention_weights<T> random_weights(const cross_attention_config& config,
+                                          std::uint32_t seed) {
+  cross_attention_weights<T> w = zero_weights<T>(config);
+  std::mt19937 rng(seed);
+  for (linear<T>* l : {&w.q_proj, &w.k_proj, &w.v_proj, &w.out_proj}) {
+    const double a = 1.0 / std::sqrt(double(l->in_features() > 0 ? l->in_features() : 1));
+    std::uniform_real_distribution<double> dist(-a, a);
+    for (index_t n = 0; n < l->weight.size(); ++n) l->weight.data()[n] = static_cast<T>(dist(rng));
+    for (index_t n = 0; n < l->bias.size(); ++n) l->bias.data()[n] = static_cast<T>(dist(rng));
+  }
+  return w;
+}
+
+/// Per-call settings of multi_head_cross_attention::forward.
+template <class T>
+struct cross_attention_options {
+  /// Masks in xattn's convention (see attention_mask in options.hpp): allowed is true where a
+  /// query MAY attend a key, bias is added to the scaled scores. [B|1, H|1, Lq|1, Lk|1].
+  /// A PyTorch boolean attn_mask is the opposite (true = may NOT attend): pass its negation.
+  /// A PyTorch float attn_mask is a bias. A 3-D PyTorch mask [B·H, Lq, Lk] is the
+  /// [B, H, Lq, Lk] view of the same data; a 2-D one [Lq, Lk] is to_rank<4> of its view.
+  attention_mask<T> mask;
+  /// PyTorch's key_padding_mask: [B, Lk], true where a key is padding and must be ignored.
+  /// Combined with `mask`. When every row is padding only at its end (the usual case) it turns
+  /// into kv_lengths, which the kernels handle fastest.
+  std::optional<tensor_view<const bool, 2>> key_padding_mask;
+  /// Receives each head's attention weights (PyTorch need_weights with
+  /// average_attn_weights=False). [B, H, Lq, Lk]
+  std::optional<tensor_view<T, 4>> weights_out;
+  /// Receives the weights averaged over the heads (need_weights, average_attn_weights=True).
+  /// [B, Lq, Lk]
+  std::optional<tensor_view<T, 3>> average_weights_out;
+  /// Multiplies Q Kᵀ. Unset: 1/sqrt(Dk).
+  std::optional<double> scale;
+  attention_kernel kernel = attention_kernel::tiled;  ///< the kernel to run
+  tile_options tiles;                                 ///< passed to tiled_attention
+};
+
+namespace detail {
+
+/// A buffer that only grows: asking for no more than it holds keeps its memory. Each growth is
+/// counted, so a caller can check that repeated calls allocate nothing.
+template <class E>
+class growing_buffer {
+ public:
+  E* ensure(index_t n, index_t& allocations) {
+    if (n > capacity_) {
+      data_.reset(new E[std::size_t(n)]);
+      capacity_ = n;
+      ++allocations;
+    }
+    return data_.get();
+  }
+  E* data() const noexcept { return data_.get(); }
+  index_t capacity() const noexcept { return capacity_; }
+
+ private:
+  std::unique_ptr<E[]> data_;
+  index_t capacity_ = 0;
+};
+
+}  // namespace detail
+
+template <class T>
+class multi_head_cross_attention;
+
+/// A context projected to keys and values once, for any number of forward calls against it (a
+/// decoder generating token by token attends to the same encoder output at every step).
+/// Made by multi_head_cross_attention::encode_context; reusing one keeps its memory.
+template <class T>
+class context_cache {
+ public:
+  context_cache() = default;
+
+  index_t batch() const noexcept { return batch_; }
+  index_t kv_len() const noexcept { return kv_len_; }
+  index_t num_kv_heads() const noexcept { return num_kv_heads_; }
+  index_t head_dim() const noexcept { return head_dim_; }
+  bool empty() const noexcept { return batch_ * kv_len_ == 0; }
+
+  /// Projected keys, heads read in place from the [B, Lk, Hkv·Dk] buffer: [B, Hkv, Lk, Dk]
+  tensor_view<const T, 4> keys() const { return heads_of(k_); }
+  /// Projected values: [B, Hkv, Lk, Dk]
+  tensor_view<const T, 4> values() const { return heads_of(v_); }
+
+  /// How many times a buffer of this cache had to grow.
+  index_t allocations() const noexcept { return allocations_; }
+
+ private:
+  friend class multi_head_cross_attention<T>;
+
+  tensor_view<T, 3> packed(const detail::growing_buffer<T>& buf) const {
+    return tensor_view<T, 3>(buf.data(), {batch_, kv_len_, num_kv_heads_ * head_dim_});
+  }
+  tensor_view<const T, 4> heads_of(const detail::growing_buffer<T>& buf) const {
+    return split_heads(tensor_view<const T, 3>(packed(buf)), num_kv_heads_ > 0 ? num_kv_heads_ : 1);
+  }
+
+  index_t batch_ = 0, kv_len_ = 0, num_kv_heads_ = 0, head_dim_ = 0;
+  detail::growing_buffer<T> k_, v_;
+  index_t allocations_ = 0;
+};
+
+/// Multi-head cross-attention with learned projections (torch.nn.MultiheadAttention's forward
+/// with batch_first=True, plus kdim != vdim, grouped-query heads and a context cache):
+///
+///   query   [B, Lq, Dm]     context [B, Lk, Dc]     values [B, Lk, Dcv]     out [B, Lq, Dm]
+///
+/// Q, K and V stay in [B, L, H·Dk] buffers and the kernel reads the heads through strided views.
+/// The module owns those buffers and grows them only, so repeated calls with the same shapes
+/// allocate nothing of their own (workspace_allocations() counts the growths). One module must
+/// not run forward from two threads at once; copies are independent.
+template <class T>
+class multi_head_cross_attention {
+  static_assert(std::is_floating_point_v<T>,
+                "multi_head_cross_attention needs a floating-point element type");
+
+ public:
+  /// A module with zero weights; set them with set_weights or load them (safetensors.hpp).
+  explicit multi_head_cross_attention(const cross_attention_config& config)
+      : config_(config.resolved()), weights_(zero_weights<T>(config_)) {}
+
+  /// A module with the given weights; throws shape_error when a weight does not fit config.
+  multi_head_cross_attention(const cross_attention_config& config,
+                             cross_attention_weights<T> weights)
+      : config_(config.resolved()) {
+    set_weights(std::move(weights));
+  }
+
+  /// The resolved configuration (no zero defaults left).
+  const cross_attention_config& config() const noexcept { return config_; }
+  const cross_attention_weights<T>& weights() const noexcept { return weights_; }
+
+  /// Replaces the weights after checking every shape against config().
+  void set_weights(cross_attention_weights<T> w) {
+    const auto& c = config_;
+    const index_t q = c.num_heads * c.head_dim, kv = c.num_kv_heads * c.head_dim;
+    check_linear("q_proj", w.q_proj, q, c.model_dim);
+    check_linear("k_proj", w.k_proj, kv, c.context_dim);
+    check_linear("v_proj", w.v_proj, kv, c.value_context_dim);
+    check_linear("out_proj", w.out_proj, c.model_dim, q);
+    weights_ = std::move(w);
+  }
+
+  /// Projects a context to keys and values into `cache` (its memory is reused):
+  ///
+  ///   context [B, Lk, Dc]    values [B, Lk, Dcv]
+  void encode_context(tensor_view<const T, 3> context, tensor_view<const T, 3> values,
+                      context_cache<T>& cache) const {
+    encode_into("multi_head_cross_attention::encode_context", context, values, cache,
+                cache.allocations_);
+  }
+  /// As above, returning a new cache.
+  context_cache<T> encode_context(tensor_view<const T, 3> context,
+                                  tensor_view<const T, 3> values) const {
+    context_cache<T> cache;
+    encode_context(context, values, cache);
+    return cache;
+  }
+  /// Keys and values from the same context [B, Lk, Dc] (needs Dcv = Dc).
+  context_cache<T> encode_context(tensor_view<const T, 3> context) const {
+    return encode_context(context, context);
+  }
+
+  /// out = cross-attention of query over a context:
+  ///
+  ///   query [B, Lq, Dm]   context [B, Lk, Dc]   values [B, Lk, Dcv]   out [B, Lq, Dm] (written)
+  void forward(tensor_view<const T, 3> query, tensor_view<const T, 3> context,
+               tensor_view<const T, 3> values, tensor_view<T, 3> out,
+               const cross_attention_options<T>& opts = {}) {
+    encode_into("multi_head_cross_attention::forward", context, values, own_cache_, allocations_);
+    run("multi_head_cross_attention::forward", query, own_cache_, out, opts);
+  }
+  /// Keys and values from the same context [B, Lk, Dc] (needs Dcv = Dc).
+  void forward(tensor_view<const T, 3> query, tensor_view<const T, 3> context,
+               tensor_view<T, 3> out, const cross_attention_options<T>& opts = {}) {
+    forward(query, context, context, out, opts);
+  }
+  /// Against a context projected earlier by encode_context: no key/value projection at all.
+  ///
+  ///   query [B, Lq, Dm]   cache of B contexts   out [B, Lq, Dm] (written)
+  void forward(tensor_view<const T, 3> query, const context_cache<T>& cache, tensor_view<T, 3> out,
+               const cross_attention_options<T>& opts = {}) {
+    run("multi_head_cross_attention::forward", query, cache, out, opts);
+  }
+
+  /// How many times one of the module's own buffers had to grow. Unchanged by a call whose
+  /// shapes (and requested outputs) are no larger than an earlier one's.
+  index_t workspace_allocations() const noexcept { return allocations_; }
+
+ private:
+  void check_linear(const char* name, const linear<T>& l, index_t out, index_t in) const {
+    constexpr const char* fn = "multi_head_cross_attention";
+    if (l.out_features() != out || l.in_features() != in)
+      detail::fail_shape(detail::message(fn, ": ", name, ".weight is [", l.out_features(), ", ",
+                                         l.in_features(), "], expected [", out, ", ", in, "]"));
+    if (config_.bias && l.bias.size() != out)
+      detail::fail_shape(detail::message(fn, ": ", name, ".bias.extent(0) is ", l.bias.size(),
+                                         ", expected ", out, " (config.bias is true)"));
+    if (!config_.bias && l.has_bias())
+      detail::fail_shape(detail::message(fn, ": ", name, " has a bias but config.bias is false"));
+  }
+
+  void encode_into(const char* fn, const tensor_view<const T, 3>& context,
+                   const tensor_view<const T, 3>& values, context_cache<T>& cache,
+                   index_t& allocations) const {
+    const auto& c = config_;
+    detail::require_extent(fn, "context", 2, context.extent(2), c.context_dim);
+    detail::require_extent(fn, "values", 0, values.extent(0), context.extent(0));
+    detail::require_extent(fn, "values", 1, values.extent(1), context.extent(1));
+    detail::require_extent(fn, "values", 2, values.extent(2), c.value_context_dim);
+    cache.batch_ = context.extent(0);
+    cache.kv_len_ = context.extent(1);
+    cache.num_kv_heads_ = c.num_kv_heads;
+    cache.head_dim_ = c.head_dim;
+    const index_t n = detail::checked_mul(fn, detail::checked_mul(fn, cache.batch_, cache.kv_len_),
+                                          c.num_kv_heads * c.head_dim);
+    cache.k_.ensure(n, allocations);
+    cache.v_.ensure(n, allocations);
+    row_matrix<T> unused;  // the outputs are packed, so linear::forward never needs scratch
+    weights_.k_proj.forward(context, cache.packed(cache.k_), unused);
+    weights_.v_proj.forward(values, cache.packed(cache.v_), unused);
+  }
+
+  void run(const char* fn, const tensor_view<const T, 3>& query, const context_cache<T>& cache,
+           const tensor_view<T, 3>& out, const cross_attention_options<T>& opts) {
+    const auto& c = config_;
+    const index_t B = query.extent(0), Lq = query.extent(1), Lk = cache.kv_len();
+    const index_t H = c.num_heads, width = c.num_heads * c.head_dim;
+    detail::require_extent(fn, "query", 2, query.extent(2), c.model_dim);
+    if (cache.batch() != B)
+      detail::fail_shape(detail::message(fn, ": the context has batch ", cache.batch(),
+                                         ", expected query.extent(0) = ", B));
+    if (cache.num_kv_heads() != c.num_kv_heads || cache.head_dim() != c.head_dim)
+      detail::fail_shape(detail::message(fn, ": the cache holds ", cache.num_kv_heads(),
+                                         " heads of width ", cache.head_dim(), ", expected ",
+                                         c.num_kv_heads, " of width ", c.head_dim));
+    detail::require_extent(fn, "out", 0, out.extent(0), B);
+    detail::require_extent(fn, "out", 1, out.extent(1), Lq);
+    detail::require_extent(fn, "out", 2, out.extent(2), c.model_dim);
+    if (opts.average_weights_out) {
+      const index_t want[3] = {B, Lq, Lk};
+      for (int r = 0; r < 3; ++r)
+        detail::require_extent(fn, "average_weights_out", r,
+                               opts.average_weights_out->extent(std::size_t(r)), want[r]);
+    }
+    const index_t rows = detail::checked_mul(fn, B, Lq);
+    const index_t n = detail::checked_mul(fn, rows, width);
+
+    // Q = query Wqᵀ + bq into [B, Lq, H·Dk]; the kernel reads it as [B, H, Lq, Dk] in place.
+    const tensor_view<T, 3> q(q_.ensure(n, allocations_), {B, Lq, width});
+    const tensor_view<T, 3> o(o_.ensure(n, allocations_), {B, Lq, width});
+    weights_.q_proj.forward(query, q, scratch_);
+
+    attention_options<T> ao;
+    ao.scale = opts.scale;
+    ao.mask = opts.mask;
+    if (opts.key_padding_mask)
+      add_key_padding(fn, *opts.key_padding_mask, attention_shape{B, H, Lq, Lk, 0, 0, 0}, ao.mask);
+    if (opts.weights_out) {
+      ao.weights_out = opts.weights_out;
+    } else if (opts.average_weights_out) {
+      const index_t nw = detail::checked_mul(fn, detail::checked_mul(fn, rows, H), Lk);
+      ao.weights_out = tensor_view<T, 4>(w_.ensure(nw, allocations_), {B, H, Lq, Lk});
+    }
+
+    const auto qh = split_heads(tensor_view<const T, 3>(q), H);
+    const auto oh = split_heads(o, H);
+    if (opts.kernel == attention_kernel::naive)
+      naive_attention<T>(qh, cache.keys(), cache.values(), oh, ao);
+    else
+      tiled_attention<T>(qh, cache.keys(), cache.values(), oh, ao, opts.tiles);
+
+    // need_weights with averaging: the mean over heads, as PyTorch's average_attn_weights.
+    if (opts.average_weights_out) {
+      const auto& w = *ao.weights_out;
+      const auto& avg = *opts.average_weights_out;
+      const T inv = T(1) / T(H);
+      for (index_t b = 0; b < B; ++b)
+        for (index_t i = 0; i < Lq; ++i)
+          for (index_t j = 0; j < Lk; ++j) {
+            T sum = 0;
+            for (index_t h = 0; h < H; ++h) sum += w(b, h, i, j);
+            avg(b, i, j) = sum * inv;
+          }
+    }
+
+    // out = O Woᵀ + bo, the heads concatenated along the feature axis.
+    weights_.out_proj.forward(tensor_view<const T, 3>(o), out, scratch_);
+  }
+
+  // Folds PyTorch's key_padding_mask (true = ignore) into mask: as kv_lengths when each row is
+  // padding only from some position to the end, else as an allowed mask [B, H|1, Lq|1, Lk]
+  // combined with the caller's own.
+  void add_key_padding(const char* fn, const tensor_view<const bool, 2>& pad,
+                       const attention_shape& s, attention_mask<T>& mask) {
+    const index_t B = s.batch, Lk = s.kv_len;
+    if (mask.kv_lengths)
+      detail::require_extent(fn, "mask.kv_lengths", 0, mask.kv_lengths->extent(0), B);
+    if (mask.allowed) detail::require_broadcastable(fn, "mask.allowed", *mask.allowed, s);
+    detail::require_extent(fn, "key_padding_mask", 0, pad.extent(0), B);
+    detail::require_extent(fn, "key_padding_mask", 1, pad.extent(1), Lk);
+    index_t* len = lengths_.ensure(B, allocations_);
+    bool suffix = true;
+    for (index_t b = 0; b < B; ++b) {
+      index_t first = Lk;
+      for (index_t j = 0; j < Lk; ++j)
+        if (pad(b, j)) {
+          first = j;
+          break;
+        }
+      for (index_t j = first; j < Lk; ++j) suffix = suffix && pad(b, j);
+      len[b] = first;
+      if (mask.kv_lengths) {
+        const index_t theirs = (*mask.kv_lengths)(b);
+        if (theirs < 0 || theirs > Lk)
+          detail::fail_value(detail::message(fn, ": mask.kv_lengths(", b, ") is ", theirs,
+                                             ", expected a value in [0, ", Lk, "]"));
+        if (theirs < len[b]) len[b] = theirs;
+      }
+    }
+    if (suffix) {
+      mask.kv_lengths = tensor_view<const index_t, 1>(len, {B});
+      return;
+    }
+    const index_t H = mask.allowed ? mask.allowed->extent(1) : 1;
+    const index_t Lq = mask.allowed ? mask.allowed->extent(2) : 1;
+    const index_t n = detail::checked_mul(fn, detail::checked_mul(fn, B * H, Lq), Lk);
+    const tensor_view<bool, 4> allowed(allowed_.ensure(n, allocations_), {B, H, Lq, Lk});
+    for (index_t b = 0; b < B; ++b)
+      for (index_t h = 0; h < H; ++h)
+        for (index_t i = 0; i < Lq; ++i)
+          for (index_t j = 0; j < Lk; ++j) {
+            bool ok = !pad(b, j);
+            if (mask.allowed) {
+              const auto& a = *mask.allowed;
+              ok = ok && a(a.extent(0) == 1 ? 0 : b, h, i, a.extent(3) == 1 ? 0 : j);
+            }
+            allowed(b, h, i, j) = ok;
+          }
+    mask.allowed = tensor_view<const bool, 4>(allowed);
+  }
+
+  cross_attention_config config_;
+  cross_attention_weights<T> weights_;
+  context_cache<T> own_cache_;  // the projected context of forward(query, context, ...)
+  detail::growing_buffer<T> q_, o_, w_;
+  detail::growing_buffer<index_t> lengths_;
+  detail::growing_buffer<bool> allowed_;
+  row_matrix<T> scratch_;  // for strided outputs of a projection only
+  index_t allocations_ = 0;
+};
+
+}  // namespace xattn

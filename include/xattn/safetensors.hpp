@@ -1,0 +1,566 @@
+// SPDX-License-Identifier: MIT
+// Reading and writing safetensors files (the format PyTorch and Hugging Face export weights in),
+// and loading multi_head_cross_attention weights from them. Optional: this header needs
+// nlohmann_json besides Eigen, and the umbrella xattn.hpp does not include it.
+//
+// The format: an 8-byte little-endian header length N, N bytes of JSON mapping each tensor name
+// to {"dtype", "shape", "data_offsets": [begin, end]} (byte offsets into the data that follows
+// the header), an optional "__metadata__" object of strings, then the data. Every part of a file
+// is checked before anything is read from it; a bad file is a format_error naming the file and
+// the tensor, never an out-of-bounds read.
+#pragma once
+
+#include "xattn/config.hpp"
+#include "xattn/cross_attention.hpp"
+#include "xattn/errors.hpp"
+#include "xattn/projection.hpp"
+#include "xattn/tensor_view.hpp"
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <fstream>
+#include <iterator>
+#include <limits>
+#include <map>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace xattn {
+
+/// The element types xattn reads and writes; each converts to and from float and double.
+enum class safetensors_dtype { f32, f64, f16, bf16 };
+
+namespace detail {
+
+inline const char* dtype_name(safetensors_dtype d) noexcept {
+  switch (d) {
+    case safetensors_dtype::f32:
+      return "F32";
+    case safetensors_dtype::f64:
+      return "F64";
+    case safetensors_dtype::f16:
+      return "F16";
+    case safetensors_dtype::bf16:
+      return "BF16";
+  }
+  return "?";
+}
+
+inline std::size_t dtype_size(safetensors_dtype d) noexcept {
+  switch (d) {
+    case safetensors_dtype::f64:
+      return 8;
+    case safetensors_dtype::f32:
+      return 4;
+    default:
+      return 2;
+  }
+}
+
+inline bool parse_dtype(const std::string& s, safetensors_dtype& d) noexcept {
+  for (auto c : {safetensors_dtype::f32, safetensors_dtype::f64, safetensors_dtype::f16,
+                 safetensors_dtype::bf16})
+    if (s == dtype_name(c)) {
+      d = c;
+      return true;
+    }
+  return false;
+}
+
+// IEEE binary16 bits to float: sign, 5 exponent bits (bias 15), 10 mantissa bits. Every half,
+// subnormals, infinities and NaN included, is exactly a float.
+inline float half_to_float(std::uint16_t h) noexcept {
+  const std::uint32_t sign = std::uint32_t(h & 0x8000u) << 16;
+  const std::uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  float magnitude;
+  if (exp == 0)
+    magnitude = std::ldexp(float(man), -24);  // zero or subnormal: man · 2^-24
+  else if (exp == 31)
+    magnitude =
+        man ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
+  else
+    magnitude = std::ldexp(float(man | 0x400u), int(exp) - 25);
+  std::uint32_t bits;
+  std::memcpy(&bits, &magnitude, 4);
+  bits |= sign;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// float to binary16, rounding to nearest even; overflow gives infinity.
+inline std::uint16_t float_to_half(float f) noexcept {
+  std::uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  const std::uint16_t sign = std::uint16_t((bits >> 16) & 0x8000u);
+  const float a = std::fabs(f);
+  if (std::isnan(f)) return std::uint16_t(sign | 0x7e00u);
+  if (a >= 65520.0f) return std::uint16_t(sign | 0x7c00u);         // rounds past the largest half
+  if (a < std::ldexp(1.0f, -14)) {                                 // subnormal half: steps of 2^-24
+    const float steps = std::nearbyint(a * std::ldexp(1.0f, 24));  // ties to even
+    return std::uint16_t(sign | std::uint16_t(steps));
+  }
+  int e;
+  const float m = std::frexp(a, &e);  // a = m · 2^e, m in [0.5, 1)
+  // 11 significant bits: mantissa steps of 2^(e - 11); rounding may carry into the exponent.
+  const float steps = std::nearbyint(std::ldexp(m, 11));  // in [1024, 2048]
+  std::uint32_t q = std::uint32_t(steps), exp = std::uint32_t(e - 1 + 15);
+  if (q == 2048) {
+    q = 1024;
+    ++exp;
+  }
+  return std::uint16_t(sign | (exp << 10) | (q & 0x3ffu));
+}
+
+inline float bf16_to_float(std::uint16_t h) noexcept {
+  const std::uint32_t bits = std::uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// float to bfloat16 (the top half of a float), rounding to nearest even.
+inline std::uint16_t float_to_bf16(float f) noexcept {
+  std::uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if (std::isnan(f)) return std::uint16_t((bits >> 16) | 0x40u);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return std::uint16_t(bits >> 16);
+}
+
+// Little-endian loads and stores, whatever the host's byte order.
+inline std::uint64_t load_le(const unsigned char* p, std::size_t n) noexcept {
+  std::uint64_t v = 0;
+  for (std::size_t i = n; i-- > 0;) v = (v << 8) | p[i];
+  return v;
+}
+inline void store_le(unsigned char* p, std::uint64_t v, std::size_t n) noexcept {
+  for (std::size_t i = 0; i < n; ++i, v >>= 8) p[i] = static_cast<unsigned char>(v & 0xffu);
+}
+
+inline double decode_element(const unsigned char* p, safetensors_dtype d) noexcept {
+  switch (d) {
+    case safetensors_dtype::f64: {
+      const std::uint64_t b = load_le(p, 8);
+      double x;
+      std::memcpy(&x, &b, 8);
+      return x;
+    }
+    case safetensors_dtype::f32: {
+      const auto b = static_cast<std::uint32_t>(load_le(p, 4));
+      float x;
+      std::memcpy(&x, &b, 4);
+      return x;
+    }
+    case safetensors_dtype::f16:
+      return half_to_float(static_cast<std::uint16_t>(load_le(p, 2)));
+    case safetensors_dtype::bf16:
+      return bf16_to_float(static_cast<std::uint16_t>(load_le(p, 2)));
+  }
+  return 0.0;
+}
+
+inline void encode_element(unsigned char* p, double x, safetensors_dtype d) noexcept {
+  switch (d) {
+    case safetensors_dtype::f64: {
+      std::uint64_t b;
+      std::memcpy(&b, &x, 8);
+      store_le(p, b, 8);
+      return;
+    }
+    case safetensors_dtype::f32: {
+      const float f = static_cast<float>(x);
+      std::uint32_t b;
+      std::memcpy(&b, &f, 4);
+      store_le(p, b, 4);
+      return;
+    }
+    case safetensors_dtype::f16:
+      store_le(p, float_to_half(static_cast<float>(x)), 2);
+      return;
+    case safetensors_dtype::bf16:
+      store_le(p, float_to_bf16(static_cast<float>(x)), 2);
+      return;
+  }
+}
+
+inline std::string shape_string(const std::vector<index_t>& shape) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+}  // namespace detail
+
+/// What the header says about one tensor. Offsets are bytes from the start of the data section.
+struct safetensors_tensor_info {
+  std::string name;
+  safetensors_dtype dtype = safetensors_dtype::f32;
+  std::vector<index_t> shape;
+  std::uint64_t begin = 0, end = 0;
+
+  index_t size() const noexcept {
+    index_t n = 1;
+    for (index_t e : shape) n *= e;
+    return n;
+  }
+};
+
+/// A tensor read from a file, converted to T: packed row-major values and the shape.
+template <class T>
+struct safetensors_tensor {
+  std::vector<index_t> shape;
+  std::vector<T> values;
+};
+
+/// A safetensors file held in memory, its header checked in full on construction.
+class safetensors_file {
+ public:
+  /// Reads and checks the file at path: io_error if it cannot be read, format_error if it is
+  /// malformed.
+  static safetensors_file load(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) XATTN_THROW(io_error("safetensors: " + path + ": cannot open the file"));
+    std::vector<unsigned char> bytes((std::istreambuf_iterator<char>(in)),
+                                     std::istreambuf_iterator<char>());
+    if (in.bad()) XATTN_THROW(io_error("safetensors: " + path + ": reading the file failed"));
+    return safetensors_file(std::move(bytes), path);
+  }
+
+  /// Checks the bytes of a whole file; `name` stands for the file in error messages.
+  safetensors_file(std::vector<unsigned char> bytes, std::string name)
+      : bytes_(std::move(bytes)), name_(std::move(name)) {
+    parse();
+  }
+
+  /// The file's path (or the name given with its bytes).
+  const std::string& name() const noexcept { return name_; }
+  /// The "__metadata__" entries.
+  const std::map<std::string, std::string>& metadata() const noexcept { return metadata_; }
+  bool contains(const std::string& tensor) const { return tensors_.count(tensor) != 0; }
+  /// The tensor names, sorted.
+  std::vector<std::string> names() const {
+    std::vector<std::string> out;
+    for (const auto& kv : tensors_) out.push_back(kv.first);
+    return out;
+  }
+  /// A tensor's header entry; a missing tensor is a format_error.
+  const safetensors_tensor_info& info(const std::string& tensor) const {
+    const auto it = tensors_.find(tensor);
+    if (it == tensors_.end()) fail(name_, "tensor '" + tensor + "' is missing");
+    return it->second;
+  }
+
+  /// A tensor's values converted to T (float or double).
+  template <class T>
+  safetensors_tensor<T> read(const std::string& tensor) const {
+    static_assert(std::is_floating_point_v<T>, "safetensors_file::read needs a floating-point T");
+    const safetensors_tensor_info& t = info(tensor);
+    safetensors_tensor<T> out;
+    out.shape = t.shape;
+    out.values.resize(std::size_t(t.size()));
+    const std::size_t width = detail::dtype_size(t.dtype);
+    const unsigned char* p = bytes_.data() + data_start_ + t.begin;
+    for (std::size_t n = 0; n < out.values.size(); ++n)
+      out.values[n] = static_cast<T>(detail::decode_element(p + n * width, t.dtype));
+    return out;
+  }
+
+  /// A tensor that must have the given shape (a format_error naming it otherwise).
+  template <class T>
+  std::vector<T> read(const std::string& tensor, const std::vector<index_t>& shape) const {
+    const safetensors_tensor_info& t = info(tensor);
+    if (t.shape != shape)
+      fail(name_, "tensor '" + tensor + "' has shape " + detail::shape_string(t.shape) +
+                      ", expected " + detail::shape_string(shape));
+    return read<T>(tensor).values;
+  }
+
+  [[noreturn]] static void fail(const std::string& file, const std::string& what) {
+    XATTN_THROW(format_error("safetensors: " + file + ": " + what));
+  }
+
+ private:
+  [[noreturn]] void fail_tensor(const std::string& tensor, const std::string& what) const {
+    fail(name_, "tensor '" + tensor + "': " + what);
+  }
+
+  void parse() {
+    const std::uint64_t size = bytes_.size();
+    if (size < 8)
+      fail(name_, "truncated: the file has " + std::to_string(size) +
+                      " bytes, fewer than the 8-byte header length");
+    const std::uint64_t n = detail::load_le(bytes_.data(), 8);
+    if (n > size - 8)
+      fail(name_, "the header length " + std::to_string(n) + " runs past the end of the file (" +
+                      std::to_string(size - 8) + " bytes follow it)");
+    data_start_ = std::size_t(8 + n);
+    const std::uint64_t data_size = size - 8 - n;
+
+    const auto* begin = reinterpret_cast<const char*>(bytes_.data() + 8);
+    const nlohmann::json header = nlohmann::json::parse(begin, begin + n, nullptr, false);
+    if (header.is_discarded()) fail(name_, "the header is not valid JSON");
+    if (!header.is_object()) fail(name_, "the header is not a JSON object");
+
+    for (const auto& item : header.items()) {
+      const std::string& key = item.key();
+      const nlohmann::json& v = item.value();
+      if (key == "__metadata__") {
+        if (!v.is_object()) fail(name_, "__metadata__ is not an object");
+        for (const auto& m : v.items()) {
+          if (!m.value().is_string())
+            fail(name_, "__metadata__ entry '" + m.key() + "' is not a string");
+          metadata_[m.key()] = m.value().get<std::string>();
+        }
+        continue;
+      }
+      tensors_[key] = parse_entry(key, v, data_size);
+    }
+
+    // No two tensors may share bytes (empty tensors own none).
+    std::vector<const safetensors_tensor_info*> order;
+    for (const auto& kv : tensors_)
+      if (kv.second.end > kv.second.begin) order.push_back(&kv.second);
+    std::sort(order.begin(), order.end(),
+              [](const auto* a, const auto* b) { return a->begin < b->begin; });
+    for (std::size_t i = 1; i < order.size(); ++i)
+      if (order[i]->begin < order[i - 1]->end)
+        fail_tensor(order[i]->name, "its bytes [" + std::to_string(order[i]->begin) + ", " +
+                                        std::to_string(order[i]->end) + ") overlap tensor '" +
+                                        order[i - 1]->name + "'");
+  }
+
+  safetensors_tensor_info parse_entry(const std::string& key, const nlohmann::json& v,
+                                      std::uint64_t data_size) const {
+    safetensors_tensor_info t;
+    t.name = key;
+    if (!v.is_object()) fail_tensor(key, "the entry is not an object");
+    const auto dtype = v.find("dtype");
+    const auto shape = v.find("shape");
+    const auto offsets = v.find("data_offsets");
+    if (dtype == v.end() || shape == v.end() || offsets == v.end())
+      fail_tensor(key, "the entry needs dtype, shape and data_offsets");
+    if (!dtype->is_string()) fail_tensor(key, "dtype is not a string");
+    if (!detail::parse_dtype(dtype->get<std::string>(), t.dtype))
+      fail_tensor(key, "unsupported dtype '" + dtype->get<std::string>() +
+                           "' (expected F32, F64, F16 or BF16)");
+    if (!shape->is_array()) fail_tensor(key, "shape is not an array");
+    constexpr auto max_index = std::uint64_t(std::numeric_limits<index_t>::max());
+    std::uint64_t count = 1;
+    for (const auto& e : *shape) {
+      if (!e.is_number_unsigned() || e.get<std::uint64_t>() > max_index)
+        fail_tensor(key, "shape holds " + e.dump() + ", expected a non-negative integer");
+      const std::uint64_t x = e.get<std::uint64_t>();
+      if (x != 0 && count > max_index / x) fail_tensor(key, "the element count overflows");
+      count *= x;
+      t.shape.push_back(index_t(x));
+    }
+    if (!offsets->is_array() || offsets->size() != 2 || !(*offsets)[0].is_number_unsigned() ||
+        !(*offsets)[1].is_number_unsigned())
+      fail_tensor(key, "data_offsets is not a pair of non-negative integers");
+    t.begin = (*offsets)[0].get<std::uint64_t>();
+    t.end = (*offsets)[1].get<std::uint64_t>();
+    if (t.begin > t.end)
+      fail_tensor(key, "data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) +
+                           "] end before they begin");
+    if (t.end > data_size)
+      fail_tensor(key, "data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) +
+                           "] run past the " + std::to_string(data_size) + "-byte data section");
+    const std::uint64_t width = detail::dtype_size(t.dtype);
+    if (count > max_index / width) fail_tensor(key, "the byte size overflows");
+    if (count * width != t.end - t.begin)
+      fail_tensor(key, "shape " + detail::shape_string(t.shape) + " of " +
+                           detail::dtype_name(t.dtype) + " needs " + std::to_string(count * width) +
+                           " bytes, data_offsets give " + std::to_string(t.end - t.begin));
+    return t;
+  }
+
+  std::vector<unsigned char> bytes_;
+  std::string name_;
+  std::size_t data_start_ = 0;
+  std::map<std::string, safetensors_tensor_info> tensors_;
+  std::map<std::string, std::string> metadata_;
+};
+
+/// Collects tensors and writes them as one safetensors file (tensors in the order added).
+class safetensors_writer {
+ public:
+  /// Adds a packed row-major tensor, converting each value to dtype (F16 and BF16 round to
+  /// nearest even).
+  template <class T>
+  void add(const std::string& name, const std::vector<index_t>& shape, const T* values,
+           safetensors_dtype dtype) {
+    static_assert(std::is_arithmetic_v<T>, "safetensors_writer::add needs numeric values");
+    if (name == "__metadata__" || index_.count(name))
+      detail::fail_value("safetensors_writer::add: tensor '" + name +
+                         "' was added already (or is named __metadata__)");
+    entry e;
+    e.name = name;
+    e.dtype = dtype;
+    e.shape = shape;
+    index_t n = 1;
+    for (index_t x : shape) n *= x;
+    const std::size_t width = detail::dtype_size(dtype);
+    e.bytes.resize(std::size_t(n) * width);
+    for (index_t i = 0; i < n; ++i)
+      detail::encode_element(e.bytes.data() + std::size_t(i) * width, double(values[i]), dtype);
+    index_[name] = entries_.size();
+    entries_.push_back(std::move(e));
+  }
+  /// Adds an Eigen matrix (any storage order) as a [rows, cols] tensor.
+  template <class Derived>
+  void add(const std::string& name, const Eigen::DenseBase<Derived>& m, safetensors_dtype dtype) {
+    using T = typename Derived::Scalar;
+    const row_matrix<T> r = m;
+    std::vector<index_t> shape{index_t(r.rows()), index_t(r.cols())};
+    if (r.cols() == 1 && Derived::ColsAtCompileTime == 1) shape = {index_t(r.rows())};
+    if (r.rows() == 1 && Derived::RowsAtCompileTime == 1) shape = {index_t(r.cols())};
+    add(name, shape, r.data(), dtype);
+  }
+  void set_metadata(const std::string& key, const std::string& value) { metadata_[key] = value; }
+
+  /// The file's bytes.
+  std::vector<unsigned char> bytes() const {
+    nlohmann::ordered_json header = nlohmann::ordered_json::object();
+    if (!metadata_.empty()) header["__metadata__"] = metadata_;
+    std::uint64_t offset = 0;
+    for (const entry& e : entries_) {
+      header[e.name] = {{"dtype", detail::dtype_name(e.dtype)},
+                        {"shape", e.shape},
+                        {"data_offsets", {offset, offset + e.bytes.size()}}};
+      offset += e.bytes.size();
+    }
+    std::string json = header.dump();
+    json.append((8 - json.size() % 8) % 8, ' ');  // data starts 8-byte aligned, as writers do
+    std::vector<unsigned char> out(8 + json.size() + offset);
+    detail::store_le(out.data(), json.size(), 8);
+    auto at = std::copy(json.begin(), json.end(), out.begin() + 8);
+    for (const entry& e : entries_) at = std::copy(e.bytes.begin(), e.bytes.end(), at);
+    return out;
+  }
+  /// Writes the file; throws io_error if it cannot be written.
+  void save(const std::string& path) const {
+    const auto b = bytes();
+    std::ofstream out(path, std::ios::binary);
+    out.write(reinterpret_cast<const char*>(b.data()), std::streamsize(b.size()));
+    if (!out) XATTN_THROW(io_error("safetensors: " + path + ": writing the file failed"));
+  }
+
+ private:
+  struct entry {
+    std::string name;
+    safetensors_dtype dtype;
+    std::vector<index_t> shape;
+    std::vector<unsigned char> bytes;
+  };
+  std::vector<entry> entries_;
+  std::map<std::string, std::size_t> index_;
+  std::map<std::string, std::string> metadata_;
+};
+
+namespace detail {
+
+inline std::string join_prefix(const std::string& prefix, const char* name) {
+  if (prefix.empty() || prefix.back() == '.') return prefix + name;
+  return prefix + "." + name;
+}
+
+template <class T>
+void fill_linear(linear<T>& l, const std::vector<T>& w, const std::vector<T>* b) {
+  for (index_t n = 0; n < l.weight.size(); ++n) l.weight.data()[n] = w[std::size_t(n)];
+  if (b)
+    for (index_t n = 0; n < l.bias.size(); ++n) l.bias.data()[n] = (*b)[std::size_t(n)];
+}
+
+}  // namespace detail
+
+/// Reads a cross-attention layer's weights, converted to T, under `prefix` (a "." is added
+/// when the prefix does not end with one). Three namings are understood:
+///
+///   torch.nn.MultiheadAttention, kdim = vdim = embed_dim:  in_proj_weight [3E, E] (q, k, v
+///       stacked), in_proj_bias [3E], out_proj.weight, out_proj.bias
+///   torch.nn.MultiheadAttention, kdim or vdim != embed_dim: q_proj_weight, k_proj_weight,
+///       v_proj_weight, in_proj_bias [3E], out_proj.weight, out_proj.bias
+///   Hugging Face style: q_proj.weight, q_proj.bias, ..., out_proj.weight, out_proj.bias
+///
+/// Every tensor must have the shape cross_attention_weights documents for config; a missing
+/// tensor or a wrong shape is a format_error naming the file and the tensor.
+template <class T>
+cross_attention_weights<T> load_cross_attention_weights(const safetensors_file& file,
+                                                        const cross_attention_config& config,
+                                                        const std::string& prefix = "") {
+  const cross_attention_config c = config.resolved();
+  const index_t q = c.num_heads * c.head_dim, kv = c.num_kv_heads * c.head_dim;
+  cross_attention_weights<T> w = zero_weights<T>(c);
+  auto name = [&](const char* n) { return detail::join_prefix(prefix, n); };
+  auto read = [&](const char* n, std::vector<index_t> shape) {
+    return file.read<T>(name(n), shape);
+  };
+  const bool packed = file.contains(name("in_proj_weight"));
+  const bool separate_torch = file.contains(name("q_proj_weight"));
+  if (c.bias && !packed && !separate_torch && file.contains(name("in_proj_bias")))
+    safetensors_file::fail(file.name(), "tensor '" + name("in_proj_bias") +
+                                            "' is present but no in_proj_weight or q_proj_weight");
+  if (packed || separate_torch) {
+    // PyTorch's stacked layout: rows [0, q) are Q, [q, q + kv) K, [q + kv, q + 2 kv) V.
+    std::vector<T> in_bias;
+    if (c.bias) in_bias = read("in_proj_bias", {q + 2 * kv});
+    const auto slice = [&](index_t from, index_t count) {
+      return std::vector<T>(in_bias.begin() + from, in_bias.begin() + from + count);
+    };
+    const std::vector<T> bq = c.bias ? slice(0, q) : std::vector<T>{};
+    const std::vector<T> bk = c.bias ? slice(q, kv) : std::vector<T>{};
+    const std::vector<T> bv = c.bias ? slice(q + kv, kv) : std::vector<T>{};
+    if (packed) {
+      if (c.context_dim != c.model_dim || c.value_context_dim != c.model_dim)
+        safetensors_file::fail(file.name(), "tensor '" + name("in_proj_weight") +
+                                                "' is packed, which needs context_dim = "
+                                                "value_context_dim = model_dim");
+      const std::vector<T> all = read("in_proj_weight", {q + 2 * kv, c.model_dim});
+      const auto rows = [&](index_t from, index_t count) {
+        return std::vector<T>(all.begin() + from * c.model_dim,
+                              all.begin() + (from + count) * c.model_dim);
+      };
+      detail::fill_linear(w.q_proj, rows(0, q), c.bias ? &bq : nullptr);
+      detail::fill_linear(w.k_proj, rows(q, kv), c.bias ? &bk : nullptr);
+      detail::fill_linear(w.v_proj, rows(q + kv, kv), c.bias ? &bv : nullptr);
+    } else {
+      detail::fill_linear(w.q_proj, read("q_proj_weight", {q, c.model_dim}),
+                          c.bias ? &bq : nullptr);
+      detail::fill_linear(w.k_proj, read("k_proj_weight", {kv, c.context_dim}),
+                          c.bias ? &bk : nullptr);
+      detail::fill_linear(w.v_proj, read("v_proj_weight", {kv, c.value_context_dim}),
+                          c.bias ? &bv : nullptr);
+    }
+  } else {
+    const auto load = [&](linear<T>& l, const char* weight, const char* bias) {
+      const std::vector<T> wt = read(weight, {l.out_features(), l.in_features()});
+      const std::vector<T> b = c.bias ? read(bias, {l.out_features()}) : std::vector<T>{};
+      detail::fill_linear(l, wt, c.bias ? &b : nullptr);
+    };
+    load(w.q_proj, "q_proj.weight", "q_proj.bias");
+    load(w.k_proj, "k_proj.weight", "k_proj.bias");
+    load(w.v_proj, "v_proj.weight", "v_proj.bias");
+  }
+  const std::vector<T> bo = c.bias ? read("out_proj.bias", {c.model_dim}) : std::vector<T>{};
+  detail::fill_linear(w.out_proj, read("out_proj.weight", {c.model_dim, q}),
+                      c.bias ? &bo : nullptr);
+  return w;
+}
+
+/// A module with weights read by load_cross_attention_weights.
+template <class T>
+multi_head_cross_attention<T> load_cross_attention(const safetensors_file& file,
+                                                   const cross_attention_config& config,
+                                                   const std::string& prefix = "") {
+  return multi_head_cross_attention<T>(config,
+                                       load_cross_attention_weights<T>(file, config, prefix));
+}
+
+}  // namespace xattn
