@@ -10,7 +10,6 @@
 #include "xattn/detail/masking.hpp"
 #include "xattn/detail/online_softmax.hpp"
 #include "xattn/detail/simd.hpp"
-#include "xattn/detail/softmax.hpp"
 #include "xattn/detail/tiling.hpp"
 #include "xattn/detail/validate.hpp"
 #include "xattn/errors.hpp"
@@ -212,7 +211,7 @@ class row_unit {
     const auto q = job.q.select(0, b).select(0, h);
     for (index_t i = 0; i < mq; ++i)
       for (index_t d = 0; d < s.head_dim; ++d) qs_[i * s.head_dim + d] = job.scale * q(i0 + i, d);
-    s_ = at_least(ws.s, job.plan.kv_tile);
+    s_ = at_least(ws.s, job.plan.kv_tile + simd::lanes<T>);  // room for online_softmax_row
     acc_ = at_least(ws.acc, mq * s.value_dim);
     m_ = at_least(ws.stats, 2 * mq);
     l_ = m_ + mq;
@@ -236,13 +235,10 @@ class row_unit {
         const index_t ni = std::min(n, job_.mask.key_end(b_, i0_ + i) - j0);  // keys it may see
         if (ni <= 0) continue;
         scores(i, j0, ni, k, ldk);
-        // the online softmax for one row (see detail/online_softmax.hpp)
-        Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>> row(s_, ni);
-        const T m_new = max_nan(m_[i], row.template maxCoeff<Eigen::PropagateNaN>());
-        const T shift = safe_shift(m_new);
-        const T corr = correction(m_[i], m_new, shift);
-        exp_shifted(s_, ni, shift);
-        l_[i] = corr * l_[i] + row.sum();
+        T m_new, sum;
+        online_softmax_row(s_, ni, m_[i], m_new, sum);
+        const T corr = correction(m_[i], m_new, safe_shift(m_new));
+        l_[i] = corr * l_[i] + sum;
         m_[i] = m_new;
         row_values(s_, v, ldv, s.value_dim, ni, corr, acc_ + i * s.value_dim);
       }

@@ -235,6 +235,45 @@ void row_values(const T* p, const T* v, index_t ldv, index_t value_dim, index_t 
   }
 }
 
+/// The online softmax (below) for one row of n scores: replaces s[j] by exp(s[j] - shift) and
+/// returns the row's max (m_new = max(m_old, max_j s[j])) and Σ_j exp(s[j] - shift), where shift
+/// is m_new, or 0 while m_new = -inf. s must have room for n rounded up to whole packets; the
+/// slack is overwritten with -inf (weight 0).
+template <class T>
+void online_softmax_row(T* s, index_t n, T m_old, T& m_new, T& sum) {
+  using P = simd::packet<T>;
+  using namespace Eigen::internal;
+  constexpr index_t L = simd::lanes<T>;
+  constexpr T neg_inf = -std::numeric_limits<T>::infinity();
+  const index_t padded = (n + L - 1) / L * L;
+  std::fill(s + n, s + padded, neg_inf);
+  P max0 = pset1<P>(neg_inf), max1 = max0;
+  index_t j = 0;
+  for (; j + 2 * L <= padded; j += 2 * L) {
+    max0 = pmax(max0, simd::load(s + j));
+    max1 = pmax(max1, simd::load(s + j + L));
+  }
+  if (j < padded) max0 = pmax(max0, simd::load(s + j));
+  const T tile_max = predux_max(pmax(max0, max1));  // a NaN score reaches sum through exp
+  m_new = m_old > tile_max ? m_old : tile_max;
+  const P shift = pset1<P>(m_new == neg_inf ? T(0) : m_new);
+  P sum0 = pset1<P>(T(0)), sum1 = sum0;
+  for (j = 0; j + 2 * L <= padded; j += 2 * L) {
+    const P p0 = simd::exp_flushed<T>(simd::sub(simd::load(s + j), shift));
+    const P p1 = simd::exp_flushed<T>(simd::sub(simd::load(s + j + L), shift));
+    simd::store(s + j, p0);
+    simd::store(s + j + L, p1);
+    sum0 = simd::add(sum0, p0);
+    sum1 = simd::add(sum1, p1);
+  }
+  if (j < padded) {
+    const P p0 = simd::exp_flushed<T>(simd::sub(simd::load(s + j), shift));
+    simd::store(s + j, p0);
+    sum0 = simd::add(sum0, p0);
+  }
+  sum = predux(simd::add(sum0, sum1));
+}
+
 // ---- the online softmax over one tile ----------------------------------------------------------
 
 /// Online softmax. Per query keep m (running max), l (running sum of exp) and acc[Dv]

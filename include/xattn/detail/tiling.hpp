@@ -51,10 +51,11 @@ struct tiled_plan {
   index_t units() const noexcept { return items * splits; }
 };
 
-/// Key splitting aims for at least this many units, and gives each range at least
-/// min_split_keys keys, so that the merge stays cheap next to the work it divides.
+/// Key splitting aims for at least this many units, gives each range at least min_split_keys
+/// keys, so that the merge stays cheap next to the work it divides, and makes a power of two of
+/// ranges, so that they share evenly among 2, 4, 8 ... threads.
 inline constexpr index_t split_target_units = 16;
-inline constexpr index_t min_split_keys = 256;
+inline constexpr index_t min_split_keys = 128;
 
 /// Default tile sizes. 64 queries are one register block of four 16-float packets with
 /// AVX-512; 128 keys keep Sᵀ (32 KiB), Qᵀ and Oᵀ (16 KiB each at Dk = Dv = 64) in L1 and L2.
@@ -76,7 +77,8 @@ tiled_plan make_tiled_plan(const attention_shape& s, const tile_options& t, bool
   p.items = s.batch * s.num_heads * p.q_tiles;
   if (!need_weights && p.items > 0 && p.items < split_target_units) {
     const index_t want = (split_target_units + p.items - 1) / p.items;
-    p.splits = std::max<index_t>(1, std::min(want, s.kv_len / min_split_keys));
+    const index_t most = std::max<index_t>(1, std::min(want, s.kv_len / min_split_keys));
+    while (p.splits * 2 <= most) p.splits *= 2;  // a power of two shares evenly among 2^k threads
   }
   p.split_len = p.splits > 1 ? (s.kv_len + p.splits - 1) / p.splits : s.kv_len;
   const int asked = t.num_threads ? *t.num_threads : default_threads();
@@ -121,7 +123,7 @@ tile_scratch<T>& thread_scratch() {
 template <class T>
 index_t unit_scratch_elements(const tiled_plan& p, const attention_shape& s) {
   const index_t w = p.rows ? p.q_tile : p.width;
-  return w * s.head_dim + (p.rows ? p.kv_tile : p.kv_tile * w) + w * s.value_dim +
+  return w * s.head_dim + (p.rows ? p.kv_tile + simd::lanes<T> : p.kv_tile * w) + w * s.value_dim +
          (p.rows ? 2 : 3) * w + p.kv_tile * (s.head_dim + s.value_dim);
 }
 
