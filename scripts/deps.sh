@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: MIT
 # Installs the Debian packages that building and testing xattn needs, skipping those already
-# installed. Usage: scripts/deps.sh [--with-clang]   (--with-clang adds clang for the clang preset)
+# installed. Usage: scripts/deps.sh [--with-clang] [--with-tsan] [--with-valgrind]
+#   --with-clang adds clang (clang preset); --with-tsan adds clang, its sanitizer runtimes and
+#   libomp (tsan preset); --with-valgrind adds valgrind (scripts/memcheck.sh)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -9,8 +11,10 @@ packages=(cmake ninja-build g++ libeigen3-dev libgtest-dev libbenchmark-dev)
 for arg in "$@"; do
   case "$arg" in
     --with-clang) packages+=(clang) ;;
+    --with-tsan) packages+=(clang libclang-rt-dev libomp-dev) ;;
+    --with-valgrind) packages+=(valgrind) ;;
     -h | --help)
-      sed -n '3,4p' "${BASH_SOURCE[0]}" | sed 's/^# //'
+      sed -n '3,6p' "${BASH_SOURCE[0]}" | sed 's/^# //'
       exit 0
       ;;
     *)
