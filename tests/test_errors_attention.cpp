@@ -436,6 +436,23 @@ TEST(KernelErrors, ScratchBytesRejectsAByteCountThatOverflows) {
       {"naive_attention", "overflows the index type"}));
 }
 
+// ---- views -------------------------------------------------------------------------------------
+
+TEST(ViewErrors, PackedStridesOfHugeExtentsNeverOverflow) {
+  // Found by fuzzing: packed strides were computed, and overflowed, before the extents were
+  // checked. Now an empty view of huge extents is fine and a non-empty one is a shape_error.
+  float x = 0;
+  const index_t big = index_t(1) << 62;
+  const auto empty = xattn::make_view(&x, {0, big, big});
+  EXPECT_EQ(empty.size(), 0);
+  EXPECT_TRUE(empty.is_packed());
+  EXPECT_TRUE(throws_with<xattn::shape_error>(
+      [&] {
+        (void)xattn::make_view(&x, {3, big, 2});
+      },
+      {"tensor_view", "overflows the index type"}));
+}
+
 // ---- ranks -------------------------------------------------------------------------------------
 
 TEST(KernelErrors, AWrongRankDoesNotCompile) {

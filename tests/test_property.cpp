@@ -8,7 +8,7 @@
 //
 // Environment:
 //   XATTN_PROPERTY_SEED     the run's seed (default 1); "random" draws one and prints it
-//   XATTN_PROPERTY_CASES    cases per element type (default 3000)
+//   XATTN_PROPERTY_CASES    cases per element type (default 5000)
 //   XATTN_PROPERTY_SECONDS  time budget per element type (default 50); the run stops early,
 //                           passing, and says how many cases it ran
 //   XATTN_PROPERTY_CASE     replay just this case seed (printed with every failure)
@@ -399,7 +399,7 @@ TYPED_TEST(Property, KernelsMatchTheReferenceOnRandomCases) {
     EXPECT_TRUE(err.empty()) << err;
     return;
   }
-  const std::uint64_t cases = env_u64("XATTN_PROPERTY_CASES").value_or(3000);
+  const std::uint64_t cases = env_u64("XATTN_PROPERTY_CASES").value_or(5000);
   const double budget = double(env_u64("XATTN_PROPERTY_SECONDS").value_or(50));
   const std::uint64_t seed = run_seed();
   const auto start = std::chrono::steady_clock::now();
