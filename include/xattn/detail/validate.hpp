@@ -44,6 +44,9 @@ byte_range bytes_of(const tensor_view<E, Rank>& v) noexcept {
   index_t last = 0;  // the view's constructor checked that this offset fits in index_t
   for (std::size_t r = 0; r < Rank; ++r) last += (v.extent(r) - 1) * v.stride(r);
   const auto first = reinterpret_cast<std::uintptr_t>(v.data());
+  const std::uintptr_t room = (std::numeric_limits<std::uintptr_t>::max() - first) / sizeof(E);
+  if (std::uintptr_t(last) >= room)  // reaches past the address space: say "up to the end"
+    return {first, std::numeric_limits<std::uintptr_t>::max()};
   return {first, first + (std::uintptr_t(last) + 1) * sizeof(E)};
 }
 
