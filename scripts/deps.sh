@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: MIT
 # Installs the Debian packages that building and testing xattn needs, skipping those already
-# installed. Usage: scripts/deps.sh [--with-clang] [--with-docs]
-#   --with-clang  clang, for the clang preset
-#   --with-docs   doxygen (target docs), rsvg-convert (renders the examples' SVG maps in their
-#                 picture tests) and matplotlib (scripts/plot_bench.py and its test)
+# installed. Usage: scripts/deps.sh [--with-clang] [--with-docs] [--with-tsan] [--with-valgrind]
+#   --with-clang     clang, for the clang preset
+#   --with-docs      doxygen (target docs), rsvg-convert (renders the examples' SVG maps in their
+#                    picture tests) and matplotlib (scripts/plot_bench.py and its test)
+#   --with-tsan      clang, its sanitizer runtimes and libomp (tsan preset)
+#   --with-valgrind  valgrind (scripts/memcheck.sh)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -14,8 +16,10 @@ for arg in "$@"; do
   case "$arg" in
     --with-clang) packages+=(clang) ;;
     --with-docs) packages+=(doxygen librsvg2-bin python3-matplotlib) ;;
+    --with-tsan) packages+=(clang libclang-rt-dev libomp-dev) ;;
+    --with-valgrind) packages+=(valgrind) ;;
     -h | --help)
-      sed -n '3,7p' "${BASH_SOURCE[0]}" | sed 's/^# //'
+      sed -n '3,9p' "${BASH_SOURCE[0]}" | sed 's/^# //'
       exit 0
       ;;
     *)

@@ -20,8 +20,10 @@ namespace xattn {
 
 /// Bytes of scratch naive_attention<T> allocates for a call of shape s: one [Lq, Lk] score
 /// matrix, reused across heads (plus copies of Q, K, V slices whose rows are not contiguous).
+/// A negative size, or Hkv not dividing H, is a shape_error; so is a byte count that overflows.
 template <class T>
 index_t naive_attention_scratch_bytes(const attention_shape& s) {
+  detail::check_shape("naive_attention_scratch_bytes", s);
   const index_t scores = detail::checked_mul("naive_attention", s.q_len, s.kv_len);
   return detail::checked_mul("naive_attention", scores, index_t(sizeof(T)));
 }
@@ -34,7 +36,8 @@ index_t naive_attention_scratch_bytes(const attention_shape& s) {
 ///   out [B, H,   Lq, Dv]    written; must not overlap the inputs
 ///
 /// Hkv must divide H: query head h reads key/value head h / (H / Hkv) (grouped-query attention;
-/// Hkv = 1 is multi-query attention). Any strides are accepted.
+/// Hkv = 1 is multi-query attention). Any strides are accepted. Keys at or past
+/// opts.mask.kv_lengths(b) are never read. Non-finite inputs: see attention_options.
 template <class T>
 void naive_attention(detail::identity_t<tensor_view<const T, 4>> q,
                      detail::identity_t<tensor_view<const T, 4>> k,
@@ -62,26 +65,34 @@ void naive_attention(detail::identity_t<tensor_view<const T, 4>> q,
   for (index_t b = 0; b < s.batch; ++b) {
     for (index_t h = 0; h < s.num_heads; ++h) {
       const index_t hkv = h / p.group;
+      // Only the first n keys can take part (key padding): the others are never read, so the
+      // padding may hold anything, even NaN. Their weights are exactly 0.
+      const index_t n = opts.mask.kv_lengths ? (*opts.mask.kv_lengths)(b) : s.kv_len;
       const auto Q = detail::contiguous_rows(q.select(0, b).select(0, h), q_copy);
-      const auto K = detail::contiguous_rows(k.select(0, b).select(0, hkv), k_copy);
-      const auto V = detail::contiguous_rows(v.select(0, b).select(0, hkv), v_copy);
+      const auto K =
+          detail::contiguous_rows(detail::first_rows(k.select(0, b).select(0, hkv), n), k_copy);
+      const auto V =
+          detail::contiguous_rows(detail::first_rows(v.select(0, b).select(0, hkv), n), v_copy);
+      auto P = scores.leftCols(n);
 
-      // pass 1: all Lq x Lk scores with one GEMM (the scale rides along as GEMM's alpha)
-      scores.noalias() = scale * (Q * K.transpose());
+      // pass 1: all Lq x n scores with one GEMM (the scale rides along as GEMM's alpha)
+      P.noalias() = scale * (Q * K.transpose());
 
       // pass 2: masks, then the softmax of each row in place
       for (index_t i = 0; i < s.q_len; ++i) {
         T* row = scores.row(i).data();
-        if (mask.any()) mask.apply(b, h, i, 0, row, s.kv_len);
-        const T lse = detail::softmax_row(row, s.kv_len);
+        if (mask.any()) mask.apply(b, h, i, 0, row, n);
+        const T lse = detail::softmax_row(row, n);
         if (opts.lse_out) (*opts.lse_out)(b, h, i) = lse;
       }
 
       // pass 3: O = P V with one GEMM, written straight into out's slice when its rows are
       // contiguous
-      detail::assign_rows(out.select(0, b).select(0, h), scores * V, out_copy);
-      if (opts.weights_out)
+      detail::assign_rows(out.select(0, b).select(0, h), P * V, out_copy);
+      if (opts.weights_out) {
+        scores.rightCols(s.kv_len - n).setZero();
         detail::as_strided_matrix(opts.weights_out->select(0, b).select(0, h)) = scores;
+      }
     }
   }
 }

@@ -37,6 +37,17 @@ struct attention_mask {
 };
 
 /// Options shared by the attention kernels.
+///
+/// Non-finite values, the same in every kernel (nothing crashes; the argument checks never look
+/// at element values):
+/// - A score of -inf (a -inf bias, or -inf in q or k) masks its key, like any other mask.
+/// - A NaN score (NaN in q, k or the bias, or Inf · 0 inside a dot product) or a +inf score (an
+///   Inf input, or scale · q · k beyond the element type's range) of a key that a query row may
+///   see makes that row's output, weights and log-sum-exp NaN. Other rows keep their values, and
+///   so do rows for which a mask hides the key.
+/// - NaN or Inf in v's row j reaches the same column of the output of every query that gives
+///   key j a weight above 0, and may reach queries whose weight for key j is 0 (0 · Inf is NaN).
+/// - Keys at or past mask.kv_lengths(b) are never read: padding may hold anything, even NaN.
 template <class T>
 struct attention_options {
   /// Multiplies Q Kᵀ. Unset: 1/sqrt(Dk).
@@ -55,7 +66,7 @@ struct attention_options {
 struct tile_options {
   std::optional<index_t> q_tile;   ///< query rows per tile
   std::optional<index_t> kv_tile;  ///< key/value rows per tile
-  std::optional<int> num_threads;  ///< threads to use; more than OpenMP allows is a value_error
+  std::optional<int> num_threads;  ///< threads to use, in [1, 4096]; serial without OpenMP
 };
 
 }  // namespace xattn

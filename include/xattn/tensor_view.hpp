@@ -112,11 +112,16 @@ class tensor_view {
 
   /// Row-major packed strides for the given extents.
   static index_array packed_strides(const index_array& extents) noexcept {
+    constexpr index_t most = std::numeric_limits<index_t>::max();
     index_array s{};
     index_t step = 1;
     for (std::size_t r = Rank; r-- > 0;) {
       s[r] = step;
-      step *= extents[r] > 0 ? extents[r] : 1;
+      // Saturates rather than overflow. Only two kinds of extents get there: those whose element
+      // count overflows too (the constructor rejects them) and those with no elements at all,
+      // whose strides do not matter.
+      const index_t e = extents[r] > 0 ? extents[r] : 1;
+      step = step > most / e ? most : step * e;
     }
     return s;
   }

@@ -50,6 +50,13 @@ strided_map<T> as_strided_matrix(const tensor_view<T, 2>& v) noexcept {
                         Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>(v.stride(0), v.stride(1)));
 }
 
+/// The first n rows of v (n <= v.extent(0)).
+template <class T>
+tensor_view<T, 2> first_rows(const tensor_view<T, 2>& v, index_t n) {
+  XATTN_ASSERT(n >= 0 && n <= v.extent(0));
+  return tensor_view<T, 2>(v.data(), {n, v.extent(1)}, v.strides());
+}
+
 /// v as a GEMM-ready matrix: read in place when its rows are contiguous, else copied into
 /// scratch (which keeps its capacity across calls).
 template <class T>

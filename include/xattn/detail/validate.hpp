@@ -8,7 +8,12 @@
 #include "xattn/shapes.hpp"
 #include "xattn/tensor_view.hpp"
 
+#include <algorithm>
+#include <array>
 #include <cmath>
+#include <cstdint>
+#include <limits>
+#include <utility>
 
 namespace xattn::detail {
 
@@ -25,6 +30,77 @@ void require_broadcastable(const char* fn, const char* arg, const tensor_view<E,
                            const attention_shape& s) {
   const index_t want[4] = {s.batch, s.num_heads, s.q_len, s.kv_len};
   for (int r = 0; r < 4; ++r) require_extent_or_one(fn, arg, r, m.extent(std::size_t(r)), want[r]);
+}
+
+/// The bytes a view may touch, [begin, end): from its first element to one past its last.
+/// Empty (begin == end) for a view without elements.
+struct byte_range {
+  std::uintptr_t begin = 0, end = 0;
+};
+
+template <class E, std::size_t Rank>
+byte_range bytes_of(const tensor_view<E, Rank>& v) noexcept {
+  if (v.size() == 0) return {};
+  index_t last = 0;  // the view's constructor checked that this offset fits in index_t
+  for (std::size_t r = 0; r < Rank; ++r) last += (v.extent(r) - 1) * v.stride(r);
+  const auto first = reinterpret_cast<std::uintptr_t>(v.data());
+  const std::uintptr_t room = (std::numeric_limits<std::uintptr_t>::max() - first) / sizeof(E);
+  if (std::uintptr_t(last) >= room)  // reaches past the address space: say "up to the end"
+    return {first, std::numeric_limits<std::uintptr_t>::max()};
+  return {first, first + (std::uintptr_t(last) + 1) * sizeof(E)};
+}
+
+/// Fails when output view `out` shares a byte range with view `other`. The test compares the
+/// first-to-last byte ranges, so two views that interleave without sharing an element (the even
+/// and the odd columns of one buffer) are rejected too: conservative, never a false pass.
+template <class O, std::size_t RO, class E, std::size_t RE>
+void require_disjoint(const char* fn, const char* out_name, const tensor_view<O, RO>& out,
+                      const char* other_name, const tensor_view<E, RE>& other) {
+  const byte_range a = bytes_of(out), b = bytes_of(other);
+  if (a.begin < a.end && b.begin < b.end && a.begin < b.end && b.begin < a.end)
+    fail_shape(
+        message(fn, ": ", out_name, " overlaps ", other_name,
+                " in memory (outputs must not share memory with any input or other output)"));
+}
+
+/// Fails when two elements of output view `out` may share an address. Dimensions with more than
+/// one element, taken by increasing stride, must each step past everything the smaller ones span:
+/// true of every packed, padded, permuted or split_heads layout. Conservative like
+/// require_disjoint: rare layouts that interleave without collisions are rejected too.
+template <class O, std::size_t Rank>
+void require_no_self_overlap(const char* fn, const char* out_name,
+                             const tensor_view<O, Rank>& out) {
+  if (out.size() == 0) return;
+  std::array<std::size_t, Rank> order{};
+  for (std::size_t r = 0; r < Rank; ++r) order[r] = r;
+  std::sort(order.begin(), order.end(),
+            [&](std::size_t a, std::size_t b) { return out.stride(a) < out.stride(b); });
+  index_t span = 0;  // largest offset reachable through the dimensions seen so far
+  for (std::size_t r : order) {
+    if (out.extent(r) == 1) continue;
+    if (out.stride(r) <= span)
+      fail_shape(message(fn, ": ", out_name, ".stride(", r, ") is ", out.stride(r),
+                         ", so elements of ", out_name, " would share memory (expected > ", span,
+                         ")"));
+    span += (out.extent(r) - 1) * out.stride(r);
+  }
+}
+
+/// Checks the sizes in s: every field >= 0, and Hkv (when set) divides H.
+inline void check_shape(const char* fn, const attention_shape& s) {
+  const std::pair<const char*, index_t> fields[] = {{"batch", s.batch},
+                                                    {"num_heads", s.num_heads},
+                                                    {"q_len", s.q_len},
+                                                    {"kv_len", s.kv_len},
+                                                    {"head_dim", s.head_dim},
+                                                    {"value_dim", s.value_dim},
+                                                    {"num_kv_heads", s.num_kv_heads}};
+  for (const auto& f : fields)
+    if (f.second < 0)
+      fail_shape(message(fn, ": shape.", f.first, " is ", f.second, ", expected >= 0"));
+  if (s.num_kv_heads > 0 && s.num_heads % s.num_kv_heads != 0)
+    fail_shape(message(fn, ": shape.num_kv_heads is ", s.num_kv_heads,
+                       ", expected a divisor of shape.num_heads = ", s.num_heads));
 }
 
 /// Checks q [B, H, Lq, Dk], k [B, Hkv, Lk, Dk], v [B, Hkv, Lk, Dv], out [B, H, Lq, Dv] (Hkv
@@ -63,6 +139,9 @@ attention_problem check_attention_args(const char* fn, const tensor_view<const T
   p.scale = opts.scale ? *opts.scale : (s.head_dim > 0 ? 1.0 / std::sqrt(double(s.head_dim)) : 1.0);
   if (!std::isfinite(p.scale))
     fail_value(message(fn, ": scale is ", p.scale, ", expected a finite number"));
+  if (std::abs(p.scale) > double(std::numeric_limits<T>::max()))
+    fail_value(message(fn, ": scale is ", p.scale, ", expected a magnitude of at most ",
+                       double(std::numeric_limits<T>::max()), " (the element type's largest)"));
 
   const attention_mask<T>& m = opts.mask;
   if (m.kv_lengths) {
@@ -84,6 +163,29 @@ attention_problem check_attention_args(const char* fn, const tensor_view<const T
     const index_t want[3] = {s.batch, s.num_heads, s.q_len};
     for (int r = 0; r < 3; ++r)
       require_extent(fn, "lse_out", r, opts.lse_out->extent(std::size_t(r)), want[r]);
+  }
+
+  // No output may share memory with an input or another output, nor elements with itself:
+  // the kernels read inputs after writing outputs, and threads write outputs concurrently.
+  const auto require_output_apart = [&](const char* name, const auto& o) {
+    require_no_self_overlap(fn, name, o);
+    require_disjoint(fn, name, o, "q", q);
+    require_disjoint(fn, name, o, "k", k);
+    require_disjoint(fn, name, o, "v", v);
+    if (m.kv_lengths) require_disjoint(fn, name, o, "mask.kv_lengths", *m.kv_lengths);
+    if (m.allowed) require_disjoint(fn, name, o, "mask.allowed", *m.allowed);
+    if (m.bias) require_disjoint(fn, name, o, "mask.bias", *m.bias);
+  };
+  require_output_apart("out", out);
+  if (opts.weights_out) {
+    require_output_apart("weights_out", *opts.weights_out);
+    require_disjoint(fn, "weights_out", *opts.weights_out, "out", out);
+  }
+  if (opts.lse_out) {
+    require_output_apart("lse_out", *opts.lse_out);
+    require_disjoint(fn, "lse_out", *opts.lse_out, "out", out);
+    if (opts.weights_out)
+      require_disjoint(fn, "lse_out", *opts.lse_out, "weights_out", *opts.weights_out);
   }
   return p;
 }

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: MIT
+# Runs every example under valgrind's memcheck: an invalid read or write, a use of an
+# uninitialised value, or a definite or indirect leak fails the run. Build the examples first.
+# Usage: scripts/memcheck.sh [build directory]   (default build/release)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+build="${1:-build/release}"
+examples=()
+for f in "$build"/examples/*; do
+  if [ -f "$f" ] && [ -x "$f" ]; then
+    examples+=("$f")
+  fi
+done
+if [ "${#examples[@]}" -eq 0 ]; then
+  echo "memcheck.sh: no example programs in $build/examples; build them first" >&2
+  exit 1
+fi
+
+status=0
+for exe in "${examples[@]}"; do
+  echo "memcheck.sh: $exe"
+  # Passive OpenMP threads sleep instead of spinning, which is much faster under valgrind.
+  if ! OMP_WAIT_POLICY=PASSIVE valgrind --tool=memcheck --quiet --error-exitcode=99 \
+    --leak-check=full --show-leak-kinds=definite,indirect \
+    --errors-for-leak-kinds=definite,indirect --track-origins=yes "$exe" >/dev/null; then
+    echo "memcheck.sh: $exe failed (valgrind's report is above)" >&2
+    status=1
+  fi
+done
+exit "$status"

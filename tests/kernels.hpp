@@ -1,0 +1,100 @@
+// SPDX-License-Identifier: MIT
+// The kernels the robustness tests run, each behind one call signature: naive_attention, and
+// tiled_attention with tiles that do and do not divide the lengths, on 1 to 4 threads (as many
+// as OpenMP allows; CTest runs these tests with OMP_NUM_THREADS=4).
+#pragma once
+
+#include "xattn/attention_naive.hpp"
+#include "xattn/attention_tiled.hpp"
+#include "xattn/options.hpp"
+#include "xattn/tensor_view.hpp"
+
+#include <algorithm>
+#include <functional>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#  include <omp.h>
+#endif
+
+namespace xattn_test {
+
+/// The most threads tiled_attention may be asked for here: OpenMP's limit, 1 without OpenMP.
+inline int max_threads() {
+#ifdef _OPENMP
+  return std::max(1, omp_get_max_threads());
+#else
+  return 1;
+#endif
+}
+
+/// 1, 2, ... up to min(most, max_threads()).
+inline std::vector<int> thread_counts(int most = 4) {
+  std::vector<int> counts;
+  for (int t = 1; t <= std::min(most, max_threads()); ++t) counts.push_back(t);
+  return counts;
+}
+
+/// "q_tile=3 kv_tile=5 threads=2", with "auto" for unset fields.
+inline std::string describe(const xattn::tile_options& t) {
+  std::ostringstream s;
+  const auto field = [&](const char* name, const auto& v) {
+    s << name << '=';
+    if (v)
+      s << *v;
+    else
+      s << "auto";
+  };
+  field("q_tile", t.q_tile);
+  field(" kv_tile", t.kv_tile);
+  field(" threads", t.num_threads);
+  return s.str();
+}
+
+/// One kernel under test, called like naive_attention.
+template <class T>
+struct kernel {
+  std::string name;
+  std::function<void(xattn::tensor_view<const T, 4>, xattn::tensor_view<const T, 4>,
+                     xattn::tensor_view<const T, 4>, xattn::tensor_view<T, 4>,
+                     const xattn::attention_options<T>&)>
+      run;
+};
+
+template <class T>
+kernel<T> naive_kernel() {
+  return {"naive_attention", [](auto q, auto k, auto v, auto out, const auto& opts) {
+            xattn::naive_attention<T>(q, k, v, out, opts);
+          }};
+}
+
+template <class T>
+kernel<T> tiled_kernel(const xattn::tile_options& tiles) {
+  return {"tiled_attention " + describe(tiles),
+          [tiles](auto q, auto k, auto v, auto out, const auto& opts) {
+            xattn::tiled_attention<T>(q, k, v, out, opts, tiles);
+          }};
+}
+
+/// naive_attention, tiled_attention with its own choices, and tiled_attention with tiles of
+/// 1 x 1, 3 x 5 (dividing nothing) and 64 x 128 (larger than the lengths tested), each tile
+/// shape on every thread count in thread_counts().
+template <class T>
+std::vector<kernel<T>> all_kernels() {
+  std::vector<kernel<T>> ks = {naive_kernel<T>(), tiled_kernel<T>({})};
+  const std::pair<xattn::index_t, xattn::index_t> tiles[] = {{1, 1}, {3, 5}, {64, 128}, {1, 128}};
+  for (const auto& [qt, kt] : tiles)
+    for (int t : thread_counts()) {
+      xattn::tile_options o;
+      o.q_tile = qt;
+      o.kv_tile = kt;
+      o.num_threads = t;
+      ks.push_back(tiled_kernel<T>(o));
+    }
+  return ks;
+}
+
+}  // namespace xattn_test

@@ -1,0 +1,428 @@
+// SPDX-License-Identifier: MIT
+// Randomised differential test: draws thousands of attention calls (sizes, grouped-query heads,
+// strided, permuted and padded layouts, every mask kind alone and combined, scales, extra
+// outputs, tile shapes, thread counts) and checks naive_attention and tiled_attention against
+// the long-double reference in test_support.hpp. Also checked on every case: nothing outside the
+// output views is written, padding inside the input buffers (NaN) is never read, and
+// tiled_attention's results are identical bit for bit on 1 to 4 threads.
+//
+// Environment:
+//   XATTN_PROPERTY_SEED     the run's seed (default 1); "random" draws one and prints it
+//   XATTN_PROPERTY_CASES    cases per element type (default 5000)
+//   XATTN_PROPERTY_SECONDS  time budget per element type (default 50); the run stops early,
+//                           passing, and says how many cases it ran
+//   XATTN_PROPERTY_CASE     replay just this case seed (printed with every failure)
+// A failure prints the case seed and the whole configuration. Cases are drawn with the
+// standard library's distributions, so a seed replays on the same standard library.
+#include "xattn/attention_naive.hpp"
+#include "xattn/attention_tiled.hpp"
+
+#include "kernels.hpp"
+#include "test_support.hpp"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <iostream>
+#include <limits>
+#include <memory>
+#include <numeric>
+#include <optional>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+using xattn::index_t;
+using rng = std::mt19937_64;
+
+// ---- the environment ---------------------------------------------------------------------------
+
+std::optional<std::uint64_t> env_u64(const char* name) {
+  const char* s = std::getenv(name);
+  if (!s || !*s) return std::nullopt;
+  return std::strtoull(s, nullptr, 0);
+}
+
+std::uint64_t run_seed() {
+  static const std::uint64_t seed = [] {
+    const char* s = std::getenv("XATTN_PROPERTY_SEED");
+    if (s && std::string(s) == "random") {
+      const auto r = std::uint64_t(std::random_device{}()) << 32 ^
+                     std::uint64_t(std::chrono::steady_clock::now().time_since_epoch().count());
+      std::cout << "XATTN_PROPERTY_SEED=" << r << "\n";
+      return r;
+    }
+    return env_u64("XATTN_PROPERTY_SEED").value_or(1);
+  }();
+  return seed;
+}
+
+// SplitMix64: well-spread case seeds from the run seed and the case number.
+std::uint64_t mix(std::uint64_t x) {
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+index_t pick(rng& g, index_t lo, index_t hi) {  // uniform in [lo, hi]
+  return std::uniform_int_distribution<index_t>(lo, hi)(g);
+}
+bool chance(rng& g, double p) { return std::bernoulli_distribution(p)(g); }
+
+// ---- layouts -----------------------------------------------------------------------------------
+
+// How a rank-R tensor sits in its buffer: the dimensions in storage order (outermost first) and
+// the padding added to each stored extent.
+template <std::size_t R>
+struct layout {
+  std::array<std::size_t, R> order{};
+  std::array<index_t, R> pad{};
+};
+
+template <std::size_t R>
+layout<R> draw_layout(rng& g) {
+  layout<R> l;
+  std::iota(l.order.begin(), l.order.end(), std::size_t(0));
+  const double u = std::uniform_real_distribution<double>(0, 1)(g);
+  if (R == 4 && u < 0.25) {
+    std::swap(l.order[1], l.order[2]);  // [B, L, H, D]: heads read in place from a projection
+  } else if (u < 0.45) {
+    std::shuffle(l.order.begin(), l.order.end(), g);  // anything, D-major included
+  }
+  if (chance(g, 0.3))
+    for (auto& p : l.pad) p = chance(g, 0.5) ? pick(g, 1, 3) : 0;
+  return l;
+}
+
+template <std::size_t R>
+std::string describe(const layout<R>& l) {
+  std::ostringstream s;
+  s << "order(";
+  for (std::size_t r = 0; r < R; ++r) s << (r ? "," : "") << l.order[r];
+  s << ") pad(";
+  for (std::size_t r = 0; r < R; ++r) s << (r ? "," : "") << l.pad[r];
+  s << ")";
+  return s.str();
+}
+
+// A buffer holding a rank-R tensor of the given extents in layout l, and the view of it.
+// Every element outside the view is `fill`.
+template <class E, std::size_t R>
+struct placed {
+  std::vector<E> buffer;
+  xattn::tensor_view<E, R> view;
+  std::vector<bool> in_view;  // per buffer element
+
+  placed(const std::array<index_t, R>& extents, const layout<R>& l, E fill) {
+    std::array<index_t, R> stored{}, strides{};
+    for (std::size_t r = 0; r < R; ++r) stored[r] = extents[l.order[r]] + l.pad[r];
+    index_t step = 1, count = 1;
+    for (std::size_t r = R; r-- > 0;) {
+      strides[l.order[r]] = step;
+      step *= std::max<index_t>(stored[r], 1);
+      count *= stored[r];
+    }
+    buffer.assign(std::size_t(std::max<index_t>(count, 1)), fill);
+    view = xattn::tensor_view<E, R>(buffer.data(), extents, strides);
+    in_view.assign(buffer.size(), false);
+    for_each([&](index_t off) { in_view[std::size_t(off)] = true; });
+  }
+
+  // Calls f(offset) for every element of the view, in row-major index order.
+  template <class F>
+  void for_each(F&& f) const {
+    if (view.size() == 0) return;
+    std::array<index_t, R> idx{};
+    for (;;) {
+      index_t off = 0;
+      for (std::size_t r = 0; r < R; ++r) off += idx[r] * view.stride(r);
+      f(off);
+      std::size_t r = R;
+      while (r-- > 0) {
+        if (++idx[r] < view.extent(r)) break;
+        idx[r] = 0;
+        if (r == 0) return;
+      }
+    }
+  }
+
+  // The view's elements in row-major index order.
+  std::vector<E> elements() const {
+    std::vector<E> out;
+    for_each([&](index_t off) { out.push_back(buffer[std::size_t(off)]); });
+    return out;
+  }
+
+  // True when every element outside the view still holds `fill` (bit for bit).
+  bool outside_untouched(E fill) const {
+    for (std::size_t n = 0; n < buffer.size(); ++n)
+      if (!in_view[n] && std::memcmp(&buffer[n], &fill, sizeof(E)) != 0) return false;
+    return true;
+  }
+};
+
+// ---- one case ----------------------------------------------------------------------------------
+
+struct config {
+  index_t B = 1, H = 1, Hkv = 1, Lq = 1, Lk = 1, Dk = 1, Dv = 1;
+  std::optional<double> scale;
+  double amp = 1;  // q and k are drawn from [-amp, amp], v from [-1, 1]
+  layout<4> lq, lk, lv, lo, lw;
+  layout<3> ll;
+  bool kv_lengths = false, allowed = false, bias = false, weights = false, lse = false;
+  std::array<index_t, 4> allowed_shape{}, bias_shape{};
+  double bias_minus_inf = 0;  // probability of a -inf bias entry
+  xattn::causal_mask causal = xattn::causal_mask::none;
+  xattn::tile_options tiles;
+
+  std::string describe() const {
+    std::ostringstream s;
+    s << "B=" << B << " H=" << H << " Hkv=" << Hkv << " Lq=" << Lq << " Lk=" << Lk << " Dk=" << Dk
+      << " Dv=" << Dv << " scale=";
+    if (scale)
+      s << *scale;
+    else
+      s << "auto";
+    s << " amp=" << amp << "\n  layouts: q " << ::describe(lq) << ", k " << ::describe(lk) << ", v "
+      << ::describe(lv) << ", out " << ::describe(lo);
+    if (weights) s << ", weights_out " << ::describe(lw);
+    if (lse) s << ", lse_out " << ::describe(ll);
+    s << "\n  masks:";
+    if (kv_lengths) s << " kv_lengths";
+    const auto shape = [&](const std::array<index_t, 4>& e) {
+      s << "[" << e[0] << "," << e[1] << "," << e[2] << "," << e[3] << "]";
+    };
+    if (allowed) {
+      s << " allowed";
+      shape(allowed_shape);
+    }
+    if (bias) {
+      s << " bias";
+      shape(bias_shape);
+      s << " (-inf with p=" << bias_minus_inf << ")";
+    }
+    if (causal != xattn::causal_mask::none)
+      s << (causal == xattn::causal_mask::top_left ? " causal top_left" : " causal bottom_right");
+    s << "\n  tiles: " << xattn_test::describe(tiles);
+    return s.str();
+  }
+};
+
+config draw_config(rng& g) {
+  config c;
+  c.B = pick(g, 1, 3);
+  c.H = pick(g, 1, 4);
+  std::vector<index_t> divisors;
+  for (index_t d = 1; d <= c.H; ++d)
+    if (c.H % d == 0) divisors.push_back(d);
+  c.Hkv = divisors[std::size_t(pick(g, 0, index_t(divisors.size()) - 1))];
+  const bool big = chance(g, 0.08);  // past the default-sized tiles now and then
+  c.Lq = chance(g, 0.03) ? 0 : big ? pick(g, 1, 70) : pick(g, 1, 12);
+  c.Lk = chance(g, 0.03) ? 0 : big ? pick(g, 1, 140) : pick(g, 1, 24);
+  c.Dk = pick(g, 1, chance(g, 0.2) ? 40 : 12);
+  c.Dv = chance(g, 0.5) ? c.Dk : pick(g, chance(g, 0.03) ? 0 : 1, 12);
+  const double u = std::uniform_real_distribution<double>(0, 1)(g);
+  if (u < 0.15)
+    c.scale = 0.0;
+  else if (u < 0.4)
+    c.scale = std::uniform_real_distribution<double>(-3, 3)(g);
+  c.amp = chance(g, 0.15) ? std::uniform_real_distribution<double>(1, 30)(g) : 1.0;
+  c.lq = draw_layout<4>(g);
+  c.lk = draw_layout<4>(g);
+  c.lv = draw_layout<4>(g);
+  c.lo = draw_layout<4>(g);
+  c.lw = draw_layout<4>(g);
+  c.ll = draw_layout<3>(g);
+  const index_t full[4] = {c.B, c.H, c.Lq, c.Lk};
+  const auto broadcast_shape = [&] {
+    std::array<index_t, 4> e{};
+    for (std::size_t r = 0; r < 4; ++r) e[r] = chance(g, 0.5) ? full[r] : 1;
+    return e;
+  };
+  c.kv_lengths = chance(g, 0.3);
+  if ((c.allowed = chance(g, 0.3))) c.allowed_shape = broadcast_shape();
+  if ((c.bias = chance(g, 0.3))) {
+    c.bias_shape = broadcast_shape();
+    c.bias_minus_inf = chance(g, 0.3) ? 0.2 : 0.0;
+  }
+  if (chance(g, 0.3))
+    c.causal = chance(g, 0.5) ? xattn::causal_mask::top_left : xattn::causal_mask::bottom_right;
+  c.weights = chance(g, 0.5);
+  c.lse = chance(g, 0.5);
+  if (chance(g, 0.7)) c.tiles.q_tile = pick(g, 1, c.Lq + 3);
+  if (chance(g, 0.7)) c.tiles.kv_tile = pick(g, 1, c.Lk + 5);
+  if (chance(g, 0.7)) c.tiles.num_threads = int(pick(g, 1, xattn_test::max_threads()));
+  return c;
+}
+
+template <class T>
+constexpr T out_fill = T(-1234.5);
+
+// The outputs of one kernel run, placed in their layouts.
+template <class T>
+struct run_outputs {
+  placed<T, 4> out, weights;
+  placed<T, 3> lse;
+};
+
+// Runs one case on every kernel; returns "" on success, else what went wrong.
+template <class T>
+std::string run_case(std::uint64_t case_seed) {
+  rng g(case_seed);
+  const config c = draw_config(g);
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+
+  // Inputs: NaN everywhere in the buffers, values in the views. A kernel that reads outside a
+  // view (or reads padding keys) turns its output into NaN.
+  placed<T, 4> q({c.B, c.H, c.Lq, c.Dk}, c.lq, nan), k({c.B, c.Hkv, c.Lk, c.Dk}, c.lk, nan),
+      v({c.B, c.Hkv, c.Lk, c.Dv}, c.lv, nan);
+  std::uniform_real_distribution<double> qk_dist(-c.amp, c.amp), v_dist(-1, 1);
+  q.for_each([&](index_t off) { q.buffer[std::size_t(off)] = T(qk_dist(g)); });
+  k.for_each([&](index_t off) { k.buffer[std::size_t(off)] = T(qk_dist(g)); });
+  v.for_each([&](index_t off) { v.buffer[std::size_t(off)] = T(v_dist(g)); });
+
+  xattn::attention_options<T> opts;
+  opts.scale = c.scale;
+  opts.mask.causal = c.causal;
+  std::vector<index_t> lengths(std::size_t(c.B));
+  if (c.kv_lengths) {
+    for (auto& l : lengths) l = chance(g, 0.5) ? c.Lk : pick(g, 0, c.Lk);
+    opts.mask.kv_lengths = xattn::make_view(static_cast<const index_t*>(lengths.data()), {c.B});
+  }
+  std::unique_ptr<bool[]> allowed;
+  if (c.allowed) {
+    const auto& e = c.allowed_shape;
+    const std::size_t n = std::size_t(std::max<index_t>(e[0] * e[1] * e[2] * e[3], 1));
+    allowed.reset(new bool[n]);
+    for (std::size_t t = 0; t < n; ++t) allowed[t] = chance(g, 0.75);
+    opts.mask.allowed = xattn::tensor_view<const bool, 4>(allowed.get(), e);
+  }
+  std::vector<T> bias;
+  if (c.bias) {
+    const auto& e = c.bias_shape;
+    bias.resize(std::size_t(std::max<index_t>(e[0] * e[1] * e[2] * e[3], 1)));
+    for (T& x : bias)
+      x = chance(g, c.bias_minus_inf) ? -std::numeric_limits<T>::infinity()
+                                      : T(std::uniform_real_distribution<double>(-3, 3)(g));
+    opts.mask.bias = xattn::tensor_view<const T, 4>(bias.data(), e);
+  }
+
+  const xattn::tensor_view<const T, 4> qv = q.view, kv = k.view, vv = v.view;
+  const auto want = xattn_test::reference_attention<T>(qv, kv, vv, opts);
+  const double tol = xattn_test::attention_tol<T>(c.Dk, c.Lk, want.max_abs_score);
+
+  // Padding keys hold NaN from here on (the reference read clean ones): never to be read.
+  if (c.kv_lengths)
+    for (index_t b = 0; b < c.B; ++b)
+      for (index_t h = 0; h < c.Hkv; ++h)
+        for (index_t j = lengths[std::size_t(b)]; j < c.Lk; ++j) {
+          for (index_t d = 0; d < c.Dk; ++d) k.view(b, h, j, d) = nan;
+          for (index_t e = 0; e < c.Dv; ++e) v.view(b, h, j, e) = nan;
+        }
+
+  const auto run = [&](const xattn_test::kernel<T>& kern) {
+    run_outputs<T> r{placed<T, 4>({c.B, c.H, c.Lq, c.Dv}, c.lo, out_fill<T>),
+                     placed<T, 4>({c.B, c.H, c.Lq, c.Lk}, c.lw, out_fill<T>),
+                     placed<T, 3>({c.B, c.H, c.Lq}, c.ll, out_fill<T>)};
+    xattn::attention_options<T> o = opts;
+    if (c.weights) o.weights_out = r.weights.view;
+    if (c.lse) o.lse_out = r.lse.view;
+    kern.run(qv, kv, vv, r.out.view, o);
+    return r;
+  };
+  const auto check = [&](const xattn_test::kernel<T>& kern, const run_outputs<T>& r) {
+    std::ostringstream err;
+    if (auto a = xattn_test::all_close(r.out.elements(), want.out, tol); !a)
+      err << kern.name << ": output: " << a.message() << "\n";
+    if (c.weights)
+      if (auto a = xattn_test::all_close(r.weights.elements(), want.weights, tol); !a)
+        err << kern.name << ": weights: " << a.message() << "\n";
+    if (c.lse)
+      if (auto a = xattn_test::all_close(r.lse.elements(), want.lse, tol); !a)
+        err << kern.name << ": log-sum-exp: " << a.message() << "\n";
+    if (!r.out.outside_untouched(out_fill<T>) || !r.weights.outside_untouched(out_fill<T>) ||
+        !r.lse.outside_untouched(out_fill<T>))
+      err << kern.name << ": wrote outside an output view\n";
+    return err.str();
+  };
+  const auto same_bits = [](const auto& a, const auto& b) {
+    return a.buffer.size() == b.buffer.size() &&
+           std::memcmp(a.buffer.data(), b.buffer.data(), a.buffer.size() * sizeof(T)) == 0;
+  };
+
+  std::string failures;
+  const auto naive = xattn_test::naive_kernel<T>();
+  failures += check(naive, run(naive));
+  const auto tiled = xattn_test::tiled_kernel<T>(c.tiles);
+  failures += check(tiled, run(tiled));
+
+  // tiled_attention on 1, 2, ... threads with the same tiles: identical bits.
+  std::optional<run_outputs<T>> first;
+  for (int t : xattn_test::thread_counts()) {
+    xattn::tile_options o = c.tiles;
+    o.num_threads = t;
+    const auto kern = xattn_test::tiled_kernel<T>(o);
+    auto r = run(kern);
+    if (!first) {
+      failures += check(kern, r);
+      first.emplace(std::move(r));
+    } else if (!same_bits(r.out, first->out) || !same_bits(r.weights, first->weights) ||
+               !same_bits(r.lse, first->lse)) {
+      failures += kern.name + ": results differ from those on 1 thread\n";
+    }
+  }
+  if (failures.empty()) return failures;
+  std::ostringstream s;
+  s << "case seed " << case_seed << " (replay: XATTN_PROPERTY_CASE=" << case_seed << ")\n  "
+    << c.describe() << "\n"
+    << failures;
+  return s.str();
+}
+
+template <class T>
+class Property : public ::testing::Test {};
+TYPED_TEST_SUITE(Property, xattn_test::element_types, );
+
+TYPED_TEST(Property, KernelsMatchTheReferenceOnRandomCases) {
+  if (const auto one = env_u64("XATTN_PROPERTY_CASE")) {
+    const std::string err = run_case<TypeParam>(*one);
+    EXPECT_TRUE(err.empty()) << err;
+    return;
+  }
+  const std::uint64_t cases = env_u64("XATTN_PROPERTY_CASES").value_or(5000);
+  const double budget = double(env_u64("XATTN_PROPERTY_SECONDS").value_or(50));
+  const std::uint64_t seed = run_seed();
+  const auto start = std::chrono::steady_clock::now();
+  const auto elapsed = [&] {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  };
+  std::uint64_t ran = 0;
+  int failed = 0;
+  for (; ran < cases && elapsed() < budget; ++ran) {
+    const std::string err = run_case<TypeParam>(mix(seed + ran));
+    if (!err.empty()) {
+      ADD_FAILURE() << err;
+      if (++failed == 5) {
+        std::cout << "stopping after 5 failing cases\n";
+        ++ran;
+        break;
+      }
+    }
+  }
+  std::cout << "XATTN_PROPERTY_SEED=" << seed << ": " << ran << " of " << cases << " cases in "
+            << elapsed() << " s" << (ran < cases && failed < 5 ? " (time budget reached)" : "")
+            << "\n";
+  EXPECT_GT(ran, 0u);
+}
+
+}  // namespace

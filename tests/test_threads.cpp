@@ -1,0 +1,111 @@
+// SPDX-License-Identifier: MIT
+// Threads: the kernels may be called from several threads at once (OpenMP or std::thread) on
+// shared inputs and separate outputs, and tiled_attention gives the same bits on 1 to 4 threads
+// for a problem large enough to give every thread several tiles. The tsan preset runs these
+// under ThreadSanitizer.
+#include "xattn/attention_naive.hpp"
+#include "xattn/attention_tiled.hpp"
+
+#include "kernels.hpp"
+#include "test_support.hpp"
+
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <thread>
+#include <vector>
+
+namespace {
+
+using xattn::index_t;
+using xattn_test::random_tensor;
+using xattn_test::tensor;
+
+// Shared inputs: B = 2, H = 4, Hkv = 2, Lq = 37, Lk = 53, Dk = 16, Dv = 8, with key padding.
+struct shared_inputs {
+  tensor<float, 4> q = random_tensor<float, 4>({2, 4, 37, 16}, 1);
+  tensor<float, 4> k = random_tensor<float, 4>({2, 2, 53, 16}, 2);
+  tensor<float, 4> v = random_tensor<float, 4>({2, 2, 53, 8}, 3);
+  index_t lengths[2] = {53, 20};
+  xattn::attention_options<float> opts;
+  shared_inputs() { opts.mask.kv_lengths = xattn::make_view(lengths, {2}); }
+};
+
+// Each call writes its own output; all must equal a call made alone, bit for bit.
+void expect_all_equal(const std::vector<tensor<float, 4>>& outs, const tensor<float, 4>& alone) {
+  for (std::size_t n = 0; n < outs.size(); ++n)
+    EXPECT_EQ(
+        std::memcmp(outs[n].data.data(), alone.data.data(), alone.data.size() * sizeof(float)), 0)
+        << "call " << n;
+}
+
+TEST(Threads, KernelsRunConcurrentlyOnOpenMPThreads) {
+  const shared_inputs in;
+  for (const auto& kern : {xattn_test::naive_kernel<float>(),
+                           xattn_test::tiled_kernel<float>(xattn::tile_options{4, 16, 1})}) {
+    SCOPED_TRACE(kern.name);
+    tensor<float, 4> alone({2, 4, 37, 8});
+    kern.run(in.q.cview(), in.k.cview(), in.v.cview(), alone.view(), in.opts);
+    std::vector<tensor<float, 4>> outs(8, tensor<float, 4>({2, 4, 37, 8}));
+#ifdef _OPENMP
+#  pragma omp parallel for num_threads(4) schedule(static, 1)
+#endif
+    for (int n = 0; n < 8; ++n)
+      kern.run(in.q.cview(), in.k.cview(), in.v.cview(), outs[std::size_t(n)].view(), in.opts);
+    expect_all_equal(outs, alone);
+  }
+}
+
+TEST(Threads, KernelsRunConcurrentlyOnStdThreads) {
+  const shared_inputs in;
+  for (const auto& kern :
+       {xattn_test::naive_kernel<float>(), xattn_test::tiled_kernel<float>({})}) {
+    SCOPED_TRACE(kern.name);
+    tensor<float, 4> alone({2, 4, 37, 8});
+    kern.run(in.q.cview(), in.k.cview(), in.v.cview(), alone.view(), in.opts);
+    std::vector<tensor<float, 4>> outs(4, tensor<float, 4>({2, 4, 37, 8}));
+    std::vector<std::thread> threads;
+    for (std::size_t n = 0; n < outs.size(); ++n)
+      threads.emplace_back(
+          [&, n] { kern.run(in.q.cview(), in.k.cview(), in.v.cview(), outs[n].view(), in.opts); });
+    for (auto& t : threads) t.join();
+    expect_all_equal(outs, alone);
+  }
+}
+
+TEST(Threads, TiledGivesTheSameBitsOnEveryThreadCount) {
+  // Lq = 37 and Lk = 53 in tiles of 4 x 16, 1 x 7 and 64 x 128, on 1 to 4 threads: identical
+  // outputs, weights and log-sum-exp.
+  const shared_inputs in;
+  const std::pair<index_t, index_t> tiles[] = {{4, 16}, {1, 7}, {64, 128}};
+  for (const auto& [qt, kt] : tiles) {
+    tensor<float, 4> first_out, first_w;
+    tensor<float, 3> first_lse;
+    for (int t : xattn_test::thread_counts()) {
+      SCOPED_TRACE(::testing::Message()
+                   << "q_tile=" << qt << " kv_tile=" << kt << " threads=" << t);
+      tensor<float, 4> out({2, 4, 37, 8}), w({2, 4, 37, 53});
+      tensor<float, 3> lse({2, 4, 37});
+      xattn::attention_options<float> opts = in.opts;
+      opts.weights_out = w.view();
+      opts.lse_out = lse.view();
+      xattn::tiled_attention<float>(in.q.cview(), in.k.cview(), in.v.cview(), out.view(), opts,
+                                    xattn::tile_options{qt, kt, t});
+      if (t == 1) {
+        first_out = out;
+        first_w = w;
+        first_lse = lse;
+        const auto want =
+            xattn_test::reference_attention<float>(in.q.cview(), in.k.cview(), in.v.cview(), opts);
+        const double tol = xattn_test::attention_tol<float>(16, 53, want.max_abs_score);
+        EXPECT_TRUE(xattn_test::all_close(out.data, want.out, tol));
+        continue;
+      }
+      EXPECT_EQ(out.data, first_out.data);
+      EXPECT_EQ(w.data, first_w.data);
+      EXPECT_EQ(lse.data, first_lse.data);
+    }
+  }
+}
+
+}  // namespace
