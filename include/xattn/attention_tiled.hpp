@@ -296,7 +296,7 @@ void write_output(const tiled_job<T>& job, index_t b, index_t h, index_t i0, ind
 
 template <class T>
 T* partial_block(const tiled_job<T>& job, index_t unit) {
-  return job.partials + unit * job.plan.q_tile * (job.shape.value_dim + 2);
+  return job.partials + unit * partial_stride<T>(job.plan, job.shape);
 }
 
 template <class T, class Unit>
@@ -403,7 +403,7 @@ index_t tiled_attention_scratch_bytes(const attention_shape& s, const tile_optio
                                       bool need_weights = false) {
   const detail::tiled_plan p = detail::make_tiled_plan<T>(s, tiles, need_weights);
   const index_t per_thread = detail::unit_scratch_elements<T>(p, s);
-  return (index_t(p.threads) * per_thread + detail::partial_elements(p, s)) * index_t(sizeof(T));
+  return (index_t(p.threads) * per_thread + detail::partial_elements<T>(p, s)) * index_t(sizeof(T));
 }
 
 /// Scaled dot-product attention with O(tile) scratch; arguments and results as
@@ -442,7 +442,7 @@ void tiled_attention(detail::identity_t<tensor_view<const T, 4>> q,
   const detail::tiled_plan plan =
       detail::make_tiled_plan<T>(s, tiles, opts.weights_out.has_value());
   T* partials = detail::at_least(detail::thread_scratch<T>().partials,
-                                 detail::partial_elements(plan, s));
+                                 detail::partial_elements<T>(plan, s));
   const detail::tiled_job<T> job{q,       k,        v,   out, opts, detail::mask_plan<T>(opts.mask, s),
                                  s,       pr.group, static_cast<T>(pr.scale), plan, partials};
   detail::parallel_for(plan.units(), plan.threads,

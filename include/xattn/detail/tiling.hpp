@@ -127,9 +127,18 @@ index_t unit_scratch_elements(const tiled_plan& p, const attention_shape& s) {
          (p.rows ? 2 : 3) * w + p.kv_tile * (s.head_dim + s.value_dim);
 }
 
-/// Elements of the per-call partial results: m, l and an output row per query of each unit.
-inline index_t partial_elements(const tiled_plan& p, const attention_shape& s) {
-  return p.splits > 1 ? p.units() * p.q_tile * (s.value_dim + 2) : 0;
+/// Elements of one unit's partial result (m, l and an output row per query), rounded up to
+/// whole 64-byte cache lines so that threads writing neighbouring units never share a line.
+template <class T>
+index_t partial_stride(const tiled_plan& p, const attention_shape& s) {
+  constexpr index_t line = 64 / index_t(sizeof(T));
+  return (p.q_tile * (s.value_dim + 2) + line - 1) / line * line;
+}
+
+/// Elements of the per-call partial results: one block per unit when the keys are split.
+template <class T>
+index_t partial_elements(const tiled_plan& p, const attention_shape& s) {
+  return p.splits > 1 ? p.units() * partial_stride<T>(p, s) : 0;
 }
 
 }  // namespace xattn::detail
