@@ -159,8 +159,8 @@ class lanes_unit {
       const bool live = j0 < key_limit_ && scores(j0, n);
       for (index_t i = 0; i < mq_; ++i)
         for (index_t j = 0; j < n; ++j)
-          weights(b_, h_, i0_ + i, j0 + j) =
-              live ? exp_flushed(s_[j * w_ + i] - m_[i]) * corr_[i] : T(0);
+          weights(b_, h_, i0_ + i, j0 + j) =  // a skipped key: 0, or NaN in a NaN row
+              (live ? exp_flushed(s_[j * w_ + i] - m_[i]) : T(0)) * corr_[i];
     }
   }
 
