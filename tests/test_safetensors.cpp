@@ -187,6 +187,21 @@ TEST(Safetensors, MalformedFilesThrowNamingFileAndTensor) {
       {"ok.safetensors", "tensor 'x' has shape [4], expected [2, 2]"}));
 }
 
+// Found by fuzzing (fuzz/corpus/safetensors/crash-shape-deep-nesting): the error for a shape
+// entry that is not an integer quoted it with a recursive dump, and arrays nested deep enough
+// overflowed the stack. The entry is now named, not quoted.
+TEST(Safetensors, DeeplyNestedShapeEntryIsAFormatError) {
+  const std::size_t depth = 200000;
+  const std::string header = R"({"w": {"dtype": "F32", "shape": [)" + std::string(depth, '[') +
+                             std::string(depth, ']') + R"(], "data_offsets": [0, 0]}})";
+  EXPECT_TRUE(throws_with<xattn::format_error>(
+      [&] { (void)parse(header, 0); },
+      {"bad.safetensors", "tensor 'w'", "shape holds an array", "expected a non-negative"}));
+  EXPECT_TRUE(throws_with<xattn::format_error>(
+      [] { (void)parse(R"({"w": {"dtype": "F32", "shape": [{}], "data_offsets": [0, 0]}})", 0); },
+      {"tensor 'w'", "shape holds an object"}));
+}
+
 xattn::cross_attention_config small_config(index_t context_dim) {
   xattn::cross_attention_config c;
   c.model_dim = 8;

@@ -354,8 +354,14 @@ class safetensors_file {
     constexpr auto max_index = std::uint64_t(std::numeric_limits<index_t>::max());
     std::uint64_t count = 1;
     for (const auto& e : *shape) {
-      if (!e.is_number_unsigned() || e.get<std::uint64_t>() > max_index)
-        fail_tensor(key, "shape holds " + e.dump() + ", expected a non-negative integer");
+      if (!e.is_number_unsigned() || e.get<std::uint64_t>() > max_index) {
+        // Only a scalar is quoted: dump() recurses, and a hostile file can nest arrays deep
+        // enough to overflow the stack.
+        const std::string what = e.is_primitive() ? e.dump()
+                                 : e.is_array()   ? "an array"
+                                                  : "an object";
+        fail_tensor(key, "shape holds " + what + ", expected a non-negative integer");
+      }
       const std::uint64_t x = e.get<std::uint64_t>();
       if (x != 0 && count > max_index / x) fail_tensor(key, "the element count overflows");
       count *= x;
