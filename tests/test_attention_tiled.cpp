@@ -33,18 +33,7 @@ template <class T>
 class TiledAttention : public ::testing::Test {};
 TYPED_TEST_SUITE(TiledAttention, xattn_test::element_types, );
 
-xattn::attention_shape shape(index_t b, index_t h, index_t lq, index_t lk, index_t dk, index_t dv,
-                             index_t hkv = 0) {
-  xattn::attention_shape s;
-  s.batch = b;
-  s.num_heads = h;
-  s.q_len = lq;
-  s.kv_len = lk;
-  s.head_dim = dk;
-  s.value_dim = dv;
-  s.num_kv_heads = hkv;
-  return s;
-}
+using xattn_test::shape;
 
 xattn::tile_options tiles(index_t q_tile, index_t kv_tile, int threads = 1) {
   xattn::tile_options t;
@@ -70,36 +59,18 @@ struct bool_mask {
   xattn::tensor_view<const bool, 4> cview() const { return {data.get(), extents}; }
 };
 
-// Random q, k, v for one shape, output buffers pre-filled with a sentinel, and the check of all
-// three outputs against the reference.
+// Random q, k, v for one shape, and the check of tiled_attention's outputs (with the given
+// tiles) against the reference.
 template <class T>
-struct problem {
-  xattn::attention_shape s;
-  tensor<T, 4> q, k, v, out, weights;
-  tensor<T, 3> lse;
-
-  explicit problem(const xattn::attention_shape& shape, unsigned seed = 1, double amp = 1.0)
-      : s(shape),
-        q(random_tensor<T, 4>({s.batch, s.num_heads, s.q_len, s.head_dim}, seed, -amp, amp)),
-        k(random_tensor<T, 4>({s.batch, s.kv_heads(), s.kv_len, s.head_dim}, seed + 1, -amp, amp)),
-        v(random_tensor<T, 4>({s.batch, s.kv_heads(), s.kv_len, s.value_dim}, seed + 2)),
-        out({s.batch, s.num_heads, s.q_len, s.value_dim}, T(-7)),
-        weights({s.batch, s.num_heads, s.q_len, s.kv_len}, T(-7)),
-        lse({s.batch, s.num_heads, s.q_len}, T(-7)) {}
-
-  // Runs tiled_attention and checks the output and log-sum-exp (and the weights when asked).
-  void run_and_check(xattn::attention_options<T> opts, const xattn::tile_options& t,
+struct problem : xattn_test::problem<T> {
+  using xattn_test::problem<T>::problem;
+  void run_and_check(const xattn::attention_options<T>& opts, const xattn::tile_options& t,
                      bool with_weights = true) {
-    if (with_weights) opts.weights_out = weights.view();
-    opts.lse_out = lse.view();
-    xattn::tiled_attention<T>(q.view(), k.view(), v.view(), out.view(), opts, t);
-    const auto want = xattn_test::reference_attention<T>(q.view(), k.view(), v.view(), opts);
-    const double tol = xattn_test::attention_tol<T>(s.head_dim, s.kv_len, want.max_abs_score);
-    EXPECT_TRUE(all_close(out.data, want.out, tol)) << "output";
-    EXPECT_TRUE(all_close(lse.data, want.lse, tol)) << "log-sum-exp";
-    if (with_weights) {
-      EXPECT_TRUE(all_close(weights.data, want.weights, tol)) << "weights";
-    }
+    xattn_test::problem<T>::run_and_check(
+        [&t](auto q, auto k, auto v, auto out, const auto& o) {
+          xattn::tiled_attention<T>(q, k, v, out, o, t);
+        },
+        opts, with_weights);
   }
 };
 

@@ -168,6 +168,54 @@ reference_result reference_attention(const xattn::tensor_view<const T, 4>& q,
   return r;
 }
 
+/// An attention_shape from its sizes, in the order B, H, Lq, Lk, Dk, Dv (, Hkv).
+inline xattn::attention_shape shape(index_t b, index_t h, index_t lq, index_t lk, index_t dk,
+                                    index_t dv, index_t hkv = 0) {
+  xattn::attention_shape s;
+  s.batch = b;
+  s.num_heads = h;
+  s.q_len = lq;
+  s.kv_len = lk;
+  s.head_dim = dk;
+  s.value_dim = dv;
+  s.num_kv_heads = hkv;
+  return s;
+}
+
+/// Random q, k, v for one shape, and output buffers pre-filled with a sentinel (-7).
+template <class T>
+struct problem {
+  xattn::attention_shape s;
+  tensor<T, 4> q, k, v, out, weights;
+  tensor<T, 3> lse;
+
+  explicit problem(const xattn::attention_shape& shape, unsigned seed = 1, double amp = 1.0)
+      : s(shape),
+        q(random_tensor<T, 4>({s.batch, s.num_heads, s.q_len, s.head_dim}, seed, -amp, amp)),
+        k(random_tensor<T, 4>({s.batch, s.kv_heads(), s.kv_len, s.head_dim}, seed + 1, -amp, amp)),
+        v(random_tensor<T, 4>({s.batch, s.kv_heads(), s.kv_len, s.value_dim}, seed + 2)),
+        out({s.batch, s.num_heads, s.q_len, s.value_dim}, T(-7)),
+        weights({s.batch, s.num_heads, s.q_len, s.kv_len}, T(-7)),
+        lse({s.batch, s.num_heads, s.q_len}, T(-7)) {}
+
+  /// Runs kernel(q, k, v, out, opts), asking for the log-sum-exp (and the weights when asked),
+  /// and checks every output against reference_attention.
+  template <class Kernel>
+  void run_and_check(const Kernel& kernel, xattn::attention_options<T> opts,
+                     bool with_weights = true) {
+    if (with_weights) opts.weights_out = weights.view();
+    opts.lse_out = lse.view();
+    kernel(q.cview(), k.cview(), v.cview(), out.view(), opts);
+    const auto want = reference_attention<T>(q.cview(), k.cview(), v.cview(), opts);
+    const double tol = attention_tol<T>(s.head_dim, s.kv_len, want.max_abs_score);
+    EXPECT_TRUE(all_close(out.data, want.out, tol)) << "output";
+    EXPECT_TRUE(all_close(lse.data, want.lse, tol)) << "log-sum-exp";
+    if (with_weights) {
+      EXPECT_TRUE(all_close(weights.data, want.weights, tol)) << "weights";
+    }
+  }
+};
+
 /// Runs f and checks it throws E with a message containing every given fragment.
 template <class E, class F>
 ::testing::AssertionResult throws_with(F&& f, std::initializer_list<const char*> fragments) {
