@@ -13,10 +13,10 @@
 
 #include <gtest/gtest.h>
 
-#include <cmath>
-#include <cstring>
 #include <algorithm>
 #include <array>
+#include <cmath>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <vector>
@@ -77,23 +77,23 @@ struct problem : xattn_test::problem<T> {
 // Shapes that reach every edge: Lq != Lk, Lq = 1 (row path), Lk = 1, Dk != Dv, lengths that no
 // tile divides, a query tile wider than one packet, grouped-query heads.
 const xattn::attention_shape odd_shapes[] = {
-    shape(1, 1, 1, 1, 1, 1),       shape(1, 1, 1, 37, 8, 5),      shape(2, 3, 3, 50, 16, 24),
-    shape(1, 2, 37, 1, 12, 7),     shape(2, 2, 29, 61, 19, 33),   shape(1, 1, 130, 300, 64, 64),
+    shape(1, 1, 1, 1, 1, 1),        shape(1, 1, 1, 37, 8, 5),     shape(2, 3, 3, 50, 16, 24),
+    shape(1, 2, 37, 1, 12, 7),      shape(2, 2, 29, 61, 19, 33),  shape(1, 1, 130, 300, 64, 64),
     shape(2, 4, 70, 90, 40, 24, 2), shape(1, 6, 20, 45, 8, 8, 1), shape(1, 1, 17, 257, 3, 70),
 };
 
 // Tiles that divide nothing, tiles of one, and tiles larger than every length.
-const xattn::tile_options odd_tiles[] = {tiles(0, 0), tiles(1, 1), tiles(5, 7), tiles(16, 3),
-                                          tiles(3, 64), tiles(1000, 1000)};
+const xattn::tile_options odd_tiles[] = {tiles(0, 0),  tiles(1, 1),  tiles(5, 7),
+                                         tiles(16, 3), tiles(3, 64), tiles(1000, 1000)};
 
 TYPED_TEST(TiledAttention, MatchesReferenceOnOddShapesAndTiles) {
   using T = TypeParam;
   for (const auto& s : odd_shapes)
     for (const auto& t : odd_tiles) {
-      SCOPED_TRACE(::testing::Message() << "Lq " << s.q_len << " Lk " << s.kv_len << " Dk "
-                                        << s.head_dim << " Dv " << s.value_dim << " q_tile "
-                                        << t.q_tile.value_or(0) << " kv_tile "
-                                        << t.kv_tile.value_or(0));
+      SCOPED_TRACE(::testing::Message()
+                   << "Lq " << s.q_len << " Lk " << s.kv_len << " Dk " << s.head_dim << " Dv "
+                   << s.value_dim << " q_tile " << t.q_tile.value_or(0) << " kv_tile "
+                   << t.kv_tile.value_or(0));
       problem<T>(s).run_and_check({}, t);
     }
 }
@@ -255,7 +255,8 @@ TYPED_TEST(TiledAttention, GivesBitIdenticalResultsForOneToFourThreads) {
                         shape(2, 2, 2, 1200, 32, 32, 1)}) {
     problem<T> p(s);
     xattn::attention_options<T> opts;
-    if (s.batch == 2 && s.kv_len >= 1200) opts.mask.kv_lengths = xattn::make_view(lengths.data(), {2});
+    if (s.batch == 2 && s.kv_len >= 1200)
+      opts.mask.kv_lengths = xattn::make_view(lengths.data(), {2});
     opts.lse_out = p.lse.view();
     std::vector<T> first_out, first_lse;
     for (int threads : thread_counts) {
@@ -330,8 +331,7 @@ TYPED_TEST(TiledAttention, VectorisedExpIsAccurateAndFlushesBelowTheSmallestNorm
 
 TEST(TiledAttentionScratch, DependsOnTheTilesNotOnTheLengths) {
   const auto at = [](index_t lq, index_t lk) {
-    return xattn::tiled_attention_scratch_bytes<float>(shape(1, 8, lq, lk, 64, 64),
-                                                        tiles(0, 0, 2));
+    return xattn::tiled_attention_scratch_bytes<float>(shape(1, 8, lq, lk, 64, 64), tiles(0, 0, 2));
   };
   EXPECT_GT(at(4096, 4096), 0);
   EXPECT_EQ(at(4096, 4096), at(65536, 65536));
@@ -379,15 +379,11 @@ TEST(TiledAttentionErrors, NamesTheMismatchedExtent) {
   problem<float> p(shape(1, 2, 4, 5, 3, 2));
   tensor<float, 4> bad_v({1, 2, 5, 3});
   EXPECT_TRUE(throws_with<xattn::shape_error>(
-      [&] {
-        xattn::tiled_attention<float>(p.q.view(), p.k.view(), bad_v.cview(), p.out.view());
-      },
+      [&] { xattn::tiled_attention<float>(p.q.view(), p.k.view(), bad_v.cview(), p.out.view()); },
       {"tiled_attention", "out.extent(3) is 2, expected 3"}));
   tensor<float, 4> bad_k({1, 2, 6, 3});
   EXPECT_TRUE(throws_with<xattn::shape_error>(
-      [&] {
-        xattn::tiled_attention<float>(p.q.view(), bad_k.cview(), p.v.view(), p.out.view());
-      },
+      [&] { xattn::tiled_attention<float>(p.q.view(), bad_k.cview(), p.v.view(), p.out.view()); },
       {"tiled_attention: v.extent(2) is 5, expected 6"}));
 }
 

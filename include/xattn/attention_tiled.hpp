@@ -105,7 +105,13 @@ class lanes_unit {
  public:
   lanes_unit(const tiled_job<T>& job, tile_scratch<T>& ws, index_t b, index_t h, index_t i0,
              index_t mq)
-      : job_(job), ws_(ws), b_(b), h_(h), i0_(i0), mq_(mq), w_(job.plan.width),
+      : job_(job),
+        ws_(ws),
+        b_(b),
+        h_(h),
+        i0_(i0),
+        mq_(mq),
+        w_(job.plan.width),
         packets_(w_ / simd::lanes<T>),
         k_(job.k.select(0, b).select(0, h / job.group)),
         v_(job.v.select(0, b).select(0, h / job.group)) {
@@ -203,7 +209,12 @@ class row_unit {
  public:
   row_unit(const tiled_job<T>& job, tile_scratch<T>& ws, index_t b, index_t h, index_t i0,
            index_t mq)
-      : job_(job), ws_(ws), b_(b), h_(h), i0_(i0), mq_(mq),
+      : job_(job),
+        ws_(ws),
+        b_(b),
+        h_(h),
+        i0_(i0),
+        mq_(mq),
         k_(job.k.select(0, b).select(0, h / job.group)),
         v_(job.v.select(0, b).select(0, h / job.group)) {
     const attention_shape& s = job.shape;
@@ -224,7 +235,8 @@ class row_unit {
     std::fill(acc_, acc_ + mq_ * s.value_dim, T(0));
     // Keys past the last one any row may see (key padding, causal) are never read.
     index_t key_limit = 0;
-    for (index_t i = 0; i < mq_; ++i) key_limit = std::max(key_limit, job_.mask.key_end(b_, i0_ + i));
+    for (index_t i = 0; i < mq_; ++i)
+      key_limit = std::max(key_limit, job_.mask.key_end(b_, i0_ + i));
     kend = std::min(kend, key_limit);
     for (index_t j0 = kbeg; j0 < kend; j0 += job_.plan.kv_tile) {
       const index_t n = std::min(job_.plan.kv_tile, kend - j0);
@@ -300,8 +312,8 @@ T* partial_block(const tiled_job<T>& job, index_t unit) {
 }
 
 template <class T, class Unit>
-void finish_unit(const tiled_job<T>& job, Unit& unit, index_t u, index_t b, index_t h,
-                 index_t i0, index_t mq, index_t split) {
+void finish_unit(const tiled_job<T>& job, Unit& unit, index_t u, index_t b, index_t h, index_t i0,
+                 index_t mq, index_t split) {
   const tiled_plan& p = job.plan;
   const index_t kbeg = split * p.split_len;
   const unit_state<T> st = unit.run(kbeg, std::min(job.shape.kv_len, kbeg + p.split_len));
@@ -328,7 +340,8 @@ void merge_item(const tiled_job<T>& job, index_t item, index_t b, index_t h, ind
   T* acc = at_least(thread_scratch<T>().acc, dv);
   for (index_t i = 0; i < mq; ++i) {
     T big = -std::numeric_limits<T>::infinity();
-    for (index_t sp = 0; sp < splits; ++sp) big = max_nan(big, partial_block(job, item * splits + sp)[i]);
+    for (index_t sp = 0; sp < splits; ++sp)
+      big = max_nan(big, partial_block(job, item * splits + sp)[i]);
     const T shift = safe_shift(big);
     T l = 0;
     std::fill(acc, acc + dv, T(0));
@@ -441,12 +454,13 @@ void tiled_attention(detail::identity_t<tensor_view<const T, 4>> q,
 
   const detail::tiled_plan plan =
       detail::make_tiled_plan<T>(s, tiles, opts.weights_out.has_value());
-  T* partials = detail::at_least(detail::thread_scratch<T>().partials,
-                                 detail::partial_elements<T>(plan, s));
-  const detail::tiled_job<T> job{q,       k,        v,   out, opts, detail::mask_plan<T>(opts.mask, s),
-                                 s,       pr.group, static_cast<T>(pr.scale), plan, partials};
-  detail::parallel_for(plan.units(), plan.threads,
-                       [&](index_t u) { detail::run_unit(job, u); });
+  T* partials =
+      detail::at_least(detail::thread_scratch<T>().partials, detail::partial_elements<T>(plan, s));
+  const detail::tiled_job<T> job{q,    k,        v,
+                                 out,  opts,     detail::mask_plan<T>(opts.mask, s),
+                                 s,    pr.group, static_cast<T>(pr.scale),
+                                 plan, partials};
+  detail::parallel_for(plan.units(), plan.threads, [&](index_t u) { detail::run_unit(job, u); });
   if (plan.splits > 1)
     detail::parallel_for(plan.items, std::min<int>(plan.threads, int(plan.items)),
                          [&](index_t item) { detail::run_merge(job, item); });

@@ -64,7 +64,8 @@ class mask_plan {
 
   /// False when the boolean mask forbids every key j0 .. j0 + n - 1 to every query
   /// i0 .. i0 + m - 1 of (b, h): such a tile can be skipped. True when there is no boolean mask.
-  bool allows_any(index_t b, index_t h, index_t i0, index_t m, index_t j0, index_t n) const noexcept {
+  bool allows_any(index_t b, index_t h, index_t i0, index_t m, index_t j0,
+                  index_t n) const noexcept {
     if (!allowed_) return true;
     for (index_t i = i0; i < i0 + m; ++i) {
       const bool* row = allowed_ + offset(allowed_strides_, b, h, i);

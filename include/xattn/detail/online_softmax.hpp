@@ -90,20 +90,22 @@ EIGEN_STRONG_INLINE void value_rows_tail(index_t rem, const T* v, index_t ldv, c
 }
 
 template <class T, int C>
-void score_columns(index_t n, const T* k, index_t ldk, const T* qt, index_t ldq,
-                   index_t head_dim, T* s, index_t lds) {
+void score_columns(index_t n, const T* k, index_t ldk, const T* qt, index_t ldq, index_t head_dim,
+                   T* s, index_t lds) {
   constexpr int R = simd::block_rows;
   index_t j = 0;
-  for (; j + R <= n; j += R) score_block<T, R, C>(k + j * ldk, ldk, qt, ldq, head_dim, s + j * lds, lds);
+  for (; j + R <= n; j += R)
+    score_block<T, R, C>(k + j * ldk, ldk, qt, ldq, head_dim, s + j * lds, lds);
   if (j < n) score_rows_tail<T, C>(n - j, k + j * ldk, ldk, qt, ldq, head_dim, s + j * lds, lds);
 }
 
 template <class T, int C>
-void value_columns(index_t value_dim, const T* v, index_t ldv, const T* pt, index_t ldp,
-                   index_t n, const T* corr, T* ot, index_t ldo) {
+void value_columns(index_t value_dim, const T* v, index_t ldv, const T* pt, index_t ldp, index_t n,
+                   const T* corr, T* ot, index_t ldo) {
   constexpr int R = simd::block_rows;
   index_t e = 0;
-  for (; e + R <= value_dim; e += R) value_block<T, R, C>(v + e, ldv, pt, ldp, n, corr, ot + e * ldo, ldo);
+  for (; e + R <= value_dim; e += R)
+    value_block<T, R, C>(v + e, ldv, pt, ldp, n, corr, ot + e * ldo, ldo);
   if (e < value_dim)
     value_rows_tail<T, C>(value_dim - e, v + e, ldv, pt, ldp, n, corr, ot + e * ldo, ldo);
 }
@@ -200,8 +202,7 @@ void row_scores(const T* q, const T* k, index_t ldk, index_t head_dim, index_t n
 /// acc[e] = corr · acc[e] + Σ_j p[j] · V[j][e] for e < Dv: vectorised along Dv, up to four
 /// packets of acc held in registers across all n keys.
 template <class T>
-void row_values(const T* p, const T* v, index_t ldv, index_t value_dim, index_t n, T corr,
-                T* acc) {
+void row_values(const T* p, const T* v, index_t ldv, index_t value_dim, index_t n, T corr, T* acc) {
   using P = simd::packet<T>;
   constexpr index_t L = simd::lanes<T>;
   const P cf = simd::broadcast(corr);
@@ -225,7 +226,8 @@ void row_values(const T* p, const T* v, index_t ldv, index_t value_dim, index_t 
   }
   for (; e + L <= value_dim; e += L) {
     P a = simd::mul(simd::load(acc + e), cf);
-    for (index_t j = 0; j < n; ++j) a = simd::fma(simd::broadcast(p[j]), simd::load(v + j * ldv + e), a);
+    for (index_t j = 0; j < n; ++j)
+      a = simd::fma(simd::broadcast(p[j]), simd::load(v + j * ldv + e), a);
     simd::store(acc + e, a);
   }
   for (; e < value_dim; ++e) {

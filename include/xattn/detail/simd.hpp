@@ -92,8 +92,8 @@ EIGEN_STRONG_INLINE packet<float> exp_flushed<float>(const packet<float>& x) {
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201E-1f));
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   const __m512 e = _mm512_scalef_ps(y, m);
-  const __mmask16 tiny = _mm512_cmp_ps_mask(e, _mm512_set1_ps(std::numeric_limits<float>::min()),
-                                            _CMP_LT_OQ);
+  const __mmask16 tiny =
+      _mm512_cmp_ps_mask(e, _mm512_set1_ps(std::numeric_limits<float>::min()), _CMP_LT_OQ);
   return _mm512_maskz_mov_ps(__mmask16(~tiny), e);
 }
 #endif

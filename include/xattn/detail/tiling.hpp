@@ -38,9 +38,9 @@ inline int default_threads() noexcept {
 /// busy, as when one decoder query reads a long context. Nothing here depends on the thread
 /// count, so neither does the result.
 struct tiled_plan {
-  bool rows = false;    ///< few queries: the row path, one query at a time (see attention_tiled.hpp)
-  index_t q_tile = 0;   ///< queries per tile
-  index_t width = 0;    ///< lanes path: q_tile rounded up to whole packets
+  bool rows = false;   ///< few queries: the row path, one query at a time (see attention_tiled.hpp)
+  index_t q_tile = 0;  ///< queries per tile
+  index_t width = 0;   ///< lanes path: q_tile rounded up to whole packets
   index_t kv_tile = 0;  ///< keys per tile
   index_t q_tiles = 0;  ///< query tiles per (batch, head)
   index_t items = 0;    ///< B · H · q_tiles
@@ -72,7 +72,9 @@ tiled_plan make_tiled_plan(const attention_shape& s, const tile_options& t, bool
   const index_t q_want = t.q_tile ? *t.q_tile : (p.rows ? s.q_len : default_q_tile);
   p.q_tile = std::max<index_t>(1, std::min(q_want, s.q_len));
   p.width = (p.q_tile + L - 1) / L * L;
-  p.kv_tile = std::max<index_t>(1, std::min(t.kv_tile ? *t.kv_tile : (p.rows ? default_row_kv_tile : default_kv_tile), s.kv_len));
+  p.kv_tile = std::max<index_t>(
+      1, std::min(t.kv_tile ? *t.kv_tile : (p.rows ? default_row_kv_tile : default_kv_tile),
+                  s.kv_len));
   p.q_tiles = (s.q_len + p.q_tile - 1) / p.q_tile;
   p.items = s.batch * s.num_heads * p.q_tiles;
   if (!need_weights && p.items > 0 && p.items < split_target_units) {
