@@ -40,7 +40,7 @@ xattn::attention_shape single_head(const benchmark::State& state) {
 
 // The thread count of a case (its last argument), applied to Eigen's own GEMM threads too.
 int use_threads(benchmark::State& state, std::size_t arg) {
-  const int threads = int(state.range(int(arg)));
+  const int threads = int(state.range(arg));
   Eigen::setNbThreads(threads);
   state.counters["num_threads"] = threads;
   return threads;
