@@ -18,13 +18,17 @@ if [ "${#examples[@]}" -eq 0 ]; then
   exit 1
 fi
 
+# Examples that write pictures write them into their first argument's directory.
+pictures="$(mktemp -d)"
+trap 'rm -rf "$pictures"' EXIT
+
 status=0
 for exe in "${examples[@]}"; do
   echo "memcheck.sh: $exe"
   # Passive OpenMP threads sleep instead of spinning, which is much faster under valgrind.
   if ! OMP_WAIT_POLICY=PASSIVE valgrind --tool=memcheck --quiet --error-exitcode=99 \
     --leak-check=full --show-leak-kinds=definite,indirect \
-    --errors-for-leak-kinds=definite,indirect --track-origins=yes "$exe" >/dev/null; then
+    --errors-for-leak-kinds=definite,indirect --track-origins=yes "$exe" "$pictures" >/dev/null; then
     echo "memcheck.sh: $exe failed (valgrind's report is above)" >&2
     status=1
   fi
