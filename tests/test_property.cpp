@@ -18,6 +18,7 @@
 #include "xattn/attention_tiled.hpp"
 
 #include "kernels.hpp"
+#include "property_support.hpp"
 #include "test_support.hpp"
 
 #include <gtest/gtest.h>
@@ -42,42 +43,10 @@
 namespace {
 
 using xattn::index_t;
-using rng = std::mt19937_64;
+using xattn_test::property::chance;
+using xattn_test::property::pick;
+using xattn_test::property::rng;
 
-// ---- the environment ---------------------------------------------------------------------------
-
-std::optional<std::uint64_t> env_u64(const char* name) {
-  const char* s = std::getenv(name);
-  if (!s || !*s) return std::nullopt;
-  return std::strtoull(s, nullptr, 0);
-}
-
-std::uint64_t run_seed() {
-  static const std::uint64_t seed = [] {
-    const char* s = std::getenv("XATTN_PROPERTY_SEED");
-    if (s && std::string(s) == "random") {
-      const auto r = std::uint64_t(std::random_device{}()) << 32 ^
-                     std::uint64_t(std::chrono::steady_clock::now().time_since_epoch().count());
-      std::cout << "XATTN_PROPERTY_SEED=" << r << "\n";
-      return r;
-    }
-    return env_u64("XATTN_PROPERTY_SEED").value_or(1);
-  }();
-  return seed;
-}
-
-// SplitMix64: well-spread case seeds from the run seed and the case number.
-std::uint64_t mix(std::uint64_t x) {
-  x += 0x9e3779b97f4a7c15ULL;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-  return x ^ (x >> 31);
-}
-
-index_t pick(rng& g, index_t lo, index_t hi) {  // uniform in [lo, hi]
-  return std::uniform_int_distribution<index_t>(lo, hi)(g);
-}
-bool chance(rng& g, double p) { return std::bernoulli_distribution(p)(g); }
 
 // ---- layouts -----------------------------------------------------------------------------------
 
@@ -394,35 +363,8 @@ class Property : public ::testing::Test {};
 TYPED_TEST_SUITE(Property, xattn_test::element_types, );
 
 TYPED_TEST(Property, KernelsMatchTheReferenceOnRandomCases) {
-  if (const auto one = env_u64("XATTN_PROPERTY_CASE")) {
-    const std::string err = run_case<TypeParam>(*one);
-    EXPECT_TRUE(err.empty()) << err;
-    return;
-  }
-  const std::uint64_t cases = env_u64("XATTN_PROPERTY_CASES").value_or(5000);
-  const double budget = double(env_u64("XATTN_PROPERTY_SECONDS").value_or(50));
-  const std::uint64_t seed = run_seed();
-  const auto start = std::chrono::steady_clock::now();
-  const auto elapsed = [&] {
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  };
-  std::uint64_t ran = 0;
-  int failed = 0;
-  for (; ran < cases && elapsed() < budget; ++ran) {
-    const std::string err = run_case<TypeParam>(mix(seed + ran));
-    if (!err.empty()) {
-      ADD_FAILURE() << err;
-      if (++failed == 5) {
-        std::cout << "stopping after 5 failing cases\n";
-        ++ran;
-        break;
-      }
-    }
-  }
-  std::cout << "XATTN_PROPERTY_SEED=" << seed << ": " << ran << " of " << cases << " cases in "
-            << elapsed() << " s" << (ran < cases && failed < 5 ? " (time budget reached)" : "")
-            << "\n";
-  EXPECT_GT(ran, 0u);
+  xattn_test::property::run_cases(run_case<TypeParam>, xattn_test::property::run_seed(), 1,
+                                  "cases");
 }
 
 }  // namespace

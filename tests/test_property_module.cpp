@@ -22,6 +22,7 @@
 #include "xattn/cross_attention.hpp"
 
 #include "kernels.hpp"
+#include "property_support.hpp"
 #include "test_support.hpp"
 
 #include <gtest/gtest.h>
@@ -46,47 +47,14 @@ namespace {
 
 using xattn::index_t;
 using ld = long double;
-using rng = std::mt19937_64;
+using xattn_test::property::chance;
+using xattn_test::property::mix;
+using xattn_test::property::pick;
+using xattn_test::property::rng;
+using xattn_test::property::uniform;
 
-// ---- the environment ---------------------------------------------------------------------------
-
-std::optional<std::uint64_t> env_u64(const char* name) {
-  const char* s = std::getenv(name);
-  if (!s || !*s) return std::nullopt;
-  return std::strtoull(s, nullptr, 0);
-}
-
-std::uint64_t run_seed() {
-  static const std::uint64_t seed = [] {
-    const char* s = std::getenv("XATTN_PROPERTY_SEED");
-    if (s && std::string(s) == "random") {
-      const auto r = std::uint64_t(std::random_device{}()) << 32 ^
-                     std::uint64_t(std::chrono::steady_clock::now().time_since_epoch().count());
-      std::cout << "XATTN_PROPERTY_SEED=" << r << "\n";
-      return r;
-    }
-    return env_u64("XATTN_PROPERTY_SEED").value_or(1);
-  }();
-  return seed;
-}
-
-// SplitMix64: well-spread case seeds from the run seed and the case number. The module cases
-// use their own stream (the constant), so they differ from test_property's kernel cases.
-std::uint64_t mix(std::uint64_t x) {
-  x += 0x9e3779b97f4a7c15ULL;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-  return x ^ (x >> 31);
-}
+// The module cases draw from their own stream of case seeds.
 constexpr std::uint64_t module_stream = 0x6d6f64756c65ULL;
-
-index_t pick(rng& g, index_t lo, index_t hi) {  // uniform in [lo, hi]
-  return std::uniform_int_distribution<index_t>(lo, hi)(g);
-}
-bool chance(rng& g, double p) { return std::bernoulli_distribution(p)(g); }
-double uniform(rng& g, double lo, double hi) {
-  return std::uniform_real_distribution<double>(lo, hi)(g);
-}
 
 // ---- rank-3 inputs and outputs -----------------------------------------------------------------
 
@@ -535,36 +503,10 @@ class PropertyModule : public ::testing::Test {};
 TYPED_TEST_SUITE(PropertyModule, xattn_test::element_types, );
 
 TYPED_TEST(PropertyModule, ModuleMatchesTheReferenceOnRandomCases) {
-  if (const auto one = env_u64("XATTN_PROPERTY_CASE")) {
-    const std::string err = run_case<TypeParam>(*one);
-    EXPECT_TRUE(err.empty()) << err;
-    return;
-  }
-  const std::uint64_t cases =
-      std::max<std::uint64_t>(env_u64("XATTN_PROPERTY_CASES").value_or(5000) / 5, 1);
-  const double budget = double(env_u64("XATTN_PROPERTY_SECONDS").value_or(50));
-  const std::uint64_t seed = run_seed();
-  const auto start = std::chrono::steady_clock::now();
-  const auto elapsed = [&] {
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  };
-  std::uint64_t ran = 0;
-  int failed = 0;
-  for (; ran < cases && elapsed() < budget; ++ran) {
-    const std::string err = run_case<TypeParam>(mix(mix(seed ^ module_stream) + ran));
-    if (!err.empty()) {
-      ADD_FAILURE() << err;
-      if (++failed == 5) {
-        std::cout << "stopping after 5 failing cases\n";
-        ++ran;
-        break;
-      }
-    }
-  }
-  std::cout << "XATTN_PROPERTY_SEED=" << seed << ": " << ran << " of " << cases
-            << " module cases in " << elapsed() << " s"
-            << (ran < cases && failed < 5 ? " (time budget reached)" : "") << "\n";
-  EXPECT_GT(ran, 0u);
+  // The module's cases come from their own stream, so they differ from test_property's; each
+  // runs several forwards, so a fifth as many.
+  const std::uint64_t base = mix(xattn_test::property::run_seed() ^ module_stream);
+  xattn_test::property::run_cases(run_case<TypeParam>, base, 5, "module cases");
 }
 
 }  // namespace
