@@ -346,12 +346,13 @@ TEST(TiledAttentionScratch, RepeatedCallsAllocateNothing) {
   problem<float> p(shape(1, 2, 70, 300, 32, 32));
   const xattn::tile_options serial = tiles(0, 0, 1);
   xattn::tiled_attention<float>(p.q.view(), p.k.view(), p.v.view(), p.out.view(), {}, serial);
-  const auto& scratch = xattn::detail::thread_scratch<float>();
-  const index_t bytes = scratch.bytes();
-  const float* qt = scratch.qt.data();
+  const auto& team = xattn::detail::calling_thread_scratch<float>();
+  ASSERT_GE(team.threads.size(), 1u);
+  const index_t bytes = team.threads[0].bytes();
+  const float* qt = team.threads[0].qt.data();
   xattn::tiled_attention<float>(p.q.view(), p.k.view(), p.v.view(), p.out.view(), {}, serial);
-  EXPECT_EQ(bytes, scratch.bytes());
-  EXPECT_EQ(qt, scratch.qt.data());
+  EXPECT_EQ(bytes, team.threads[0].bytes());
+  EXPECT_EQ(qt, team.threads[0].qt.data());
 }
 
 TEST(TiledAttentionErrors, NamesTheBadTileOption) {
@@ -385,6 +386,30 @@ TEST(TiledAttentionErrors, NamesTheMismatchedExtent) {
   EXPECT_TRUE(throws_with<xattn::shape_error>(
       [&] { xattn::tiled_attention<float>(p.q.view(), bad_k.cview(), p.v.view(), p.out.view()); },
       {"tiled_attention: v.extent(2) is 5, expected 6"}));
+}
+
+TEST(TiledAttentionThreads, SmallCallsDoNotFork) {
+  // Beside another library's spinning thread pool, each fork of a 6 µs decoder step cost
+  // milliseconds. Unless a thread count is asked for, a call starts a thread per
+  // min_flops_per_thread of work only.
+  const auto plan = [](const xattn::attention_shape& s, const xattn::tile_options& t) {
+    return xattn::detail::make_tiled_plan<float>(s, t, false);
+  };
+  xattn::tile_options automatic, asked;
+  asked.num_threads = 4;
+  automatic.num_threads.reset();
+  const auto decoder_step = shape(1, 1, 1, 1500, 64, 64);  // 0.38 MFLOP
+  EXPECT_GT(plan(decoder_step, asked).splits, 1);
+  EXPECT_EQ(plan(decoder_step, automatic).threads, 1);
+  EXPECT_EQ(plan(decoder_step, asked).threads, 4);  // asked for: obeyed
+  const auto long_step = shape(1, 8, 1, 32768, 64, 64);  // 67 MFLOP: every thread is worth it
+  EXPECT_EQ(plan(long_step, automatic).threads,
+            std::min(xattn::detail::default_threads(), int(plan(long_step, automatic).units())));
+  // 2.4 · min_flops_per_thread of work: at most two threads.
+  const auto medium = shape(1, 1, 16, 600, 64, 64);
+  const double flops = 2.0 * 16 * 600 * 128;
+  ASSERT_NEAR(flops / xattn::detail::min_flops_per_thread, 2.34, 0.01);
+  EXPECT_EQ(plan(medium, automatic).threads, std::min(2, xattn::detail::default_threads()));
 }
 
 }  // namespace

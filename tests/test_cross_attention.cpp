@@ -431,4 +431,178 @@ TEST(CrossAttentionModule, ForwardShapeErrorsNameTheArgument) {
                              {"key_padding_mask.extent(1) is 4, expected 5"}));
 }
 
+// ---- defects found from outside (each failed before its fix) ----------------------------------
+
+TEST(CrossAttentionConfig, SizeProductsThatOverflowThrow) {
+  xattn::cross_attention_config c;
+  c.model_dim = 8;
+  c.num_heads = 4;
+  c.head_dim = index_t(1) << 62;  // 4 · 2^62 wraps to 0 in index_t
+  EXPECT_TRUE(throws_with<xattn::value_error>(
+      [&] { (void)c.resolved(); }, {"num_heads = 4 times head_dim", "overflows"}));
+  EXPECT_TRUE(throws_with<xattn::value_error>(
+      [&] { xattn::multi_head_cross_attention<float> m(c); }, {"overflows"}));
+  // Each weight's element count: [H·Dk, Dm] with H·Dk = 2^40 and Dm = 2^30.
+  c.head_dim = index_t(1) << 38;
+  c.model_dim = index_t(1) << 30;
+  EXPECT_TRUE(throws_with<xattn::value_error>([&] { (void)c.resolved(); },
+                                              {"num_heads * head_dim", "model_dim", "overflows"}));
+  c.model_dim = 8;
+  c.head_dim = 2;
+  c.context_dim = index_t(1) << 62;
+  EXPECT_TRUE(throws_with<xattn::value_error>([&] { (void)c.resolved(); },
+                                              {"context_dim", "overflows"}));
+}
+
+TEST(CrossAttentionModule, FailedEncodeLeavesTheCacheAsItWas) {
+  xattn::cross_attention_config cfg;
+  cfg.model_dim = 8;
+  cfg.num_heads = 2;
+  xattn::multi_head_cross_attention<float> mha(cfg, xattn::random_weights<float>(cfg, 3));
+  const auto query = random_tensor<float, 3>({1, 2, 8}, 4);
+  const auto context = random_tensor<float, 3>({1, 5, 8}, 5);
+  auto cache = mha.encode_context(context.cview());
+  tensor<float, 3> before({1, 2, 8}), after({1, 2, 8});
+  mha.forward(query.cview(), cache, before.view());
+  // 2^40 context rows through a zero stride: the cache cannot grow to hold their projections.
+  const xattn::tensor_view<const float, 3> huge(context.data.data(), {1, index_t(1) << 40, 8},
+                                                {0, 0, 1});
+  EXPECT_THROW(mha.encode_context(huge, huge, cache), std::bad_alloc);
+  EXPECT_TRUE(cache.usable());
+  EXPECT_EQ(cache.kv_len(), 5);  // the old extents over the old buffers
+  mha.forward(query.cview(), cache, after.view());
+  EXPECT_EQ(before.data, after.data);
+  // The module's own cache (forward with a context) recovers the same way.
+  EXPECT_THROW(mha.forward(query.cview(), huge, after.view()), std::bad_alloc);
+  mha.forward(query.cview(), context.cview(), after.view());
+  EXPECT_EQ(before.data, after.data);
+}
+
+TEST(CrossAttentionModule, CacheLeftHalfWrittenIsRefusedUntilEncodedAgain) {
+  // The keys project; the values cannot: they must be copied first (their rows are strided),
+  // and the copy of 2^24 rows of 2^22 values fails. The cache is then marked unusable.
+  xattn::cross_attention_config cfg;
+  cfg.model_dim = 2;
+  cfg.num_heads = 2;
+  cfg.context_dim = 1;
+  cfg.value_context_dim = index_t(1) << 22;
+  cfg.head_dim = 1;
+  cfg.num_kv_heads = 1;
+  xattn::multi_head_cross_attention<float> mha(cfg);
+  const index_t Lk = index_t(1) << 24;
+  const float zero[2] = {0.0f, 0.0f};
+  const xattn::tensor_view<const float, 3> context(zero, {1, Lk, 1}, {0, 0, 1});
+  const xattn::tensor_view<const float, 3> values(zero, {1, Lk, cfg.value_context_dim}, {0, 0, 2});
+  xattn::context_cache<float> cache;
+  EXPECT_THROW(mha.encode_context(context, values, cache), std::bad_alloc);
+  EXPECT_FALSE(cache.usable());
+  const tensor<float, 3> query({1, 1, 2});
+  tensor<float, 3> out({1, 1, 2}, -7.0f);
+  EXPECT_TRUE(throws_with<xattn::value_error>([&] { mha.forward(query.cview(), cache, out.view()); },
+                                              {"the cache is unusable", "encode"}));
+  EXPECT_EQ(out.data, std::vector<float>(2, -7.0f));
+  const tensor<float, 3> small({1, 3, 1}), small_values({1, 3, cfg.value_context_dim});
+  mha.encode_context(small.cview(), small_values.cview(), cache);
+  EXPECT_TRUE(cache.usable());
+  mha.forward(query.cview(), cache, out.view());
+  EXPECT_EQ(out.data, std::vector<float>(2, 0.0f));  // zero weights, no bias: zeros
+}
+
+TEST(CrossAttentionModule, OutputsThatOverlapAreRejectedAndNothingIsWritten) {
+  xattn::cross_attention_config cfg;
+  cfg.model_dim = 8;
+  cfg.num_heads = 2;
+  xattn::multi_head_cross_attention<float> mha(cfg, xattn::random_weights<float>(cfg, 6));
+  const index_t B = 1, Lq = 3, Lk = 4;
+  const auto query = random_tensor<float, 3>({B, Lq, 8}, 7);
+  const auto context = random_tensor<float, 3>({B, Lk, 8}, 8);
+  const auto cache = mha.encode_context(context.cview());
+  // One buffer big enough for every output, filled with a sentinel.
+  std::vector<float> buf(256, -7.0f);
+  const xattn::tensor_view<float, 3> out(buf.data(), {B, Lq, 8});
+  const xattn::tensor_view<float, 4> weights(buf.data() + 64, {B, 2, Lq, Lk});
+  const xattn::tensor_view<float, 3> avg(buf.data() + 128, {B, Lq, Lk});
+  using E = xattn::shape_error;
+  const auto run = [&](const xattn::tensor_view<float, 3>& o,
+                       const xattn::cross_attention_options<float>& opts) {
+    return [&, o] {
+      mha.forward(query.cview(), cache, o, opts);
+    };
+  };
+  // out with a stride of 0: every row would land on the same memory.
+  const xattn::tensor_view<float, 3> zero_stride(buf.data(), {B, Lq, 8}, {0, 0, 1});
+  EXPECT_TRUE(throws_with<E>(run(zero_stride, {}), {"so elements of out would share memory"}));
+  xattn::cross_attention_options<float> opts;
+  opts.weights_out = xattn::tensor_view<float, 4>(buf.data() + 8, {B, 2, Lq, Lk});
+  EXPECT_TRUE(throws_with<E>(run(out, opts), {"weights_out overlaps out"}));
+  opts = {};
+  opts.average_weights_out = xattn::tensor_view<float, 3>(buf.data() + 12, {B, Lq, Lk});
+  EXPECT_TRUE(throws_with<E>(run(out, opts), {"average_weights_out overlaps out"}));
+  opts.weights_out = weights;
+  opts.average_weights_out = xattn::tensor_view<float, 3>(buf.data() + 70, {B, Lq, Lk});
+  EXPECT_TRUE(throws_with<E>(run(out, opts), {"average_weights_out overlaps weights_out"}));
+  // An output over an input: the query, and (forward with a context) the context.
+  opts = {};
+  opts.average_weights_out = xattn::tensor_view<float, 3>(
+      const_cast<float*>(query.data.data()), {B, Lq, Lk});
+  EXPECT_TRUE(throws_with<E>(run(out, opts), {"average_weights_out overlaps query"}));
+  EXPECT_TRUE(throws_with<E>(
+      [&] {
+        mha.forward(query.cview(), context.cview(),
+                    xattn::tensor_view<float, 3>(const_cast<float*>(context.data.data()),
+                                                 {B, Lq, 8}));
+      },
+      {"out overlaps context"}));
+  EXPECT_EQ(buf, std::vector<float>(256, -7.0f));
+  // Apart, the same views work.
+  opts = {};
+  opts.weights_out = weights;
+  opts.average_weights_out = avg;
+  mha.forward(query.cview(), cache, out, opts);
+  for (index_t i = 0; i < Lq; ++i) {
+    float sum = 0;
+    for (index_t j = 0; j < Lk; ++j) sum += avg(0, i, j);
+    EXPECT_NEAR(sum, 1.0f, 1e-6f);
+  }
+}
+
+TEST(CrossAttentionModule, CopiesShareWeightsAndOwnTheirBuffers) {
+  xattn::cross_attention_config cfg;
+  cfg.model_dim = 8;
+  cfg.num_heads = 2;
+  xattn::multi_head_cross_attention<float> a(cfg, xattn::random_weights<float>(cfg, 9));
+  const auto query = random_tensor<float, 3>({2, 3, 8}, 10);
+  const auto context = random_tensor<float, 3>({2, 4, 8}, 11);
+  tensor<float, 3> out_a({2, 3, 8}), out_b({2, 3, 8});
+  a.forward(query.cview(), context.cview(), out_a.view());
+  xattn::multi_head_cross_attention<float> b = a;
+  EXPECT_EQ(&a.weights(), &b.weights());  // shared, not copied
+  EXPECT_EQ(b.workspace_allocations(), 0);  // its own buffers, none grown yet
+  b.forward(query.cview(), context.cview(), out_b.view());
+  EXPECT_EQ(out_a.data, out_b.data);
+  // New weights for one leave the other as it was.
+  b.set_weights(xattn::random_weights<float>(cfg, 12));
+  EXPECT_NE(&a.weights(), &b.weights());
+  tensor<float, 3> again({2, 3, 8});
+  a.forward(query.cview(), context.cview(), again.view());
+  EXPECT_EQ(out_a.data, again.data);
+  a = b;
+  EXPECT_EQ(&a.weights(), &b.weights());
+}
+
+TEST(CrossAttentionModule, CacheCopiesAreDeep) {
+  xattn::cross_attention_config cfg;
+  cfg.model_dim = 8;
+  cfg.num_heads = 2;
+  xattn::multi_head_cross_attention<float> mha(cfg, xattn::random_weights<float>(cfg, 13));
+  const auto c1 = random_tensor<float, 3>({1, 4, 8}, 14), c2 = random_tensor<float, 3>({1, 4, 8}, 15);
+  auto cache = mha.encode_context(c1.cview());
+  const auto copy = cache;
+  EXPECT_NE(copy.keys().data(), cache.keys().data());
+  mha.encode_context(c2.cview(), c2.cview(), cache);  // the original changes, the copy does not
+  const auto fresh = mha.encode_context(c1.cview());
+  for (index_t j = 0; j < 4; ++j)
+    for (index_t d = 0; d < 4; ++d) EXPECT_EQ(copy.keys()(0, 1, j, d), fresh.keys()(0, 1, j, d));
+}
+
 }  // namespace

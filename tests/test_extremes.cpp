@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -460,6 +461,66 @@ TYPED_TEST(Extremes, EveryKeyPaddedGivesZeros) {
     for (T x : r.out.data) EXPECT_EQ(x, T(0));
     for (T x : r.weights.data) EXPECT_EQ(x, T(0));
     for (T x : r.lse.data) EXPECT_EQ(x, -inf<T>);
+  }
+}
+
+// ---- defects found from outside (each failed before its fix) ----------------------------------
+
+TYPED_TEST(Extremes, ScaleMultipliesTheQueriesFirstInEveryKernel) {
+  using T = TypeParam;
+  // One query, two keys k and -k, Dk = 1. The policy (attention_options::scale): a score is
+  // (scale · q) · k in T. Float's edges, moved into double's range for double.
+  constexpr bool is_float = std::is_same_v<T, float>;
+  const double big_scale = is_float ? 1e30 : 1e300, small_scale = 1.0 / big_scale;
+  // Edge 1: scale · q overflows though the score does not (1e30 · 1e10 · 1e-20 = 1e20): every
+  // kernel gives the row NaN, by the policy for a +inf score.
+  tensor<T, 4> q({1, 1, 1, 1}, T(1e10)), k({1, 1, 2, 1}), v({1, 1, 2, 1});
+  k.data = {T(is_float ? 1e-20 : 1e-200), T(is_float ? -1e-20 : -1e-200)};
+  v.data = {T(1), T(2)};
+  for (const auto& kern : xattn_test::all_kernels<T>()) {
+    SCOPED_TRACE(kern.name);
+    xattn::attention_options<T> opts;
+    opts.scale = big_scale;
+    expect_nan_row(run(kern, q, k, v, opts), 0, 0, 0);
+  }
+  // Edge 2: q · k overflows though the score does not (1e-30 · 1e30 · 1e30 = 1e30): every kernel
+  // gives the first key all the weight.
+  q.data = {T(is_float ? 1e30 : 1e300)};
+  k.data = {T(is_float ? 1e30 : 1e300), T(is_float ? -1e30 : -1e300)};
+  for (const auto& kern : xattn_test::all_kernels<T>()) {
+    SCOPED_TRACE(kern.name);
+    xattn::attention_options<T> opts;
+    opts.scale = small_scale;
+    const auto r = run(kern, q, k, v, opts);
+    EXPECT_EQ(r.out.data, std::vector<T>{T(1)});
+    EXPECT_EQ(r.weights.data, (std::vector<T>{T(1), T(0)}));
+    const T scaled_q = T(small_scale) * q.data[0];  // rounded as the kernels round it
+    EXPECT_EQ(r.lse.data, std::vector<T>{scaled_q * k.data[0]});
+  }
+}
+
+TYPED_TEST(Extremes, NaNRowHasNaNWeightsPastKvLengthsInEveryKernel) {
+  using T = TypeParam;
+  // q = NaN, k = v = 1 for both keys, one real key: every weight of the row is NaN, the padded
+  // key's too (naive_attention gave it 0).
+  const tensor<T, 4> q({1, 1, 1, 1}, nan<T>), k({1, 1, 2, 1}, T(1)), v({1, 1, 2, 1}, T(1));
+  const index_t lengths[] = {1};
+  for (const auto& kern : xattn_test::all_kernels<T>()) {
+    SCOPED_TRACE(kern.name);
+    xattn::attention_options<T> opts;
+    opts.mask.kv_lengths = xattn::make_view(lengths, {1});
+    expect_nan_row(run(kern, q, k, v, opts), 0, 0, 0);
+  }
+  // Lq >= 16 takes the lanes path of tiled_attention: the same there, row by row.
+  auto many = random_tensor<T, 4>({1, 1, 20, 1}, 5);
+  many.view()(0, 0, 7, 0) = nan<T>;
+  for (const auto& kern : xattn_test::all_kernels<T>()) {
+    SCOPED_TRACE(kern.name);
+    xattn::attention_options<T> opts;
+    opts.mask.kv_lengths = xattn::make_view(lengths, {1});
+    const auto r = run(kern, many, k, v, opts);
+    expect_nan_row(r, 0, 0, 7);
+    EXPECT_EQ(r.weights.view()(0, 0, 6, 1), T(0));
   }
 }
 

@@ -149,4 +149,21 @@ TEST(Linear, ShapeErrorsNameTheArgument) {
   EXPECT_TRUE(throws_with<xattn::shape_error>([&] { (void)l(X); }, {"x.extent(1) is 6"}));
 }
 
+TEST(Linear, OutputOverlappingTheInputIsRejected) {
+  // y == x gave a wrong result silently (the GEMM overwrote x while reading it).
+  const auto l = random_linear<float>(4, 4, true, 2);
+  auto x = xattn_test::random_tensor<float, 3>({2, 3, 4}, 3);
+  const auto before = x.data;
+  const xattn::tensor_view<const float, 3> in = x.cview();
+  EXPECT_TRUE(throws_with<xattn::shape_error>([&] { l.forward(in, x.view()); },
+                                              {"linear::forward", "y overlaps x"}));
+  EXPECT_EQ(x.data, before);
+  // A y whose rows share memory (stride 0).
+  tensor<float, 3> y({2, 3, 4}, -7.0f);
+  const xattn::tensor_view<float, 3> rows_alike(y.data.data(), {2, 3, 4}, {0, 0, 1});
+  EXPECT_TRUE(throws_with<xattn::shape_error>([&] { l.forward(in, rows_alike); },
+                                              {"so elements of y would share memory"}));
+  EXPECT_EQ(y.data, std::vector<float>(24, -7.0f));
+}
+
 }  // namespace

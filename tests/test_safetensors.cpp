@@ -16,6 +16,9 @@
 #include <string>
 #include <vector>
 
+#include <sys/stat.h>
+#include <unistd.h>
+
 namespace {
 
 using xattn::index_t;
@@ -50,8 +53,9 @@ double dtype_eps(safetensors_dtype d) {
       return std::ldexp(1.0, -10);
     case safetensors_dtype::bf16:
       return std::ldexp(1.0, -7);
+    default:
+      return 1.0;
   }
-  return 1.0;
 }
 
 TYPED_TEST(Safetensors, EveryDtypeRoundTrips) {
@@ -155,7 +159,7 @@ TEST(Safetensors, MalformedFilesThrowNamingFileAndTensor) {
   EXPECT_TRUE(expect_bad(R"({"w": {"dtype": "F32", "shape": [3, 2], "data_offsets": [0, 20]}})", 24,
                          {"tensor 'w'", "shape [3, 2] of F32 needs 24 bytes", "give 20"}));
   EXPECT_TRUE(expect_bad(R"({"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 1]}})", 1,
-                         {"bad.safetensors", "tensor 'w'", "unsupported dtype 'Q4'"}));
+                         {"bad.safetensors", "tensor 'w'", "unknown dtype 'Q4'"}));
   EXPECT_TRUE(expect_bad(R"({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 0]}})", 0,
                          {"tensor 'w'", "shape holds -2"}));
   EXPECT_TRUE(expect_bad(
@@ -353,6 +357,126 @@ TYPED_TEST(Safetensors, MatchesPyTorchFloatAttnMaskWithKeyPadding) {
 TYPED_TEST(Safetensors, MatchesPyTorchWithoutBias) { check_fixture<TypeParam>("mha_no_bias"); }
 TYPED_TEST(Safetensors, MatchesPyTorchGroupedQueryF16Weights) {
   check_fixture<TypeParam>("gqa_hf_naming");
+}
+
+// ---- defects found from outside (each failed before its fix) ----------------------------------
+
+TEST(Safetensors, BiasInTheFileWithBiasOffIsAnError) {
+  // Zero weights and biases of 1 gave 0 (the biases dropped) where PyTorch gives 1.
+  auto cfg = small_config(8);
+  const auto w = xattn::zero_weights<float>(cfg);
+  xattn::safetensors_writer f;
+  const std::vector<float> ones(8, 1.0f);
+  for (const char* p : {"q_proj", "k_proj", "v_proj", "out_proj"}) {
+    f.add(std::string(p) + ".weight", w.q_proj.weight, safetensors_dtype::f32);
+    f.add(std::string(p) + ".bias", {8}, ones.data(), safetensors_dtype::f32);
+  }
+  const xattn::safetensors_file file(f.bytes(), "biased.safetensors");
+  cfg.bias = false;
+  EXPECT_TRUE(throws_with<xattn::format_error>(
+      [&] { (void)xattn::load_cross_attention<float>(file, cfg); },
+      {"biased.safetensors", "tensor 'q_proj.bias' is in the file but config.bias is false"}));
+  cfg.bias = true;
+  EXPECT_NO_THROW((void)xattn::load_cross_attention<float>(file, cfg));
+}
+
+TEST(Safetensors, WhatIsNotARegularFileIsAnIoErrorBeforeOpening) {
+  using E = xattn::io_error;
+  const std::string dir = std::string(XATTN_TEST_BINARY_DIR);
+  // A directory threw std::ios_base::failure.
+  EXPECT_TRUE(throws_with<E>([&] { (void)xattn::safetensors_file::load(dir); },
+                             {dir.c_str(), "not a regular file"}));
+  // A FIFO without a writer made open() wait forever.
+  const std::string fifo = dir + "/no_writer.fifo";
+  ::unlink(fifo.c_str());
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  EXPECT_TRUE(throws_with<E>([&] { (void)xattn::safetensors_file::load(fifo); },
+                             {"no_writer.fifo", "not a regular file"}));
+  ::unlink(fifo.c_str());
+  // /dev/zero was read until memory ran out.
+  EXPECT_TRUE(throws_with<E>([&] { (void)xattn::safetensors_file::load("/dev/zero"); },
+                             {"/dev/zero", "not a regular file"}));
+}
+
+TEST(Safetensors, WriterRejectsBadShapesAndValues) {
+  using E = xattn::value_error;
+  const float x[4] = {1, 2, 3, 4};
+  xattn::safetensors_writer w;
+  // [-1] threw std::length_error; [0, -5] and [2^62, 8] wrote files the reader rejects.
+  EXPECT_TRUE(throws_with<E>([&] { w.add("a", {-1}, x, safetensors_dtype::f32); },
+                             {"tensor 'a'", "[-1] has a negative extent"}));
+  EXPECT_TRUE(throws_with<E>([&] { w.add("b", {0, -5}, x, safetensors_dtype::f32); },
+                             {"tensor 'b'", "negative extent"}));
+  EXPECT_TRUE(throws_with<E>(
+      [&] { w.add("c", {index_t(1) << 62, 8}, x, safetensors_dtype::f32); },
+      {"tensor 'c'", "more bytes than the index type can count"}));
+  EXPECT_TRUE(throws_with<E>([&] { w.add("d", {4}, x, safetensors_dtype::i32); },
+                             {"tensor 'd'", "needs integer values"}));
+  const int big[2] = {300, 1};
+  EXPECT_TRUE(throws_with<E>([&] { w.add("e", {2}, big, safetensors_dtype::u8); },
+                             {"tensor 'e'", "element 0 does not fit U8"}));
+  EXPECT_TRUE(throws_with<E>([&] { w.add("f", {4}, x, safetensors_dtype::f8_e4m3); },
+                             {"cannot write dtype F8_E4M3"}));
+  w.add("ok", {0, 5}, x, safetensors_dtype::f32);  // an empty tensor is fine
+  const xattn::safetensors_file file(w.bytes(), "w.safetensors");
+  EXPECT_EQ(file.names(), std::vector<std::string>{"ok"});  // the rejected adds left nothing
+  EXPECT_TRUE(file.read<float>("ok", {0, 5}).empty());
+}
+
+TEST(Safetensors, OtherDtypesInTheFileDoNotRejectIt) {
+  // Hugging Face text encoders ship I64 position_ids next to the attention weights.
+  const auto cfg = small_config(8);
+  const auto w = xattn::random_weights<float>(cfg, 4);
+  xattn::safetensors_writer f;
+  f.add("q_proj.weight", w.q_proj.weight, safetensors_dtype::f32);
+  f.add("q_proj.bias", w.q_proj.bias, safetensors_dtype::f32);
+  f.add("k_proj.weight", w.k_proj.weight, safetensors_dtype::f32);
+  f.add("k_proj.bias", w.k_proj.bias, safetensors_dtype::f32);
+  f.add("v_proj.weight", w.v_proj.weight, safetensors_dtype::f32);
+  f.add("v_proj.bias", w.v_proj.bias, safetensors_dtype::f32);
+  f.add("out_proj.weight", w.out_proj.weight, safetensors_dtype::f32);
+  f.add("out_proj.bias", w.out_proj.bias, safetensors_dtype::f32);
+  const std::int64_t ids[3] = {0, 1, std::int64_t(1) << 40};
+  f.add("position_ids", {1, 3}, ids, safetensors_dtype::i64);
+  const bool flags[2] = {true, false};
+  f.add("flags", {2}, flags, safetensors_dtype::boolean);
+  const std::uint8_t bytes[3] = {1, 2, 255};
+  f.add("bytes", {3}, bytes, safetensors_dtype::u8);
+  const std::vector<unsigned char> raw = f.bytes();
+  const xattn::safetensors_file file(raw, "encoder.safetensors");
+  EXPECT_EQ(file.info("position_ids").dtype, safetensors_dtype::i64);
+  EXPECT_EQ(file.info("position_ids").end - file.info("position_ids").begin, 24u);
+  const auto m = xattn::load_cross_attention<float>(file, cfg);
+  EXPECT_EQ(m.weights().k_proj.weight, w.k_proj.weight);
+  // Reading one of them as numbers is the error, naming it.
+  EXPECT_TRUE(throws_with<xattn::format_error>(
+      [&] { (void)file.read<float>("position_ids"); },
+      {"encoder.safetensors", "tensor 'position_ids'", "I64 cannot be read"}));
+  // F8 tensors and every other dtype of the format are listed too.
+  const std::pair<const char*, int> sizes[] = {{"F8_E4M3", 1}, {"F8_E5M2", 1}, {"F8_E8M0", 1},
+                                               {"I8", 1},      {"I16", 2},     {"U16", 2},
+                                               {"I32", 4},     {"U32", 4},     {"U64", 8}};
+  for (const auto& [d, size] : sizes) {
+    SCOPED_TRACE(d);
+    const auto g = parse(std::string(R"({"t": {"dtype": ")") + d + R"(", "shape": [)" +
+                             std::to_string(16 / size) + R"(], "data_offsets": [0, 16]}})",
+                         16);
+    EXPECT_TRUE(g.contains("t"));
+    EXPECT_TRUE(throws_with<xattn::format_error>([&] { (void)g.read<double>("t"); },
+                                                 {"cannot be read"}));
+  }
+}
+
+TEST(Safetensors, F64BeyondFloatRangeIsAFormatErrorNamingTheTensor) {
+  const double values[3] = {1.0, 1e300, -std::numeric_limits<double>::infinity()};
+  xattn::safetensors_writer f;
+  f.add("big", {3}, values, safetensors_dtype::f64);
+  const xattn::safetensors_file file(f.bytes(), "wide.safetensors");
+  EXPECT_TRUE(throws_with<xattn::format_error>([&] { (void)file.read<float>("big"); },
+                                               {"tensor 'big'", "element 1 is 1e+300"}));
+  const auto d = file.read<double>("big").values;  // exact in double
+  EXPECT_EQ(d[1], 1e300);
+  EXPECT_EQ(d[2], -std::numeric_limits<double>::infinity());
 }
 
 }  // namespace

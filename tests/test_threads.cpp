@@ -5,6 +5,7 @@
 // under ThreadSanitizer.
 #include "xattn/attention_naive.hpp"
 #include "xattn/attention_tiled.hpp"
+#include "xattn/cross_attention.hpp"
 
 #include "kernels.hpp"
 #include "test_support.hpp"
@@ -12,6 +13,7 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <new>
 #include <thread>
 #include <vector>
 
@@ -105,6 +107,85 @@ TEST(Threads, TiledGivesTheSameBitsOnEveryThreadCount) {
       EXPECT_EQ(w.data, first_w.data);
       EXPECT_EQ(lse.data, first_lse.data);
     }
+  }
+}
+
+// ---- defects found from outside (each failed before its fix) ----------------------------------
+
+TEST(Threads, AllocationFailureIsAnExceptionOnEveryThreadCount) {
+  // kv_tile = Lk = 2^40 keys (a zero stride) cannot be given scratch. On two threads this used
+  // to throw inside the OpenMP region, which ends the program.
+  const index_t Lk = index_t(1) << 40;
+  const auto q = random_tensor<float, 4>({1, 1, 32, 4}, 1);
+  const float kv[4] = {0.5f, -0.5f, 0.25f, 1.0f};
+  const xattn::tensor_view<const float, 4> k(kv, {1, 1, Lk, 4}, {0, 0, 0, 1});
+  tensor<float, 4> out({1, 1, 32, 4}, -7.0f);
+  for (int threads : xattn_test::thread_counts()) {
+    SCOPED_TRACE(threads);
+    xattn::tile_options t;
+    t.kv_tile = Lk;
+    t.num_threads = threads;
+    EXPECT_THROW(xattn::tiled_attention<float>(q.cview(), k, k, out.view(), {}, t),
+                 std::bad_alloc);
+    for (float x : out.data) ASSERT_EQ(x, -7.0f);
+  }
+}
+
+TEST(Threads, WorkerThreadsOwnNoScratch) {
+  // The scratch of a threaded call belongs to the calling thread, so a worker thread that
+  // outlives the call (OpenMP keeps its pool) holds no memory of xattn's. A new std::thread has
+  // an OpenMP pool of its own whose workers have never called xattn themselves.
+  const int threads = std::min(4, xattn_test::max_threads());
+  std::size_t caller_scratch = 0;
+  int owning_workers = -1;
+  std::thread caller([&] {
+    const shared_inputs in;
+    tensor<float, 4> out({2, 4, 37, 8});
+    xattn::tile_options t;
+    t.q_tile = 4;
+    t.num_threads = threads;
+    xattn::tiled_attention<float>(in.q.cview(), in.k.cview(), in.v.cview(), out.view(), in.opts,
+                                  t);
+    caller_scratch = xattn::detail::calling_thread_scratch<float>().threads.size();
+    int owning = 0;
+#ifdef _OPENMP
+#  pragma omp parallel num_threads(threads) reduction(+ : owning)
+    if (omp_get_thread_num() != 0)
+      owning += xattn::detail::calling_thread_scratch<float>().threads.empty() ? 0 : 1;
+#endif
+    owning_workers = owning;
+  });
+  caller.join();
+  EXPECT_EQ(caller_scratch, std::size_t(threads));
+  EXPECT_EQ(owning_workers, 0);
+}
+
+TEST(Threads, ModuleCopiesRunConcurrently) {
+  // A copy shares the weights and owns its buffers: one copy per thread, all at once.
+  xattn::cross_attention_config cfg;
+  cfg.model_dim = 16;
+  cfg.context_dim = 12;
+  cfg.num_heads = 4;
+  cfg.num_kv_heads = 2;
+  const xattn::multi_head_cross_attention<float> mha(cfg, xattn::random_weights<float>(cfg, 4));
+  const auto query = random_tensor<float, 3>({2, 9, 16}, 5);
+  const auto context = random_tensor<float, 3>({2, 21, 12}, 6);
+  const auto cache = mha.encode_context(context.cview());
+  auto alone_module = mha;
+  tensor<float, 3> alone({2, 9, 16});
+  alone_module.forward(query.cview(), cache, alone.view());
+  std::vector<tensor<float, 3>> outs(4, tensor<float, 3>({2, 9, 16})), full = outs;
+  std::vector<std::thread> pool;
+  for (std::size_t n = 0; n < outs.size(); ++n)
+    pool.emplace_back([&, n] {
+      auto mine = mha;  // cheap: shared weights
+      mine.forward(query.cview(), cache, outs[n].view());
+      mine.forward(query.cview(), context.cview(), full[n].view());
+    });
+  for (auto& th : pool) th.join();
+  for (std::size_t n = 0; n < outs.size(); ++n) {
+    EXPECT_EQ(outs[n].data, alone.data) << "thread " << n;
+    EXPECT_EQ(full[n].data, alone.data) << "thread " << n;
   }
 }
 

@@ -14,6 +14,9 @@
 #include "xattn/shapes.hpp"
 #include "xattn/tensor_view.hpp"
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
 #include <type_traits>
 
 namespace xattn {
@@ -59,8 +62,9 @@ void naive_attention(detail::identity_t<tensor_view<const T, 4>> q,
   (void)naive_attention_scratch_bytes<T>(s);  // an Lq * Lk overflow is a shape_error, not a crash
   const detail::mask_plan<T> mask(opts.mask, s);
   row_matrix<T> scores(s.q_len, s.kv_len);  // S, then P in place; reused for every head
-  row_matrix<T> q_copy, k_copy, v_copy, out_copy;
+  row_matrix<T> q_scaled(s.q_len, s.head_dim), k_copy, v_copy, out_copy;
   const T scale = static_cast<T>(p.scale);
+  constexpr T nan = std::numeric_limits<T>::quiet_NaN();
 
   for (index_t b = 0; b < s.batch; ++b) {
     for (index_t h = 0; h < s.num_heads; ++h) {
@@ -68,31 +72,32 @@ void naive_attention(detail::identity_t<tensor_view<const T, 4>> q,
       // Only the first n keys can take part (key padding): the others are never read, so the
       // padding may hold anything, even NaN. Their weights are exactly 0.
       const index_t n = opts.mask.kv_lengths ? (*opts.mask.kv_lengths)(b) : s.kv_len;
-      const auto Q = detail::contiguous_rows(q.select(0, b).select(0, h), q_copy);
       const auto K =
           detail::contiguous_rows(detail::first_rows(k.select(0, b).select(0, hkv), n), k_copy);
       const auto V =
           detail::contiguous_rows(detail::first_rows(v.select(0, b).select(0, hkv), n), v_copy);
       auto P = scores.leftCols(n);
 
-      // pass 1: all Lq x n scores with one GEMM (the scale rides along as GEMM's alpha)
-      P.noalias() = scale * (Q * K.transpose());
+      // pass 1: all Lq x n scores with one GEMM. The scale multiplies the queries first,
+      // S = (s·Q) Kᵀ, rounded to T, as in every kernel (see attention_options::scale).
+      q_scaled.noalias() = scale * detail::as_strided_matrix(q.select(0, b).select(0, h));
+      P.noalias() = q_scaled * K.transpose();
 
-      // pass 2: masks, then the softmax of each row in place
+      // pass 2: masks, then the softmax of each row in place. Keys past n weigh 0, or NaN in a
+      // row that the NaN policy makes NaN.
       for (index_t i = 0; i < s.q_len; ++i) {
         T* row = scores.row(i).data();
         if (mask.any()) mask.apply(b, h, i, 0, row, n);
         const T lse = detail::softmax_row(row, n);
         if (opts.lse_out) (*opts.lse_out)(b, h, i) = lse;
+        std::fill(row + n, row + s.kv_len, std::isnan(lse) ? nan : T(0));
       }
 
       // pass 3: O = P V with one GEMM, written straight into out's slice when its rows are
       // contiguous
       detail::assign_rows(out.select(0, b).select(0, h), P * V, out_copy);
-      if (opts.weights_out) {
-        scores.rightCols(s.kv_len - n).setZero();
+      if (opts.weights_out)
         detail::as_strided_matrix(opts.weights_out->select(0, b).select(0, h)) = scores;
-      }
     }
   }
 }

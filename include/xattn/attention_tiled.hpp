@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <exception>
 #include <limits>
 #include <type_traits>
 
@@ -39,7 +40,10 @@ struct tiled_job {
   index_t group;  ///< H / Hkv
   T scale;
   tiled_plan plan;
-  T* partials;  ///< splits > 1: m, l and an output row per query of every unit
+  team_scratch<T>* team;  ///< sized for plan before the threads start
+  T* partials;            ///< splits > 1: m, l and an output row per query of every unit
+
+  tile_scratch<T>& scratch(int thread) const { return team->threads[std::size_t(thread)]; }
 
   /// A [n, D] tile of keys or values starting at key j0, as a pointer and a row stride: the
   /// caller's rows in place when each is contiguous, else copied into `copy`.
@@ -162,11 +166,14 @@ class lanes_unit {
     }
     for (index_t j0 = 0; j0 < kv_len; j0 += job_.plan.kv_tile) {
       const index_t n = std::min(job_.plan.kv_tile, kv_len - j0);
-      const bool live = j0 < key_limit_ && scores(j0, n);
+      // Keys past key_limit_ are never read; they and skipped tiles weigh 0, or NaN in a NaN
+      // row (1/l is NaN there).
+      const index_t nk = std::max<index_t>(0, std::min(n, key_limit_ - j0));
+      const bool live = nk > 0 && scores(j0, nk);
       for (index_t i = 0; i < mq_; ++i)
         for (index_t j = 0; j < n; ++j)
-          weights(b_, h_, i0_ + i, j0 + j) =  // a skipped key: 0, or NaN in a NaN row
-              (live ? exp_flushed(s_[j * w_ + i] - m_[i]) : T(0)) * corr_[i];
+          weights(b_, h_, i0_ + i, j0 + j) =
+              (live && j < nk ? exp_flushed(s_[j * w_ + i] - m_[i]) : T(0)) * corr_[i];
     }
   }
 
@@ -260,16 +267,24 @@ class row_unit {
 
   void write_weights(const tensor_view<T, 4>& weights) {
     const index_t kv_len = job_.shape.kv_len;
+    index_t key_limit = 0;
+    for (index_t i = 0; i < mq_; ++i)
+      key_limit = std::max(key_limit, job_.mask.key_end(b_, i0_ + i));
     for (index_t j0 = 0; j0 < kv_len; j0 += job_.plan.kv_tile) {
       const index_t n = std::min(job_.plan.kv_tile, kv_len - j0);
+      const index_t nk = std::max<index_t>(0, std::min(n, key_limit - j0));  // keys to read
       index_t ldk = 0;
-      const T* k = tiled_job<T>::rows_of(k_, j0, n, ws_.k_copy, ldk);
+      const T* k = nk > 0 ? tiled_job<T>::rows_of(k_, j0, nk, ws_.k_copy, ldk) : nullptr;
       for (index_t i = 0; i < mq_; ++i) {
         const T shift = safe_shift(m_[i]);
         const T inv_l = l_[i] == T(0) ? T(0) : T(1) / l_[i];
-        scores(i, j0, n, k, ldk);
-        for (index_t j = 0; j < n; ++j)
+        // Keys past the row's end (key padding, causal) are not read: weight 0, or NaN in a
+        // NaN row (inv_l is NaN there).
+        const index_t ni = std::max<index_t>(0, std::min(n, job_.mask.key_end(b_, i0_ + i) - j0));
+        if (ni > 0) scores(i, j0, ni, k, ldk);
+        for (index_t j = 0; j < ni; ++j)
           weights(b_, h_, i0_ + i, j0 + j) = exp_flushed(s_[j] - shift) * inv_l;
+        for (index_t j = ni; j < n; ++j) weights(b_, h_, i0_ + i, j0 + j) = T(0) * inv_l;
       }
     }
   }
@@ -334,10 +349,10 @@ void finish_unit(const tiled_job<T>& job, Unit& unit, index_t u, index_t b, inde
 /// Splits of one item merged in split order: with M the largest split max,
 ///   l = Σ_s exp(m_s - M) l_s,   acc = Σ_s exp(m_s - M) acc_s,   out = acc / l.
 template <class T>
-void merge_item(const tiled_job<T>& job, index_t item, index_t b, index_t h, index_t i0,
-                index_t mq) {
+void merge_item(const tiled_job<T>& job, int thread, index_t item, index_t b, index_t h,
+                index_t i0, index_t mq) {
   const index_t dv = job.shape.value_dim, splits = job.plan.splits;
-  T* acc = at_least(thread_scratch<T>().acc, dv);
+  T* acc = job.scratch(thread).acc.data();
   for (index_t i = 0; i < mq; ++i) {
     T big = -std::numeric_limits<T>::infinity();
     for (index_t sp = 0; sp < splits; ++sp)
@@ -362,14 +377,14 @@ void merge_item(const tiled_job<T>& job, index_t item, index_t b, index_t h, ind
 /// Work unit u: item u / splits, key range u % splits. Items run batch, then head, then query
 /// tile.
 template <class T>
-void run_unit(const tiled_job<T>& job, index_t u) {
+void run_unit(const tiled_job<T>& job, int thread, index_t u) {
   const tiled_plan& p = job.plan;
   const index_t item = u / p.splits, split = u % p.splits;
   const index_t b = item / (job.shape.num_heads * p.q_tiles);
   const index_t h = item / p.q_tiles % job.shape.num_heads;
   const index_t i0 = item % p.q_tiles * p.q_tile;
   const index_t mq = std::min(p.q_tile, job.shape.q_len - i0);
-  tile_scratch<T>& ws = thread_scratch<T>();
+  tile_scratch<T>& ws = job.scratch(thread);
   if (p.rows) {
     row_unit<T> unit(job, ws, b, h, i0, mq);
     finish_unit(job, unit, u, b, h, i0, mq, split);
@@ -380,28 +395,51 @@ void run_unit(const tiled_job<T>& job, index_t u) {
 }
 
 template <class T>
-void run_merge(const tiled_job<T>& job, index_t item) {
+void run_merge(const tiled_job<T>& job, int thread, index_t item) {
   const tiled_plan& p = job.plan;
   const index_t b = item / (job.shape.num_heads * p.q_tiles);
   const index_t h = item / p.q_tiles % job.shape.num_heads;
   const index_t i0 = item % p.q_tiles * p.q_tile;
-  merge_item(job, item, b, h, i0, std::min(p.q_tile, job.shape.q_len - i0));
+  merge_item(job, thread, item, b, h, i0, std::min(p.q_tile, job.shape.q_len - i0));
 }
 
-/// Runs f(i) for i in [0, n) on `threads` threads, round-robin so that tiles of unequal cost
-/// (causal masks) spread evenly.
+/// Runs f(i, thread) for i in [0, n) on `threads` threads, round-robin so that tiles of unequal
+/// cost (causal masks) spread evenly; thread is the index of the running thread, in
+/// [0, threads). No exception leaves the parallel region (that would end the program): the
+/// first one thrown is carried out and rethrown on the calling thread once the team has joined.
 template <class F>
 void parallel_for(index_t n, int threads, const F& f) {
 #ifdef _OPENMP
   if (threads > 1) {
-#  pragma omp parallel for num_threads(threads) schedule(static, 1)
-    for (index_t i = 0; i < n; ++i) f(i);
+#  if XATTN_HAS_EXCEPTIONS
+    std::exception_ptr error;
+#  endif
+#  pragma omp parallel num_threads(threads)
+    {
+      const int thread = omp_get_thread_num();
+#  pragma omp for schedule(static, 1)
+      for (index_t i = 0; i < n; ++i) {
+#  if XATTN_HAS_EXCEPTIONS
+        try {
+          f(i, thread);
+        } catch (...) {
+#    pragma omp critical(xattn_parallel_for_error)
+          if (!error) error = std::current_exception();
+        }
+#  else
+        f(i, thread);
+#  endif
+      }
+    }
+#  if XATTN_HAS_EXCEPTIONS
+    if (error) std::rethrow_exception(error);
+#  endif
     return;
   }
 #else
   (void)threads;
 #endif
-  for (index_t i = 0; i < n; ++i) f(i);
+  for (index_t i = 0; i < n; ++i) f(i, 0);
 }
 
 }  // namespace detail
@@ -409,14 +447,18 @@ void parallel_for(index_t n, int threads, const F& f) {
 /// Bytes of scratch tiled_attention<T> keeps for a call of shape s: per thread, the tiles of
 /// Qᵀ, Sᵀ and Oᵀ (and of K and V when their rows are strided), plus the per-split partial
 /// results when the keys are split. It grows with the tile sizes, Dk and Dv, never with Lq or Lk
-/// (splits are bounded, and each partial holds one query tile). The scratch belongs to each
-/// thread and is reused by its later calls.
+/// (splits are bounded, and each partial holds one query tile). The scratch of a call's whole
+/// thread team belongs to the calling thread and is reused by its later calls.
 template <class T>
 index_t tiled_attention_scratch_bytes(const attention_shape& s, const tile_options& tiles = {},
                                       bool need_weights = false) {
+  detail::check_shape("tiled_attention_scratch_bytes", s);
   const detail::tiled_plan p = detail::make_tiled_plan<T>(s, tiles, need_weights);
-  const index_t per_thread = detail::unit_scratch_elements<T>(p, s);
-  return (index_t(p.threads) * per_thread + detail::partial_elements<T>(p, s)) * index_t(sizeof(T));
+  const index_t per_thread = detail::unit_scratch_elements<T>(p, s).total();
+  const index_t all = detail::checked_mul("tiled_attention_scratch_bytes", index_t(p.threads),
+                                          per_thread) +
+                      detail::partial_elements<T>(p, s);
+  return detail::checked_mul("tiled_attention_scratch_bytes", all, index_t(sizeof(T)));
 }
 
 /// Scaled dot-product attention with O(tile) scratch; arguments and results as
@@ -454,16 +496,19 @@ void tiled_attention(detail::identity_t<tensor_view<const T, 4>> q,
 
   const detail::tiled_plan plan =
       detail::make_tiled_plan<T>(s, tiles, opts.weights_out.has_value());
-  T* partials =
-      detail::at_least(detail::thread_scratch<T>().partials, detail::partial_elements<T>(plan, s));
+  // All scratch is allocated here, on the calling thread, before any thread starts.
+  const bool copy_k = k.stride(3) != 1 && s.head_dim > 1;
+  const bool copy_v = v.stride(3) != 1 && s.value_dim > 1;
+  detail::team_scratch<T>& team = detail::reserve_team_scratch<T>(plan, s, copy_k, copy_v);
   const detail::tiled_job<T> job{q,    k,        v,
                                  out,  opts,     detail::mask_plan<T>(opts.mask, s),
                                  s,    pr.group, static_cast<T>(pr.scale),
-                                 plan, partials};
-  detail::parallel_for(plan.units(), plan.threads, [&](index_t u) { detail::run_unit(job, u); });
+                                 plan, &team,    team.partials.data()};
+  detail::parallel_for(plan.units(), plan.threads,
+                       [&](index_t u, int thread) { detail::run_unit(job, thread, u); });
   if (plan.splits > 1)
     detail::parallel_for(plan.items, std::min<int>(plan.threads, int(plan.items)),
-                         [&](index_t item) { detail::run_merge(job, item); });
+                         [&](index_t item, int thread) { detail::run_merge(job, thread, item); });
 }
 
 }  // namespace xattn

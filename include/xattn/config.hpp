@@ -21,11 +21,18 @@ using index_t = std::ptrdiff_t;
 #  define XATTN_ASSERT(cond) assert(cond)
 #endif
 
+// Whether this translation unit is compiled with exception support.
+#if defined(__cpp_exceptions) || defined(__EXCEPTIONS) || defined(_CPPUNWIND)
+#  define XATTN_HAS_EXCEPTIONS 1
+#else
+#  define XATTN_HAS_EXCEPTIONS 0
+#endif
+
 // XATTN_THROW(err) reports a bad argument at a public entry point; these checks are always on.
 // By default it throws err. Without exception support (-fno-exceptions) it prints err.what() to
 // stderr and calls std::abort(). Define it before including any xattn header to replace both.
 #ifndef XATTN_THROW
-#  if defined(__cpp_exceptions) || defined(__EXCEPTIONS) || defined(_CPPUNWIND)
+#  if XATTN_HAS_EXCEPTIONS
 #    define XATTN_THROW(err) throw err
 #  else
 #    define XATTN_THROW(err) ::xattn::detail::abort_with(err)

@@ -16,8 +16,11 @@
 #include "xattn/shapes.hpp"
 #include "xattn/tensor_view.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <exception>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <random>
@@ -75,7 +78,23 @@ struct cross_attention_config {
     }
     if (c.head_dim < 0)
       detail::fail_value(detail::message(fn, ": head_dim is ", c.head_dim, ", expected >= 1"));
+    // Every size derived from the configuration must fit in index_t: the projection widths and
+    // the element count of each weight matrix.
+    const index_t q = product(fn, "num_heads", c.num_heads, "head_dim", c.head_dim);
+    const index_t kv = product(fn, "num_kv_heads", c.num_kv_heads, "head_dim", c.head_dim);
+    product(fn, "num_heads * head_dim", q, "model_dim", c.model_dim);
+    product(fn, "num_kv_heads * head_dim", kv, "context_dim", c.context_dim);
+    product(fn, "num_kv_heads * head_dim", kv, "value_context_dim", c.value_context_dim);
     return c;
+  }
+
+ private:
+  static index_t product(const char* fn, const char* a_name, index_t a, const char* b_name,
+                         index_t b) {
+    if (a != 0 && b > std::numeric_limits<index_t>::max() / a)
+      detail::fail_value(detail::message(fn, ": ", a_name, " = ", a, " times ", b_name, " = ", b,
+                                         " overflows the index type"));
+    return a * b;
   }
 };
 
@@ -145,6 +164,21 @@ namespace detail {
 template <class E>
 class growing_buffer {
  public:
+  growing_buffer() = default;
+  /// A copy holds a copy of every element, in memory of its own.
+  growing_buffer(const growing_buffer& other)
+      : data_(other.capacity_ > 0 ? new E[std::size_t(other.capacity_)] : nullptr),
+        capacity_(other.capacity_) {
+    std::copy(other.data_.get(), other.data_.get() + other.capacity_, data_.get());
+  }
+  growing_buffer& operator=(const growing_buffer& other) {
+    if (this != &other) *this = growing_buffer(other);
+    return *this;
+  }
+  growing_buffer(growing_buffer&&) noexcept = default;
+  growing_buffer& operator=(growing_buffer&&) noexcept = default;
+
+  /// At least n elements; the old contents are kept when this throws (nothing else changes).
   E* ensure(index_t n, index_t& allocations) {
     if (n > capacity_) {
       data_.reset(new E[std::size_t(n)]);
@@ -168,7 +202,9 @@ class multi_head_cross_attention;
 
 /// A context projected to keys and values once, for any number of forward calls against it (a
 /// decoder generating token by token attends to the same encoder output at every step).
-/// Made by multi_head_cross_attention::encode_context; reusing one keeps its memory.
+/// Made by multi_head_cross_attention::encode_context; reusing one keeps its memory. A copy is
+/// a deep copy (its own keys and values). A cache is read-only during forward, so any number of
+/// threads may run forward against one cache at once (each with its own module).
 template <class T>
 class context_cache {
  public:
@@ -179,6 +215,10 @@ class context_cache {
   index_t num_kv_heads() const noexcept { return num_kv_heads_; }
   index_t head_dim() const noexcept { return head_dim_; }
   bool empty() const noexcept { return batch_ * kv_len_ == 0; }
+  /// False after an encode_context that failed while writing the projections (an allocation
+  /// inside the projection failed): forward then refuses the cache until a context is encoded
+  /// into it again. A call that fails any earlier leaves the cache as it was.
+  bool usable() const noexcept { return usable_; }
 
   /// Projected keys, heads read in place from the [B, Lk, Hkv·Dk] buffer: [B, Hkv, Lk, Dk]
   tensor_view<const T, 4> keys() const { return heads_of(k_); }
@@ -201,6 +241,7 @@ class context_cache {
   index_t batch_ = 0, kv_len_ = 0, num_kv_heads_ = 0, head_dim_ = 0;
   detail::growing_buffer<T> k_, v_;
   index_t allocations_ = 0;
+  bool usable_ = true;
 };
 
 /// Multi-head cross-attention with learned projections (torch.nn.MultiheadAttention's forward
@@ -210,8 +251,12 @@ class context_cache {
 ///
 /// Q, K and V stay in [B, L, H·Dk] buffers and the kernel reads the heads through strided views.
 /// The module owns those buffers and grows them only, so repeated calls with the same shapes
-/// allocate nothing of their own (workspace_allocations() counts the growths). One module must
-/// not run forward from two threads at once; copies are independent.
+/// allocate nothing of their own (workspace_allocations() counts the growths).
+///
+/// Threads: forward writes the module's buffers, so one module must not run forward from two
+/// threads at once. Copying a module is cheap: the copy shares the (immutable) weights and gets
+/// buffers of its own, so give each thread a copy. set_weights on one module does not change
+/// its copies. encode_context is const and writes only the cache it is given.
 template <class T>
 class multi_head_cross_attention {
   static_assert(std::is_floating_point_v<T>,
@@ -220,7 +265,8 @@ class multi_head_cross_attention {
  public:
   /// A module with zero weights; set them with set_weights or load them (safetensors.hpp).
   explicit multi_head_cross_attention(const cross_attention_config& config)
-      : config_(config.resolved()), weights_(zero_weights<T>(config_)) {}
+      : config_(config.resolved()),
+        weights_(std::make_shared<const cross_attention_weights<T>>(zero_weights<T>(config_))) {}
 
   /// A module with the given weights; throws shape_error when a weight does not fit config.
   multi_head_cross_attention(const cross_attention_config& config,
@@ -229,11 +275,22 @@ class multi_head_cross_attention {
     set_weights(std::move(weights));
   }
 
+  /// A module with the same configuration, sharing the weights, with buffers of its own.
+  multi_head_cross_attention(const multi_head_cross_attention& other)
+      : config_(other.config_), weights_(other.weights_) {}
+  multi_head_cross_attention& operator=(const multi_head_cross_attention& other) {
+    if (this != &other) *this = multi_head_cross_attention(other);
+    return *this;
+  }
+  multi_head_cross_attention(multi_head_cross_attention&&) noexcept = default;
+  multi_head_cross_attention& operator=(multi_head_cross_attention&&) noexcept = default;
+
   /// The resolved configuration (no zero defaults left).
   const cross_attention_config& config() const noexcept { return config_; }
-  const cross_attention_weights<T>& weights() const noexcept { return weights_; }
+  const cross_attention_weights<T>& weights() const noexcept { return *weights_; }
 
-  /// Replaces the weights after checking every shape against config().
+  /// Replaces the weights after checking every shape against config(); on a shape_error the
+  /// module keeps its weights.
   void set_weights(cross_attention_weights<T> w) {
     const auto& c = config_;
     const index_t q = c.num_heads * c.head_dim, kv = c.num_kv_heads * c.head_dim;
@@ -241,12 +298,15 @@ class multi_head_cross_attention {
     check_linear("k_proj", w.k_proj, kv, c.context_dim);
     check_linear("v_proj", w.v_proj, kv, c.value_context_dim);
     check_linear("out_proj", w.out_proj, c.model_dim, q);
-    weights_ = std::move(w);
+    weights_ = std::make_shared<const cross_attention_weights<T>>(std::move(w));
   }
 
   /// Projects a context to keys and values into `cache` (its memory is reused):
   ///
   ///   context [B, Lk, Dc]    values [B, Lk, Dcv]
+  ///
+  /// When the call fails before writing (a bad shape, or the cache could not grow) the cache is
+  /// left as it was; see context_cache::usable for a failure while writing.
   void encode_context(tensor_view<const T, 3> context, tensor_view<const T, 3> values,
                       context_cache<T>& cache) const {
     encode_into("multi_head_cross_attention::encode_context", context, values, cache,
@@ -267,11 +327,16 @@ class multi_head_cross_attention {
   /// out = cross-attention of query over a context:
   ///
   ///   query [B, Lq, Dm]   context [B, Lk, Dc]   values [B, Lk, Dcv]   out [B, Lq, Dm] (written)
+  ///
+  /// No output (out, weights_out, average_weights_out) may share memory with an input, another
+  /// output, or itself (a shape_error, nothing written).
   void forward(tensor_view<const T, 3> query, tensor_view<const T, 3> context,
                tensor_view<const T, 3> values, tensor_view<T, 3> out,
                const cross_attention_options<T>& opts = {}) {
-    encode_into("multi_head_cross_attention::forward", context, values, own_cache_, allocations_);
-    run("multi_head_cross_attention::forward", query, own_cache_, out, opts);
+    constexpr const char* fn = "multi_head_cross_attention::forward";
+    check_outputs(fn, query, &context, &values, out, opts);
+    encode_into(fn, context, values, own_cache_, allocations_);
+    run(fn, query, own_cache_, out, opts);
   }
   /// Keys and values from the same context [B, Lk, Dc] (needs Dcv = Dc).
   void forward(tensor_view<const T, 3> query, tensor_view<const T, 3> context,
@@ -283,7 +348,13 @@ class multi_head_cross_attention {
   ///   query [B, Lq, Dm]   cache of B contexts   out [B, Lq, Dm] (written)
   void forward(tensor_view<const T, 3> query, const context_cache<T>& cache, tensor_view<T, 3> out,
                const cross_attention_options<T>& opts = {}) {
-    run("multi_head_cross_attention::forward", query, cache, out, opts);
+    constexpr const char* fn = "multi_head_cross_attention::forward";
+    if (!cache.usable())
+      detail::fail_value(detail::message(
+          fn, ": the cache is unusable: an earlier encode_context into it failed while writing; "
+              "encode a context into it again"));
+    check_outputs(fn, query, nullptr, nullptr, out, opts);
+    run(fn, query, cache, out, opts);
   }
 
   /// How many times one of the module's own buffers had to grow. Unchanged by a call whose
@@ -303,6 +374,40 @@ class multi_head_cross_attention {
       detail::fail_shape(detail::message(fn, ": ", name, " has a bias but config.bias is false"));
   }
 
+  // The outputs of forward, checked against each other, themselves and every input before
+  // anything is computed (context and values are null for the cache overload).
+  void check_outputs(const char* fn, const tensor_view<const T, 3>& query,
+                     const tensor_view<const T, 3>* context, const tensor_view<const T, 3>* values,
+                     const tensor_view<T, 3>& out, const cross_attention_options<T>& opts) const {
+    const attention_mask<T>& m = opts.mask;
+    const auto apart = [&](const char* name, const auto& o) {
+      detail::require_no_self_overlap(fn, name, o);
+      detail::require_disjoint(fn, name, o, "query", query);
+      if (context) detail::require_disjoint(fn, name, o, "context", *context);
+      if (values) detail::require_disjoint(fn, name, o, "values", *values);
+      if (m.kv_lengths) detail::require_disjoint(fn, name, o, "mask.kv_lengths", *m.kv_lengths);
+      if (m.allowed) detail::require_disjoint(fn, name, o, "mask.allowed", *m.allowed);
+      if (m.bias) detail::require_disjoint(fn, name, o, "mask.bias", *m.bias);
+      if (opts.key_padding_mask)
+        detail::require_disjoint(fn, name, o, "key_padding_mask", *opts.key_padding_mask);
+    };
+    apart("out", out);
+    if (opts.weights_out) {
+      apart("weights_out", *opts.weights_out);
+      detail::require_disjoint(fn, "weights_out", *opts.weights_out, "out", out);
+    }
+    if (opts.average_weights_out) {
+      const auto& avg = *opts.average_weights_out;
+      apart("average_weights_out", avg);
+      detail::require_disjoint(fn, "average_weights_out", avg, "out", out);
+      if (opts.weights_out)
+        detail::require_disjoint(fn, "average_weights_out", avg, "weights_out", *opts.weights_out);
+    }
+  }
+
+  // Strong guarantee: every check and every allocation comes before the cache changes. Should
+  // a projection still fail while writing (an allocation inside Eigen), the cache is marked
+  // unusable rather than left half written.
   void encode_into(const char* fn, const tensor_view<const T, 3>& context,
                    const tensor_view<const T, 3>& values, context_cache<T>& cache,
                    index_t& allocations) const {
@@ -311,22 +416,31 @@ class multi_head_cross_attention {
     detail::require_extent(fn, "values", 0, values.extent(0), context.extent(0));
     detail::require_extent(fn, "values", 1, values.extent(1), context.extent(1));
     detail::require_extent(fn, "values", 2, values.extent(2), c.value_context_dim);
-    cache.batch_ = context.extent(0);
-    cache.kv_len_ = context.extent(1);
-    cache.num_kv_heads_ = c.num_kv_heads;
-    cache.head_dim_ = c.head_dim;
-    const index_t n = detail::checked_mul(fn, detail::checked_mul(fn, cache.batch_, cache.kv_len_),
+    const index_t batch = context.extent(0), kv_len = context.extent(1);
+    const index_t n = detail::checked_mul(fn, detail::checked_mul(fn, batch, kv_len),
                                           c.num_kv_heads * c.head_dim);
+    for (const auto* buf : {&cache.k_, &cache.v_}) {  // a context read from the cache itself
+      const tensor_view<const T, 1> held(buf->data(), {buf->capacity()});
+      detail::require_disjoint(fn, "the cache", held, "context", context);
+      detail::require_disjoint(fn, "the cache", held, "values", values);
+    }
     cache.k_.ensure(n, allocations);
     cache.v_.ensure(n, allocations);
-    row_matrix<T> unused;  // the outputs are packed, so linear::forward never needs scratch
-    weights_.k_proj.forward(context, cache.packed(cache.k_), unused);
-    weights_.v_proj.forward(values, cache.packed(cache.v_), unused);
+    cache.batch_ = batch;
+    cache.kv_len_ = kv_len;
+    cache.num_kv_heads_ = c.num_kv_heads;
+    cache.head_dim_ = c.head_dim;
+    cache.usable_ = false;  // until both projections are written
+    row_matrix<T> unused;   // the outputs are packed, so linear::forward never needs scratch
+    weights_->k_proj.forward(context, cache.packed(cache.k_), unused);
+    weights_->v_proj.forward(values, cache.packed(cache.v_), unused);
+    cache.usable_ = true;
   }
 
   void run(const char* fn, const tensor_view<const T, 3>& query, const context_cache<T>& cache,
            const tensor_view<T, 3>& out, const cross_attention_options<T>& opts) {
     const auto& c = config_;
+    const cross_attention_weights<T>& w = *weights_;
     const index_t B = query.extent(0), Lq = query.extent(1), Lk = cache.kv_len();
     const index_t H = c.num_heads, width = c.num_heads * c.head_dim;
     detail::require_extent(fn, "query", 2, query.extent(2), c.model_dim);
@@ -352,7 +466,7 @@ class multi_head_cross_attention {
     // Q = query Wqᵀ + bq into [B, Lq, H·Dk]; the kernel reads it as [B, H, Lq, Dk] in place.
     const tensor_view<T, 3> q(q_.ensure(n, allocations_), {B, Lq, width});
     const tensor_view<T, 3> o(o_.ensure(n, allocations_), {B, Lq, width});
-    weights_.q_proj.forward(query, q, scratch_);
+    w.q_proj.forward(query, q, scratch_);
 
     attention_options<T> ao;
     ao.scale = opts.scale;
@@ -375,20 +489,20 @@ class multi_head_cross_attention {
 
     // need_weights with averaging: the mean over heads, as PyTorch's average_attn_weights.
     if (opts.average_weights_out) {
-      const auto& w = *ao.weights_out;
+      const auto& wts = *ao.weights_out;
       const auto& avg = *opts.average_weights_out;
       const T inv = T(1) / T(H);
       for (index_t b = 0; b < B; ++b)
         for (index_t i = 0; i < Lq; ++i)
           for (index_t j = 0; j < Lk; ++j) {
             T sum = 0;
-            for (index_t h = 0; h < H; ++h) sum += w(b, h, i, j);
+            for (index_t h = 0; h < H; ++h) sum += wts(b, h, i, j);
             avg(b, i, j) = sum * inv;
           }
     }
 
     // out = O Woᵀ + bo, the heads concatenated along the feature axis.
-    weights_.out_proj.forward(tensor_view<const T, 3>(o), out, scratch_);
+    w.out_proj.forward(tensor_view<const T, 3>(o), out, scratch_);
   }
 
   // Folds PyTorch's key_padding_mask (true = ignore) into mask: as kv_lengths when each row is
@@ -444,7 +558,7 @@ class multi_head_cross_attention {
   }
 
   cross_attention_config config_;
-  cross_attention_weights<T> weights_;
+  std::shared_ptr<const cross_attention_weights<T>> weights_;  // shared by copies
   context_cache<T> own_cache_;  // the projected context of forward(query, context, ...)
   detail::growing_buffer<T> q_, o_, w_;
   detail::growing_buffer<index_t> lengths_;

@@ -42,15 +42,20 @@ struct attention_mask {
 /// at element values):
 /// - A score of -inf (a -inf bias, or -inf in q or k) masks its key, like any other mask.
 /// - A NaN score (NaN in q, k or the bias, or Inf · 0 inside a dot product) or a +inf score (an
-///   Inf input, or scale · q · k beyond the element type's range) of a key that a query row may
-///   see makes that row's output, weights and log-sum-exp NaN. Other rows keep their values, and
-///   so do rows for which a mask hides the key.
+///   Inf input, or a product beyond the element type's range, see scale) of a key that a query
+///   row may see makes that row's output, all its weights (masked keys and keys past
+///   kv_lengths too) and its log-sum-exp NaN. Other rows keep their values, and so do rows for
+///   which a mask hides the key.
 /// - NaN or Inf in v's row j reaches the same column of the output of every query that gives
 ///   key j a weight above 0, and may reach queries whose weight for key j is 0 (0 · Inf is NaN).
 /// - Keys at or past mask.kv_lengths(b) are never read: padding may hold anything, even NaN.
 template <class T>
 struct attention_options {
-  /// Multiplies Q Kᵀ. Unset: 1/sqrt(Dk).
+  /// Multiplies Q Kᵀ. Unset: 1/sqrt(Dk). Every kernel applies it to the queries first: a score
+  /// is (scale · q, rounded to T) · k, computed in T. So scale · q must fit in T even where the
+  /// score would (scale 1e30 on q = 1e10 overflows float to inf, and the row becomes NaN by the
+  /// policy above), while q · k alone may exceed T's range (scale 1e-30 on q = k = 1e30 gives
+  /// scores of 1e30). The same queries, keys and scale give the same scores in every kernel.
   std::optional<double> scale;
   /// Which keys each query may attend; see attention_mask.
   attention_mask<T> mask;

@@ -5,6 +5,7 @@
 
 #include "xattn/config.hpp"
 #include "xattn/detail/eigen_interop.hpp"
+#include "xattn/detail/overlap.hpp"
 #include "xattn/errors.hpp"
 #include "xattn/tensor_view.hpp"
 
@@ -42,7 +43,7 @@ struct linear {
 
   /// y = x Wᵀ + b for every row of x:
   ///
-  ///   x [B, L, in]    y [B, L, out], written; must not overlap x
+  ///   x [B, L, in]    y [B, L, out], written; must not overlap x nor itself (a shape_error)
   ///
   /// Any strides are accepted. x and y are read and written in place when their (B, L) rows
   /// collapse into one matrix with contiguous rows (a packed tensor, or a column slice of one);
@@ -54,7 +55,9 @@ struct linear {
     detail::require_extent(fn, "y", 0, y.extent(0), x.extent(0));
     detail::require_extent(fn, "y", 1, y.extent(1), x.extent(1));
     detail::require_extent(fn, "y", 2, y.extent(2), out_features());
-    const index_t rows = x.extent(0) * x.extent(1);
+    detail::require_no_self_overlap(fn, "y", y);
+    detail::require_disjoint(fn, "y", y, "x", x);
+    const index_t rows = detail::checked_mul(fn, x.extent(0), x.extent(1));
     if (rows == 0 || out_features() == 0) return;
 
     row_matrix<T> x_copy;  // only for an x whose rows do not collapse: rare, so not kept

@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <limits>
@@ -33,21 +34,43 @@
 
 namespace xattn {
 
-/// The element types xattn reads and writes; each converts to and from float and double.
-enum class safetensors_dtype { f32, f64, f16, bf16 };
+/// The element types of a safetensors file. Every one may appear in a file that xattn opens;
+/// the floating-point ones (F32, F64, F16, BF16) can be read as float or double and written from
+/// numbers, the integer and boolean ones written from integers; F8 tensors are only listed.
+enum class safetensors_dtype {
+  f32, f64, f16, bf16,               // floating point, readable
+  boolean, u8, i8, u16, i16, u32, i32, u64, i64,  // integers (BOOL is one byte, 0 or 1)
+  f8_e4m3, f8_e5m2, f8_e8m0          // 8-bit floats: sized and skipped, not converted
+};
 
 namespace detail {
 
+inline constexpr safetensors_dtype all_dtypes[] = {
+    safetensors_dtype::f32,     safetensors_dtype::f64,     safetensors_dtype::f16,
+    safetensors_dtype::bf16,    safetensors_dtype::boolean, safetensors_dtype::u8,
+    safetensors_dtype::i8,      safetensors_dtype::u16,     safetensors_dtype::i16,
+    safetensors_dtype::u32,     safetensors_dtype::i32,     safetensors_dtype::u64,
+    safetensors_dtype::i64,     safetensors_dtype::f8_e4m3, safetensors_dtype::f8_e5m2,
+    safetensors_dtype::f8_e8m0};
+
 inline const char* dtype_name(safetensors_dtype d) noexcept {
   switch (d) {
-    case safetensors_dtype::f32:
-      return "F32";
-    case safetensors_dtype::f64:
-      return "F64";
-    case safetensors_dtype::f16:
-      return "F16";
-    case safetensors_dtype::bf16:
-      return "BF16";
+    case safetensors_dtype::f32: return "F32";
+    case safetensors_dtype::f64: return "F64";
+    case safetensors_dtype::f16: return "F16";
+    case safetensors_dtype::bf16: return "BF16";
+    case safetensors_dtype::boolean: return "BOOL";
+    case safetensors_dtype::u8: return "U8";
+    case safetensors_dtype::i8: return "I8";
+    case safetensors_dtype::u16: return "U16";
+    case safetensors_dtype::i16: return "I16";
+    case safetensors_dtype::u32: return "U32";
+    case safetensors_dtype::i32: return "I32";
+    case safetensors_dtype::u64: return "U64";
+    case safetensors_dtype::i64: return "I64";
+    case safetensors_dtype::f8_e4m3: return "F8_E4M3";
+    case safetensors_dtype::f8_e5m2: return "F8_E5M2";
+    case safetensors_dtype::f8_e8m0: return "F8_E8M0";
   }
   return "?";
 }
@@ -55,17 +78,37 @@ inline const char* dtype_name(safetensors_dtype d) noexcept {
 inline std::size_t dtype_size(safetensors_dtype d) noexcept {
   switch (d) {
     case safetensors_dtype::f64:
+    case safetensors_dtype::u64:
+    case safetensors_dtype::i64:
       return 8;
     case safetensors_dtype::f32:
+    case safetensors_dtype::u32:
+    case safetensors_dtype::i32:
       return 4;
-    default:
+    case safetensors_dtype::f16:
+    case safetensors_dtype::bf16:
+    case safetensors_dtype::u16:
+    case safetensors_dtype::i16:
       return 2;
+    default:
+      return 1;
   }
 }
 
+/// True for the dtypes read<T> converts to float or double.
+inline bool is_float_dtype(safetensors_dtype d) noexcept {
+  return d == safetensors_dtype::f32 || d == safetensors_dtype::f64 ||
+         d == safetensors_dtype::f16 || d == safetensors_dtype::bf16;
+}
+
+/// True for BOOL and the integer dtypes, which the writer fills from integers.
+inline bool is_integer_dtype(safetensors_dtype d) noexcept {
+  return !is_float_dtype(d) && dtype_size(d) > 0 && d != safetensors_dtype::f8_e4m3 &&
+         d != safetensors_dtype::f8_e5m2 && d != safetensors_dtype::f8_e8m0;
+}
+
 inline bool parse_dtype(const std::string& s, safetensors_dtype& d) noexcept {
-  for (auto c : {safetensors_dtype::f32, safetensors_dtype::f64, safetensors_dtype::f16,
-                 safetensors_dtype::bf16})
+  for (auto c : all_dtypes)
     if (s == dtype_name(c)) {
       d = c;
       return true;
@@ -162,8 +205,9 @@ inline double decode_element(const unsigned char* p, safetensors_dtype d) noexce
       return half_to_float(static_cast<std::uint16_t>(load_le(p, 2)));
     case safetensors_dtype::bf16:
       return bf16_to_float(static_cast<std::uint16_t>(load_le(p, 2)));
+    default:  // not a readable dtype: safetensors_file::read rejects it before decoding
+      return 0.0;
   }
-  return 0.0;
 }
 
 inline void encode_element(unsigned char* p, double x, safetensors_dtype d) noexcept {
@@ -187,7 +231,37 @@ inline void encode_element(unsigned char* p, double x, safetensors_dtype d) noex
     case safetensors_dtype::bf16:
       store_le(p, float_to_bf16(static_cast<float>(x)), 2);
       return;
+    default:  // integer dtypes are encoded by encode_integer
+      return;
   }
+}
+
+// The range of an integer dtype (BOOL: 0 and 1), as the widest integers.
+inline void integer_range(safetensors_dtype d, long double& lo, long double& hi) noexcept {
+  const std::size_t bits = 8 * dtype_size(d);
+  const bool is_signed = d == safetensors_dtype::i8 || d == safetensors_dtype::i16 ||
+                         d == safetensors_dtype::i32 || d == safetensors_dtype::i64;
+  if (d == safetensors_dtype::boolean) {
+    lo = 0;
+    hi = 1;
+  } else if (is_signed) {
+    lo = -std::ldexp(1.0L, int(bits) - 1);
+    hi = std::ldexp(1.0L, int(bits) - 1) - 1;
+  } else {
+    lo = 0;
+    hi = std::ldexp(1.0L, int(bits)) - 1;
+  }
+}
+
+// Two's complement little-endian bytes of an integer value that fits dtype d.
+template <class I>
+void encode_integer(unsigned char* p, I x, safetensors_dtype d) noexcept {
+  std::uint64_t bits;
+  if constexpr (std::is_signed_v<I>)
+    bits = static_cast<std::uint64_t>(static_cast<std::int64_t>(x));
+  else
+    bits = static_cast<std::uint64_t>(x);
+  store_le(p, bits, dtype_size(d));
 }
 
 inline std::string shape_string(const std::vector<index_t>& shape) {
@@ -225,6 +299,15 @@ class safetensors_file {
   /// Reads and checks the file at path: io_error if it cannot be read, format_error if it is
   /// malformed.
   static safetensors_file load(const std::string& path) {
+    // Only a regular file: a directory, a FIFO (whose open() waits for a writer) or a device
+    // such as /dev/zero (endless) is refused before it is opened.
+    std::error_code ec;
+    const auto status = std::filesystem::status(path, ec);
+    if (ec || !std::filesystem::exists(status))
+      XATTN_THROW(io_error("safetensors: " + path + ": cannot open the file (" +
+                           (ec ? ec.message() : std::string("it does not exist")) + ")"));
+    if (!std::filesystem::is_regular_file(status))
+      XATTN_THROW(io_error("safetensors: " + path + ": not a regular file"));
     std::ifstream in(path, std::ios::binary);
     if (!in) XATTN_THROW(io_error("safetensors: " + path + ": cannot open the file"));
     std::vector<unsigned char> bytes((std::istreambuf_iterator<char>(in)),
@@ -262,13 +345,23 @@ class safetensors_file {
   safetensors_tensor<T> read(const std::string& tensor) const {
     static_assert(std::is_floating_point_v<T>, "safetensors_file::read needs a floating-point T");
     const safetensors_tensor_info& t = info(tensor);
+    if (!detail::is_float_dtype(t.dtype))
+      fail_tensor(tensor, std::string("its dtype ") + detail::dtype_name(t.dtype) +
+                              " cannot be read as a floating-point tensor (F32, F64, F16 or BF16)");
     safetensors_tensor<T> out;
     out.shape = t.shape;
     out.values.resize(std::size_t(t.size()));
     const std::size_t width = detail::dtype_size(t.dtype);
     const unsigned char* p = bytes_.data() + data_start_ + t.begin;
-    for (std::size_t n = 0; n < out.values.size(); ++n)
-      out.values[n] = static_cast<T>(detail::decode_element(p + n * width, t.dtype));
+    for (std::size_t n = 0; n < out.values.size(); ++n) {
+      const double x = detail::decode_element(p + n * width, t.dtype);
+      out.values[n] = static_cast<T>(x);
+      // A finite F64 value past T's range would silently become inf. (Values below T's
+      // smallest normal number round to a subnormal number or 0, as any conversion does.)
+      if (std::isfinite(x) && !std::isfinite(out.values[n]))
+        fail_tensor(tensor, detail::message("element ", n, " is ", x,
+                                            ", beyond the range of the element type read into"));
+    }
     return out;
   }
 
@@ -348,8 +441,9 @@ class safetensors_file {
       fail_tensor(key, "the entry needs dtype, shape and data_offsets");
     if (!dtype->is_string()) fail_tensor(key, "dtype is not a string");
     if (!detail::parse_dtype(dtype->get<std::string>(), t.dtype))
-      fail_tensor(key, "unsupported dtype '" + dtype->get<std::string>() +
-                           "' (expected F32, F64, F16 or BF16)");
+      fail_tensor(key, "unknown dtype '" + dtype->get<std::string>() +
+                           "' (expected one of BOOL, U8, I8, U16, I16, U32, I32, U64, I64, F16, "
+                           "BF16, F32, F64, F8_E4M3, F8_E5M2, F8_E8M0)");
     if (!shape->is_array()) fail_tensor(key, "shape is not an array");
     constexpr auto max_index = std::uint64_t(std::numeric_limits<index_t>::max());
     std::uint64_t count = 1;
@@ -398,7 +492,8 @@ class safetensors_file {
 class safetensors_writer {
  public:
   /// Adds a packed row-major tensor, converting each value to dtype (F16 and BF16 round to
-  /// nearest even).
+  /// nearest even; integer dtypes and BOOL take integer values that fit). A negative extent, a
+  /// byte count past the index type, an F8 dtype or a value that does not fit is a value_error.
   template <class T>
   void add(const std::string& name, const std::vector<index_t>& shape, const T* values,
            safetensors_dtype dtype) {
@@ -406,16 +501,49 @@ class safetensors_writer {
     if (name == "__metadata__" || index_.count(name))
       detail::fail_value("safetensors_writer::add: tensor '" + name +
                          "' was added already (or is named __metadata__)");
+    const std::string fn = "safetensors_writer::add: tensor '" + name + "'";
+    const std::size_t width = detail::dtype_size(dtype);
+    index_t n = 1;
+    for (index_t x : shape) {
+      if (x < 0)
+        detail::fail_value(fn + ": shape " + detail::shape_string(shape) +
+                           " has a negative extent");
+      if (x != 0 && n > std::numeric_limits<index_t>::max() / index_t(width) / x)
+        detail::fail_value(fn + ": shape " + detail::shape_string(shape) +
+                           " holds more bytes than the index type can count");
+      n *= x;
+    }
+    if (n > 0 && values == nullptr) detail::fail_value(fn + ": values is null");
+    const bool integer = detail::is_integer_dtype(dtype);
+    if (!integer && !detail::is_float_dtype(dtype))
+      detail::fail_value(fn + ": cannot write dtype " + detail::dtype_name(dtype));
+    if (integer) {
+      if constexpr (!std::is_integral_v<T>) {
+        detail::fail_value(fn + ": dtype " + detail::dtype_name(dtype) + " needs integer values");
+      } else {
+        long double lo, hi;
+        detail::integer_range(dtype, lo, hi);
+        for (index_t i = 0; i < n; ++i)
+          if ((long double)values[i] < lo || (long double)values[i] > hi)
+            detail::fail_value(fn + ": element " + std::to_string(i) + " does not fit " +
+                               detail::dtype_name(dtype));
+      }
+    }
     entry e;
     e.name = name;
     e.dtype = dtype;
     e.shape = shape;
-    index_t n = 1;
-    for (index_t x : shape) n *= x;
-    const std::size_t width = detail::dtype_size(dtype);
     e.bytes.resize(std::size_t(n) * width);
-    for (index_t i = 0; i < n; ++i)
-      detail::encode_element(e.bytes.data() + std::size_t(i) * width, double(values[i]), dtype);
+    for (index_t i = 0; i < n; ++i) {
+      unsigned char* at = e.bytes.data() + std::size_t(i) * width;
+      if constexpr (std::is_integral_v<T>) {
+        if (integer) {
+          detail::encode_integer(at, values[i], dtype);
+          continue;
+        }
+      }
+      detail::encode_element(at, double(values[i]), dtype);
+    }
     index_[name] = entries_.size();
     entries_.push_back(std::move(e));
   }
@@ -508,6 +636,13 @@ cross_attention_weights<T> load_cross_attention_weights(const safetensors_file& 
   auto read = [&](const char* n, std::vector<index_t> shape) {
     return file.read<T>(name(n), shape);
   };
+  if (!c.bias)  // a tensor of the file must never be dropped silently
+    for (const char* b : {"in_proj_bias", "q_proj.bias", "k_proj.bias", "v_proj.bias",
+                          "out_proj.bias"})
+      if (file.contains(name(b)))
+        safetensors_file::fail(file.name(), "tensor '" + name(b) +
+                                                "' is in the file but config.bias is false, so "
+                                                "it would be ignored; set config.bias = true");
   const bool packed = file.contains(name("in_proj_weight"));
   const bool separate_torch = file.contains(name("q_proj_weight"));
   if (c.bias && !packed && !separate_torch && file.contains(name("in_proj_bias")))

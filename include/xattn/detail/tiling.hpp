@@ -57,6 +57,11 @@ struct tiled_plan {
 inline constexpr index_t split_target_units = 16;
 inline constexpr index_t min_split_keys = 128;
 
+/// The least work (in FLOPs, 2·Lq·Lk·(Dk + Dv) per head) for which the default thread count
+/// starts one more thread: about 10 to 20 µs of one core's time, against about 1 µs for an
+/// OpenMP fork and join on an idle machine.
+inline constexpr double min_flops_per_thread = 1 << 20;
+
 /// Default tile sizes. 64 queries are one register block of four 16-float packets with
 /// AVX-512; 128 keys keep Sᵀ (32 KiB), Qᵀ and Oᵀ (16 KiB each at Dk = Dv = 64) in L1 and L2.
 /// The row path stores one score row only, so its key tiles are longer.
@@ -83,7 +88,15 @@ tiled_plan make_tiled_plan(const attention_shape& s, const tile_options& t, bool
     while (p.splits * 2 <= most) p.splits *= 2;  // a power of two shares evenly among 2^k threads
   }
   p.split_len = p.splits > 1 ? (s.kv_len + p.splits - 1) / p.splits : s.kv_len;
-  const int asked = t.num_threads ? *t.num_threads : default_threads();
+  int asked = t.num_threads ? *t.num_threads : default_threads();
+  if (!t.num_threads) {
+    // Unless asked for a thread count, start a thread only for a fair share of work: a small
+    // call (one decoder query, one head) ends before a second thread would have woken, and
+    // beside another library's spinning thread pool a fork can cost milliseconds.
+    const double flops = 2.0 * double(s.batch) * double(s.num_heads) * double(s.q_len) *
+                         double(s.kv_len) * double(s.head_dim + s.value_dim);
+    asked = int(std::max(1.0, std::min(double(asked), flops / min_flops_per_thread)));
+  }
   p.threads = int(std::max<index_t>(1, std::min<index_t>(asked, p.units())));
   return p;
 }
@@ -101,32 +114,56 @@ T* at_least(aligned_vector<T>& v, index_t n) {
 /// One thread's scratch. Lanes path: qt = Qᵀ [Dk, W], s = Sᵀ [kv_tile, W], acc = Oᵀ [Dv, W],
 /// stats = m, l and corr [3 W]. Row path: qt = scaled query rows [q_tile, Dk], s = one score
 /// row [kv_tile], acc = output rows [q_tile, Dv], stats = m, l [2 q_tile]. k_copy and v_copy
-/// hold a K or V tile only when the caller's rows are not contiguous. partials holds the
-/// per-split results of a call (used from the calling thread's scratch only).
+/// hold a K or V tile only when the caller's rows are not contiguous.
 template <class T>
 struct tile_scratch {
-  aligned_vector<T> qt, s, acc, stats, k_copy, v_copy, partials;
+  aligned_vector<T> qt, s, acc, stats, k_copy, v_copy;
 
   index_t bytes() const noexcept {
     std::size_t n = 0;
-    for (const auto* v : {&qt, &s, &acc, &stats, &k_copy, &v_copy, &partials}) n += v->capacity();
+    for (const auto* v : {&qt, &s, &acc, &stats, &k_copy, &v_copy}) n += v->capacity();
     return index_t(n * sizeof(T));
   }
 };
 
-/// The calling thread's scratch, kept for the thread's lifetime. Each OpenMP worker has its own.
+/// The scratch of one call's whole thread team: one tile_scratch per thread and the per-split
+/// partial results. It belongs to the calling thread (kept for its lifetime, so repeated calls
+/// allocate nothing) and is sized in full before the threads start: an allocation failure is
+/// an ordinary exception on the calling thread, and no OpenMP worker owns memory of its own.
 template <class T>
-tile_scratch<T>& thread_scratch() {
-  static thread_local tile_scratch<T> scratch;
+struct team_scratch {
+  std::vector<tile_scratch<T>> threads;
+  aligned_vector<T> partials;
+};
+
+/// The calling thread's team scratch.
+template <class T>
+team_scratch<T>& calling_thread_scratch() {
+  static thread_local team_scratch<T> scratch;
   return scratch;
 }
 
-/// Elements of per-thread scratch (without partials) that a unit of plan p needs, at most.
+/// The elements each array of one thread's scratch needs for any unit of plan p (see
+/// tile_scratch). k_copy and v_copy are needed only when K or V rows are strided. Every product
+/// is checked: a huge tile is an error on the calling thread, before any work.
+struct unit_scratch_sizes {
+  index_t qt = 0, s = 0, acc = 0, stats = 0, k_copy = 0, v_copy = 0;
+  index_t total() const noexcept { return qt + s + acc + stats + k_copy + v_copy; }
+};
+
 template <class T>
-index_t unit_scratch_elements(const tiled_plan& p, const attention_shape& s) {
+unit_scratch_sizes unit_scratch_elements(const tiled_plan& p, const attention_shape& s,
+                                         bool copy_k = true, bool copy_v = true) {
+  constexpr const char* fn = "tiled_attention";
   const index_t w = p.rows ? p.q_tile : p.width;
-  return w * s.head_dim + (p.rows ? p.kv_tile + simd::lanes<T> : p.kv_tile * w) + w * s.value_dim +
-         (p.rows ? 2 : 3) * w + p.kv_tile * (s.head_dim + s.value_dim);
+  unit_scratch_sizes n;
+  n.qt = checked_mul(fn, w, s.head_dim);
+  n.s = p.rows ? p.kv_tile + simd::lanes<T> : checked_mul(fn, p.kv_tile, w);
+  n.acc = std::max(checked_mul(fn, w, s.value_dim), s.value_dim);  // the merge needs Dv
+  n.stats = (p.rows ? 2 : 3) * w;
+  if (copy_k) n.k_copy = checked_mul(fn, p.kv_tile, s.head_dim);
+  if (copy_v) n.v_copy = checked_mul(fn, p.kv_tile, s.value_dim);
+  return n;
 }
 
 /// Elements of one unit's partial result (m, l and an output row per query), rounded up to
@@ -140,7 +177,29 @@ index_t partial_stride(const tiled_plan& p, const attention_shape& s) {
 /// Elements of the per-call partial results: one block per unit when the keys are split.
 template <class T>
 index_t partial_elements(const tiled_plan& p, const attention_shape& s) {
-  return p.splits > 1 ? p.units() * partial_stride<T>(p, s) : 0;
+  return p.splits > 1 ? checked_mul("tiled_attention", p.units(), partial_stride<T>(p, s)) : 0;
+}
+
+/// Sizes the calling thread's team scratch for plan p and returns it. Everything the threads
+/// will touch is allocated here, so nothing inside the parallel region allocates.
+template <class T>
+team_scratch<T>& reserve_team_scratch(const tiled_plan& p, const attention_shape& s, bool copy_k,
+                                      bool copy_v) {
+  team_scratch<T>& team = calling_thread_scratch<T>();
+  const unit_scratch_sizes n = unit_scratch_elements<T>(p, s, copy_k, copy_v);
+  const index_t parts = partial_elements<T>(p, s);
+  if (team.threads.size() < std::size_t(p.threads)) team.threads.resize(std::size_t(p.threads));
+  for (int t = 0; t < p.threads; ++t) {
+    tile_scratch<T>& ws = team.threads[std::size_t(t)];
+    at_least(ws.qt, n.qt);
+    at_least(ws.s, n.s);
+    at_least(ws.acc, n.acc);
+    at_least(ws.stats, n.stats);
+    at_least(ws.k_copy, n.k_copy);
+    at_least(ws.v_copy, n.v_copy);
+  }
+  at_least(team.partials, parts);
+  return team;
 }
 
 }  // namespace xattn::detail
