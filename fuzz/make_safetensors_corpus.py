@@ -77,6 +77,19 @@ SEEDS = {
         ("e", "F32", [0, 7], b""),
         ("s", "F64", [], f64(3.0)),
     ]),
+    # Integer, BOOL and F8 tensors beside a layer (position_ids ship next to attention weights).
+    "valid-other-dtypes-beside-layer": valid_file([
+        ("position_ids", "I64", [1, 2], bytes.fromhex("00000000000000000100000000000000")),
+        ("flags", "BOOL", [2], bytes.fromhex("0100")),
+        ("codes", "F8_E4M3", [2], bytes.fromhex("3844")),
+        ("small", "I8", [1], bytes.fromhex("ff")),
+        ("attn.in_proj_weight", "F32", [12, 4], f32(*([0.5] * 48))),
+        ("attn.in_proj_bias", "F32", [12], f32(*([1.0] * 12))),
+        ("attn.out_proj.weight", "F32", [4, 4], f32(*([0.25] * 16))),
+        ("attn.out_proj.bias", "F32", [4], f32(*([0.0] * 4))),
+    ], {"model_dim": "4"}),
+    # Read as float, 1e300 is out of range: a format_error naming the tensor.
+    "valid-f64-beyond-float": valid_file([("big", "F64", [2], f64(1.0, 1e300))]),
     "valid-hf-f16": hf_layer("F16", 2),
     "valid-hf-bf16-no-bias": hf_layer("BF16", 2, bias=False),
     "valid-packed-f32": packed_layer(),
@@ -112,7 +125,6 @@ SEEDS = {
     "crash-shape-deep-nesting": raw('{"w":{"dtype":"F32","shape":[' + "[" * 64000 + "]" * 64000 +
                                     '],"data_offsets":[0,0]}}'),
     "broken-dtype-unknown": raw(json.dumps({"w": entry("Q4", [2], 0, 1)}), b"\0"),
-    "broken-dtype-i64": raw(json.dumps({"w": entry("I64", [1], 0, 8)}), b"\0" * 8),
     "broken-dtype-not-string": raw(json.dumps({"w": entry(4, [1], 0, 4)}), b"\0" * 4),
     "broken-entry-missing-keys": raw(json.dumps({"w": {"dtype": "F32", "shape": [2]}}), b"\0" * 8),
     "broken-entry-not-object": raw('{"w": 3}'),
