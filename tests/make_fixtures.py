@@ -33,7 +33,8 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "fixtures")
-DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16"}
+DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
+          torch.int64: "I64"}
 
 
 def write_safetensors(path, tensors, metadata):
@@ -158,8 +159,207 @@ def gqa_case(name, *, embed, context, heads, kv_heads, b, lq, lk, store, seed):
     write_safetensors(os.path.join(OUT, name + ".safetensors"), tensors, meta)
 
 
+# ---- real checkpoint layouts ---------------------------------------------------------------
+# Each case writes one attention layer under the exact names and shapes its model family uses
+# (at small sizes), plus tensors of the same model around it, and the output of that model's own
+# attention forward, transcribed below from the upstream function named in each docstring.
+# Inputs: "query" [B, Lq, Dm] and "context" [B, Lk, Dc]; result: "output" [B, Lq, Dm];
+# metadata: the layer's prefix, num_heads and layout.
+
+def rand_lin(gen, out_f, in_f, store, bias=True):
+    bound = 1.0 / in_f ** 0.5
+    w = rounded(torch.empty(out_f, in_f, dtype=torch.float64).uniform_(-bound, bound, generator=gen), store)
+    b = rounded(torch.empty(out_f, dtype=torch.float64).uniform_(-0.5, 0.5, generator=gen), store) \
+        if bias else None
+    return w, b
+
+
+def linear(x, w, b):
+    return x @ w.T + (b if b is not None else 0)
+
+
+def rand_inputs(gen, b, lq, lk, dm, dc):
+    q = rounded(torch.empty(b, lq, dm, dtype=torch.float64).uniform_(-1, 1, generator=gen), torch.float32)
+    c = rounded(torch.empty(b, lk, dc, dtype=torch.float64).uniform_(-1, 1, generator=gen), torch.float32)
+    return q, c
+
+
+def add_linear(tensors, name, w, b, store):
+    tensors[name + ".weight"] = w.to(store)
+    if b is not None:
+        tensors[name + ".bias"] = b.to(store)
+
+
+def write_layout_case(name, tensors, q, c, out, prefix, heads, layout):
+    tensors.update(query=q.float(), context=c.float(), output=out)
+    write_safetensors(os.path.join(OUT, name + ".safetensors"), tensors,
+                      dict(prefix=prefix, num_heads=heads, layout=layout))
+
+
+def hf_whisper_or_bart(name, *, k_bias, store, seed):
+    """transformers' WhisperAttention.forward / BartAttention.forward (cross-attention branch):
+    query_states = q_proj(hidden_states) * scaling (scaling = head_dim ** -0.5); key and value
+    states from k_proj and v_proj of key_value_states; attn_weights = softmax(bmm(q, kᵀ));
+    attn_output = out_proj(bmm(attn_weights, v)). Whisper's k_proj has bias=False."""
+    gen = torch.Generator().manual_seed(seed)
+    d_model, heads, b, lq, lk = 16, 4, 2, 3, 7
+    hd = d_model // heads
+    prefix = "model.decoder.layers.0.encoder_attn"
+    tensors = {}
+    # the decoder layer's self-attention sits beside it under the same layout
+    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        w, bias = rand_lin(gen, d_model, d_model, store, bias=(proj != "k_proj" or k_bias))
+        add_linear(tensors, "model.decoder.layers.0.self_attn." + proj, w, bias, store)
+    wq, bq = rand_lin(gen, d_model, d_model, store)
+    wk, bk = rand_lin(gen, d_model, d_model, store, bias=k_bias)
+    wv, bv = rand_lin(gen, d_model, d_model, store)
+    wo, bo = rand_lin(gen, d_model, d_model, store)
+    for proj, (w, bias) in dict(q_proj=(wq, bq), k_proj=(wk, bk), v_proj=(wv, bv), out_proj=(wo, bo)).items():
+        add_linear(tensors, f"{prefix}.{proj}", w, bias, store)
+    tensors["model.decoder.embed_positions.weight"] = torch.zeros(4, d_model).to(store)
+    q, c = rand_inputs(gen, b, lq, lk, d_model, d_model)
+    scaling = hd ** -0.5
+    qs = (linear(q, wq, bq) * scaling).view(b, lq, heads, hd).transpose(1, 2).reshape(b * heads, lq, hd)
+    ks = linear(c, wk, bk).view(b, lk, heads, hd).transpose(1, 2).reshape(b * heads, lk, hd)
+    vs = linear(c, wv, bv).view(b, lk, heads, hd).transpose(1, 2).reshape(b * heads, lk, hd)
+    w = torch.softmax(torch.bmm(qs, ks.transpose(1, 2)), dim=-1)
+    o = torch.bmm(w, vs).view(b, heads, lq, hd).transpose(1, 2).reshape(b, lq, d_model)
+    write_layout_case(name, tensors, q, c, linear(o, wo, bo), prefix, heads, "hugging_face")
+
+
+def diffusers_attn2(name, *, store, seed):
+    """diffusers' Attention with AttnProcessor.__call__ (a UNet transformer block's attn2):
+    query = to_q(hidden_states), key = to_k(encoder_hidden_states), value = to_v(...), all three
+    bias=False; get_attention_scores: baddbmm(empty, query, keyᵀ, beta=0, alpha=scale) with
+    scale = dim_head ** -0.5, then softmax; bmm with value; to_out[0] (Linear, with bias), then
+    to_out[1] (Dropout, identity in eval)."""
+    gen = torch.Generator().manual_seed(seed)
+    query_dim, heads, dim_head, cross_dim, b, lq, lk = 16, 2, 8, 12, 2, 9, 5
+    inner = heads * dim_head
+    block = "down_blocks.0.attentions.0.transformer_blocks.0"
+    prefix = block + ".attn2"
+    tensors = {}
+    for proj, in_f in (("to_q", query_dim), ("to_k", query_dim), ("to_v", query_dim)):
+        w, _ = rand_lin(gen, inner, in_f, store, bias=False)
+        add_linear(tensors, f"{block}.attn1.{proj}", w, None, store)
+    w, bias = rand_lin(gen, query_dim, inner, store)
+    add_linear(tensors, f"{block}.attn1.to_out.0", w, bias, store)
+    wq, _ = rand_lin(gen, inner, query_dim, store, bias=False)
+    wk, _ = rand_lin(gen, inner, cross_dim, store, bias=False)
+    wv, _ = rand_lin(gen, inner, cross_dim, store, bias=False)
+    wo, bo = rand_lin(gen, query_dim, inner, store)
+    add_linear(tensors, prefix + ".to_q", wq, None, store)
+    add_linear(tensors, prefix + ".to_k", wk, None, store)
+    add_linear(tensors, prefix + ".to_v", wv, None, store)
+    add_linear(tensors, prefix + ".to_out.0", wo, bo, store)
+    tensors[block + ".norm2.weight"] = torch.ones(query_dim).to(store)
+    q, c = rand_inputs(gen, b, lq, lk, query_dim, cross_dim)
+
+    def head_to_batch_dim(t):
+        bb, n, _ = t.shape
+        return t.reshape(bb, n, heads, dim_head).permute(0, 2, 1, 3).reshape(bb * heads, n, dim_head)
+
+    query, key, value = (head_to_batch_dim(linear(q, wq, None)), head_to_batch_dim(linear(c, wk, None)),
+                         head_to_batch_dim(linear(c, wv, None)))
+    # diffusers passes torch.empty as the ignored input (beta=0); zeros give the same result
+    # without reading uninitialised memory (which PyTorch's CPU baddbmm does not always skip)
+    scores = torch.baddbmm(torch.zeros(b * heads, lq, lk, dtype=torch.float64), query,
+                           key.transpose(-1, -2), beta=0, alpha=dim_head ** -0.5)
+    probs = scores.softmax(dim=-1)
+    h = torch.bmm(probs, value).reshape(b, heads, lq, dim_head).permute(0, 2, 1, 3).reshape(b, lq, inner)
+    write_layout_case(name, tensors, q, c, linear(h, wo, bo), prefix, heads, "diffusers")
+
+
+def openai_whisper_cross_attn(name, *, seed):
+    """openai-whisper's MultiHeadAttention.forward and qkv_attention (model.py): q = query(x),
+    k = key(xa) (Linear with bias=False), v = value(xa); scale = (n_state // n_head) ** -0.25
+    applied to q and to k; w = softmax(q @ k); out((w @ v) with the heads flattened)."""
+    gen = torch.Generator().manual_seed(seed)
+    n_state, n_head, b, lq, lk = 24, 3, 2, 4, 6
+    prefix = "decoder.blocks.0.cross_attn"
+    store = torch.float32
+    wq, bq = rand_lin(gen, n_state, n_state, store)
+    wk, _ = rand_lin(gen, n_state, n_state, store, bias=False)
+    wv, bv = rand_lin(gen, n_state, n_state, store)
+    wo, bo = rand_lin(gen, n_state, n_state, store)
+    tensors = {}
+    for n, (w, bias) in dict(query=(wq, bq), key=(wk, None), value=(wv, bv), out=(wo, bo)).items():
+        add_linear(tensors, f"{prefix}.{n}", w, bias, store)
+        add_linear(tensors, f"decoder.blocks.0.attn.{n}", w, bias, store)  # self-attention
+    tensors["decoder.blocks.0.cross_attn_ln.weight"] = torch.ones(n_state)
+    x, xa = rand_inputs(gen, b, lq, lk, n_state, n_state)
+    qv, kv_, vv = linear(x, wq, bq), linear(xa, wk, None), linear(xa, wv, bv)
+    scale = (n_state // n_head) ** -0.25
+    qh = qv.view(*qv.shape[:2], n_head, -1).permute(0, 2, 1, 3) * scale
+    kh = kv_.view(*kv_.shape[:2], n_head, -1).permute(0, 2, 3, 1) * scale
+    vh = vv.view(*vv.shape[:2], n_head, -1).permute(0, 2, 1, 3)
+    w = torch.softmax(qh @ kh, dim=-1)
+    o = (w @ vh).permute(0, 2, 1, 3).flatten(start_dim=2)
+    write_layout_case(name, tensors, x, xa, linear(o, wo, bo), prefix, n_head, "openai_whisper")
+
+
+def t5_enc_dec_attention(name, *, seed):
+    """transformers' T5Attention.forward for the EncDecAttention of a decoder block: q, k, v, o
+    are Linear(bias=False) with inner_dim = n_heads * d_kv (384 != d_model 512 in flan-T5-small);
+    scores = matmul(query_states, key_statesᵀ) with no scaling, plus a position bias of zeros (a
+    cross-attention layer has no relative attention bias); softmax(scores.float()); o(matmul)."""
+    gen = torch.Generator().manual_seed(seed)
+    d_model, n_heads, d_kv, b, lq, lk = 16, 3, 8, 2, 3, 5
+    inner = n_heads * d_kv
+    prefix = "decoder.block.0.layer.1.EncDecAttention"
+    store = torch.float32
+    # T5 initialises q with a smaller spread (d_model * d_kv) ** -0.5 so unscaled scores stay small
+    wq, _ = rand_lin(gen, inner, d_model, store, bias=False)
+    wq = rounded(wq * d_kv ** -0.5, store)
+    wk, _ = rand_lin(gen, inner, d_model, store, bias=False)
+    wv, _ = rand_lin(gen, inner, d_model, store, bias=False)
+    wo, _ = rand_lin(gen, d_model, inner, store, bias=False)
+    tensors = {}
+    for n, w in dict(q=wq, k=wk, v=wv, o=wo).items():
+        add_linear(tensors, f"{prefix}.{n}", w, None, store)
+        add_linear(tensors, f"decoder.block.0.layer.0.SelfAttention.{n}", w, None, store)
+    tensors["decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = \
+        torch.zeros(32, n_heads)
+    q, c = rand_inputs(gen, b, lq, lk, d_model, d_model)
+
+    def shape(t):
+        return t.view(b, -1, n_heads, d_kv).transpose(1, 2)
+
+    qs, ks, vs = shape(linear(q, wq, None)), shape(linear(c, wk, None)), shape(linear(c, wv, None))
+    scores = torch.matmul(qs, ks.transpose(3, 2))
+    scores += torch.zeros(1, n_heads, lq, lk, dtype=scores.dtype)  # position_bias
+    attn = torch.softmax(scores, dim=-1)
+    o = torch.matmul(attn, vs).transpose(1, 2).contiguous().view(b, -1, inner)
+    write_layout_case(name, tensors, q, c, linear(o, wo, None), prefix, n_heads, "t5")
+
+
+def torch_decoder_layer(name, *, seed):
+    """torch.nn.TransformerDecoderLayer: its multihead_attn (the cross-attention over memory) is
+    an nn.MultiheadAttention with packed in_proj_weight; the whole layer's state_dict is saved."""
+    torch.manual_seed(seed)
+    d_model, nhead, b, lq, lk = 16, 4, 2, 5, 3
+    layer = torch.nn.TransformerDecoderLayer(d_model, nhead, dim_feedforward=32, batch_first=True,
+                                             dtype=torch.float64).eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(rounded(p, torch.float32))
+    gen = torch.Generator().manual_seed(seed)
+    q, c = rand_inputs(gen, b, lq, lk, d_model, d_model)
+    with torch.no_grad():
+        out, _ = layer.multihead_attn(q, c, c, need_weights=False)
+    tensors = {"decoder.layers.0." + k: v.float() for k, v in layer.state_dict().items()}
+    write_layout_case(name, tensors, q, c, out, "decoder.layers.0.multihead_attn", nhead,
+                      "torch_packed")
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
+    hf_whisper_or_bart("layout_hf_whisper", k_bias=False, store=torch.float32, seed=11)
+    hf_whisper_or_bart("layout_hf_bart", k_bias=True, store=torch.float32, seed=12)
+    diffusers_attn2("layout_diffusers_fp16", store=torch.float16, seed=13)
+    openai_whisper_cross_attn("layout_openai_whisper", seed=14)
+    t5_enc_dec_attention("layout_t5", seed=15)
+    torch_decoder_layer("layout_torch_decoder_layer", seed=16)
     mha_case("mha_kdim_vdim", embed=16, heads=4, kdim=12, vdim=10, bias=True, b=2, lq=3, lk=5,
              weights="averaged", seed=1)
     mha_case("mha_packed_key_padding", embed=16, heads=2, kdim=16, vdim=16, bias=True, b=3, lq=4,

@@ -396,7 +396,7 @@ TEST(CrossAttentionModule, WeightsOfTheWrongShapeThrow) {
   cfg.bias = false;
   EXPECT_TRUE(
       throws_with<xattn::shape_error>([&] { xattn::multi_head_cross_attention<float> m(cfg, w); },
-                                      {"q_proj has a bias but config.bias is false"}));
+                                      {"q_proj has a bias but the config gives it none"}));
 }
 
 TEST(CrossAttentionModule, ForwardShapeErrorsNameTheArgument) {

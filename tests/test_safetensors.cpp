@@ -257,7 +257,8 @@ TYPED_TEST(Safetensors, LoadsEveryWeightNaming) {
       {"weights.safetensors", "tensor 'layer.k_proj.weight' has shape [8, 8], expected [8, 6]"}));
   EXPECT_TRUE(throws_with<xattn::format_error>(
       [&] { (void)xattn::load_cross_attention_weights<T>(file, cfg, "other."); },
-      {"weights.safetensors", "tensor 'other.q_proj.weight' is missing"}));
+      {"weights.safetensors", "no attention layer under prefix 'other.'", "found no tensors",
+       "tried the layouts torch_packed (in_proj_weight)"}));
 }
 
 // ---- against PyTorch ------------------------------------------------------------------------
@@ -375,7 +376,8 @@ TEST(Safetensors, BiasInTheFileWithBiasOffIsAnError) {
   cfg.bias = false;
   EXPECT_TRUE(throws_with<xattn::format_error>(
       [&] { (void)xattn::load_cross_attention<float>(file, cfg); },
-      {"biased.safetensors", "tensor 'q_proj.bias' is in the file but config.bias is false"}));
+      {"biased.safetensors",
+       "tensor 'q_proj.bias' is in the file but the config gives that projection no bias"}));
   cfg.bias = true;
   EXPECT_NO_THROW((void)xattn::load_cross_attention<float>(file, cfg));
 }

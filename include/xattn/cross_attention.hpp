@@ -49,7 +49,13 @@ struct cross_attention_config {
   index_t num_heads = 1;          ///< H: query heads
   index_t num_kv_heads = 0;       ///< Hkv: key/value heads, divides H (1: multi-query); 0: H
   index_t head_dim = 0;           ///< Dk: per-head width of q, k and v; 0: Dm / H
-  bool bias = true;               ///< whether the four projections have a bias
+  bool bias = true;               ///< whether the projections have a bias (see the four below)
+  /// Per projection: whether q_proj, k_proj, v_proj and out_proj have a bias; unset: `bias`.
+  /// (Whisper's k_proj has none; diffusers' attention has only the output's.)
+  std::optional<bool> q_bias, k_bias, v_bias, out_bias;
+  /// The score scale: scores are scale · q · k. Unset: 1/sqrt(head_dim) (1 when head_dim is 0).
+  /// T5 uses 1. A scale in cross_attention_options overrides it for one call.
+  std::optional<double> scale;
 
   /// The configuration with defaults filled in; throws value_error when it is inconsistent.
   cross_attention_config resolved() const {
@@ -78,6 +84,11 @@ struct cross_attention_config {
     }
     if (c.head_dim < 0)
       detail::fail_value(detail::message(fn, ": head_dim is ", c.head_dim, ", expected >= 1"));
+    for (std::optional<bool>* b : {&c.q_bias, &c.k_bias, &c.v_bias, &c.out_bias})
+      if (!b->has_value()) *b = c.bias;
+    if (!c.scale) c.scale = c.head_dim > 0 ? 1.0 / std::sqrt(double(c.head_dim)) : 1.0;
+    if (!std::isfinite(*c.scale))
+      detail::fail_value(detail::message(fn, ": scale is ", *c.scale, ", expected a finite number"));
     // Every size derived from the configuration must fit in index_t: the projection widths and
     // the element count of each weight matrix.
     const index_t q = product(fn, "num_heads", c.num_heads, "head_dim", c.head_dim);
@@ -101,19 +112,20 @@ struct cross_attention_config {
 /// The four projections, named as in PyTorch and Hugging Face models. With the resolved config:
 ///
 ///   q_proj   weight [H·Dk, Dm]     k_proj weight [Hkv·Dk, Dc]    v_proj weight [Hkv·Dk, Dcv]
-///   out_proj weight [Dm, H·Dk]     each bias [out] when config.bias, empty otherwise
+///   out_proj weight [Dm, H·Dk]     each bias [out] when the config gives that projection one
+///                                  (q_bias, k_bias, v_bias, out_bias), empty otherwise
 template <class T>
 struct cross_attention_weights {
   linear<T> q_proj, k_proj, v_proj, out_proj;
 };
 
-/// Zero weights (and biases when cfg.bias) of the right shapes for cfg.
+/// Zero weights (and zero biases where the config has them) of the right shapes for cfg.
 template <class T>
 cross_attention_weights<T> zero_weights(const cross_attention_config& config) {
   const cross_attention_config c = config.resolved();
   const index_t q = c.num_heads * c.head_dim, kv = c.num_kv_heads * c.head_dim;
-  return {linear<T>(q, c.model_dim, c.bias), linear<T>(kv, c.context_dim, c.bias),
-          linear<T>(kv, c.value_context_dim, c.bias), linear<T>(c.model_dim, q, c.bias)};
+  return {linear<T>(q, c.model_dim, *c.q_bias), linear<T>(kv, c.context_dim, *c.k_bias),
+          linear<T>(kv, c.value_context_dim, *c.v_bias), linear<T>(c.model_dim, q, *c.out_bias)};
 }
 
 /// Weights drawn uniformly from [-1/sqrt(in), 1/sqrt(in)] (the scale of PyTorch's default
@@ -151,7 +163,7 @@ struct cross_attention_options {
   /// Receives the weights averaged over the heads (need_weights, average_attn_weights=True).
   /// [B, Lq, Lk]
   std::optional<tensor_view<T, 3>> average_weights_out;
-  /// Multiplies Q Kᵀ. Unset: 1/sqrt(Dk).
+  /// Multiplies Q Kᵀ. Unset: the layer's (cross_attention_config::scale).
   std::optional<double> scale;
   attention_kernel kernel = attention_kernel::tiled;  ///< the kernel to run
   tile_options tiles;                                 ///< passed to tiled_attention
@@ -294,10 +306,10 @@ class multi_head_cross_attention {
   void set_weights(cross_attention_weights<T> w) {
     const auto& c = config_;
     const index_t q = c.num_heads * c.head_dim, kv = c.num_kv_heads * c.head_dim;
-    check_linear("q_proj", w.q_proj, q, c.model_dim);
-    check_linear("k_proj", w.k_proj, kv, c.context_dim);
-    check_linear("v_proj", w.v_proj, kv, c.value_context_dim);
-    check_linear("out_proj", w.out_proj, c.model_dim, q);
+    check_linear("q_proj", w.q_proj, q, c.model_dim, *c.q_bias);
+    check_linear("k_proj", w.k_proj, kv, c.context_dim, *c.k_bias);
+    check_linear("v_proj", w.v_proj, kv, c.value_context_dim, *c.v_bias);
+    check_linear("out_proj", w.out_proj, c.model_dim, q, *c.out_bias);
     weights_ = std::make_shared<const cross_attention_weights<T>>(std::move(w));
   }
 
@@ -362,16 +374,19 @@ class multi_head_cross_attention {
   index_t workspace_allocations() const noexcept { return allocations_; }
 
  private:
-  void check_linear(const char* name, const linear<T>& l, index_t out, index_t in) const {
+  static void check_linear(const char* name, const linear<T>& l, index_t out, index_t in,
+                           bool bias) {
     constexpr const char* fn = "multi_head_cross_attention";
     if (l.out_features() != out || l.in_features() != in)
       detail::fail_shape(detail::message(fn, ": ", name, ".weight is [", l.out_features(), ", ",
                                          l.in_features(), "], expected [", out, ", ", in, "]"));
-    if (config_.bias && l.bias.size() != out)
+    if (bias && l.bias.size() != out)
       detail::fail_shape(detail::message(fn, ": ", name, ".bias.extent(0) is ", l.bias.size(),
-                                         ", expected ", out, " (config.bias is true)"));
-    if (!config_.bias && l.has_bias())
-      detail::fail_shape(detail::message(fn, ": ", name, " has a bias but config.bias is false"));
+                                         ", expected ", out, " (the config gives ", name,
+                                         " a bias)"));
+    if (!bias && l.has_bias())
+      detail::fail_shape(
+          detail::message(fn, ": ", name, " has a bias but the config gives it none"));
   }
 
   // The outputs of forward, checked against each other, themselves and every input before
@@ -469,7 +484,7 @@ class multi_head_cross_attention {
     w.q_proj.forward(query, q, scratch_);
 
     attention_options<T> ao;
-    ao.scale = opts.scale;
+    ao.scale = opts.scale ? opts.scale : c.scale;
     ao.mask = opts.mask;
     if (opts.key_padding_mask)
       add_key_padding(fn, *opts.key_padding_mask, attention_shape{B, H, Lq, Lk, 0, 0, 0}, ao.mask);

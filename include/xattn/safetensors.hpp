@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
-// Reading and writing safetensors files (the format PyTorch and Hugging Face export weights in),
-// and loading multi_head_cross_attention weights from them. Optional: this header needs
+// Reading and writing safetensors files (the format PyTorch and Hugging Face export weights in).
+// checkpoints.hpp loads multi_head_cross_attention layers from them. Optional: this header needs
 // nlohmann_json besides Eigen, and the umbrella xattn.hpp does not include it.
 //
 // The format: an 8-byte little-endian header length N, N bytes of JSON mapping each tensor name
@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cerrno>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -27,10 +28,18 @@
 #include <iterator>
 #include <limits>
 #include <map>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#if defined(__unix__) || defined(__APPLE__)
+#  include <fcntl.h>
+#  include <sys/mman.h>
+#  include <sys/stat.h>
+#  include <unistd.h>
+#endif
 
 namespace xattn {
 
@@ -293,21 +302,50 @@ struct safetensors_tensor {
   std::vector<T> values;
 };
 
-/// A safetensors file held in memory, its header checked in full on construction.
+/// A safetensors file, its header checked in full on construction. A file opened with load()
+/// is memory-mapped where the system allows it (POSIX), so reading one layer out of a
+/// multi-gigabyte checkpoint touches only that layer's pages; elsewhere it is read whole.
 class safetensors_file {
  public:
-  /// Reads and checks the file at path: io_error if it cannot be read, format_error if it is
-  /// malformed.
+  /// Opens and checks the file at path: io_error if it is not a regular file or cannot be read,
+  /// format_error if it is malformed. A directory, a FIFO (whose open() would wait for a
+  /// writer) or a device such as /dev/zero (endless) is refused before anything is read.
   static safetensors_file load(const std::string& path) {
-    // Only a regular file: a directory, a FIFO (whose open() waits for a writer) or a device
-    // such as /dev/zero (endless) is refused before it is opened.
+#if defined(__unix__) || defined(__APPLE__)
+    // O_NONBLOCK: opening a FIFO returns at once, and fstat then refuses it.
+    const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0)
+      XATTN_THROW(io_error("safetensors: " + path + ": cannot open the file (" +
+                           std::strerror(errno) + ")"));
+    struct ::stat st {};
+    const bool stat_ok = ::fstat(fd, &st) == 0;
+    if (!stat_ok || !S_ISREG(st.st_mode)) {
+      ::close(fd);
+      XATTN_THROW(io_error("safetensors: " + path +
+                           (stat_ok ? ": not a regular file" : ": cannot stat the file")));
+    }
+    const std::size_t size = std::size_t(st.st_size);
+    if (size > 0) {
+      void* map = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+      ::close(fd);
+      if (map != MAP_FAILED) {
+        std::shared_ptr<const unsigned char> owner(
+            static_cast<const unsigned char*>(map),
+            [size](const unsigned char* p) { ::munmap(const_cast<unsigned char*>(p), size); });
+        return safetensors_file(std::move(owner), size, path);
+      }
+    } else {
+      ::close(fd);
+    }
+    // An empty file, or a file system that cannot map: read it whole below.
+#else
     std::error_code ec;
     const auto status = std::filesystem::status(path, ec);
     if (ec || !std::filesystem::exists(status))
-      XATTN_THROW(io_error("safetensors: " + path + ": cannot open the file (" +
-                           (ec ? ec.message() : std::string("it does not exist")) + ")"));
+      XATTN_THROW(io_error("safetensors: " + path + ": cannot open the file"));
     if (!std::filesystem::is_regular_file(status))
       XATTN_THROW(io_error("safetensors: " + path + ": not a regular file"));
+#endif
     std::ifstream in(path, std::ios::binary);
     if (!in) XATTN_THROW(io_error("safetensors: " + path + ": cannot open the file"));
     std::vector<unsigned char> bytes((std::istreambuf_iterator<char>(in)),
@@ -317,8 +355,10 @@ class safetensors_file {
   }
 
   /// Checks the bytes of a whole file; `name` stands for the file in error messages.
-  safetensors_file(std::vector<unsigned char> bytes, std::string name)
-      : bytes_(std::move(bytes)), name_(std::move(name)) {
+  safetensors_file(std::vector<unsigned char> bytes, std::string name) : name_(std::move(name)) {
+    auto held = std::make_shared<std::vector<unsigned char>>(std::move(bytes));
+    size_ = held->size();
+    data_ = std::shared_ptr<const unsigned char>(held, held->data());
     parse();
   }
 
@@ -352,7 +392,7 @@ class safetensors_file {
     out.shape = t.shape;
     out.values.resize(std::size_t(t.size()));
     const std::size_t width = detail::dtype_size(t.dtype);
-    const unsigned char* p = bytes_.data() + data_start_ + t.begin;
+    const unsigned char* p = data_.get() + data_start_ + t.begin;
     for (std::size_t n = 0; n < out.values.size(); ++n) {
       const double x = detail::decode_element(p + n * width, t.dtype);
       out.values[n] = static_cast<T>(x);
@@ -385,18 +425,18 @@ class safetensors_file {
   }
 
   void parse() {
-    const std::uint64_t size = bytes_.size();
+    const std::uint64_t size = size_;
     if (size < 8)
       fail(name_, "truncated: the file has " + std::to_string(size) +
                       " bytes, fewer than the 8-byte header length");
-    const std::uint64_t n = detail::load_le(bytes_.data(), 8);
+    const std::uint64_t n = detail::load_le(data_.get(), 8);
     if (n > size - 8)
       fail(name_, "the header length " + std::to_string(n) + " runs past the end of the file (" +
                       std::to_string(size - 8) + " bytes follow it)");
     data_start_ = std::size_t(8 + n);
     const std::uint64_t data_size = size - 8 - n;
 
-    const auto* begin = reinterpret_cast<const char*>(bytes_.data() + 8);
+    const auto* begin = reinterpret_cast<const char*>(data_.get() + 8);
     const nlohmann::json header = nlohmann::json::parse(begin, begin + n, nullptr, false);
     if (header.is_discarded()) fail(name_, "the header is not valid JSON");
     if (!header.is_object()) fail(name_, "the header is not a JSON object");
@@ -481,7 +521,13 @@ class safetensors_file {
     return t;
   }
 
-  std::vector<unsigned char> bytes_;
+  safetensors_file(std::shared_ptr<const unsigned char> data, std::size_t size, std::string name)
+      : data_(std::move(data)), size_(size), name_(std::move(name)) {
+    parse();
+  }
+
+  std::shared_ptr<const unsigned char> data_;  // the file's bytes: a mapping or a vector
+  std::size_t size_ = 0;
   std::string name_;
   std::size_t data_start_ = 0;
   std::map<std::string, safetensors_tensor_info> tensors_;
@@ -598,110 +644,8 @@ class safetensors_writer {
   std::map<std::string, std::string> metadata_;
 };
 
-namespace detail {
-
-inline std::string join_prefix(const std::string& prefix, const char* name) {
-  if (prefix.empty() || prefix.back() == '.') return prefix + name;
-  return prefix + "." + name;
-}
-
-template <class T>
-void fill_linear(linear<T>& l, const std::vector<T>& w, const std::vector<T>* b) {
-  for (index_t n = 0; n < l.weight.size(); ++n) l.weight.data()[n] = w[std::size_t(n)];
-  if (b)
-    for (index_t n = 0; n < l.bias.size(); ++n) l.bias.data()[n] = (*b)[std::size_t(n)];
-}
-
-}  // namespace detail
-
-/// Reads a cross-attention layer's weights, converted to T, under `prefix` (a "." is added
-/// when the prefix does not end with one). Three namings are understood:
-///
-///   torch.nn.MultiheadAttention, kdim = vdim = embed_dim:  in_proj_weight [3E, E] (q, k, v
-///       stacked), in_proj_bias [3E], out_proj.weight, out_proj.bias
-///   torch.nn.MultiheadAttention, kdim or vdim != embed_dim: q_proj_weight, k_proj_weight,
-///       v_proj_weight, in_proj_bias [3E], out_proj.weight, out_proj.bias
-///   Hugging Face style: q_proj.weight, q_proj.bias, ..., out_proj.weight, out_proj.bias
-///
-/// Every tensor must have the shape cross_attention_weights documents for config; a missing
-/// tensor or a wrong shape is a format_error naming the file and the tensor.
-template <class T>
-cross_attention_weights<T> load_cross_attention_weights(const safetensors_file& file,
-                                                        const cross_attention_config& config,
-                                                        const std::string& prefix = "") {
-  const cross_attention_config c = config.resolved();
-  const index_t q = c.num_heads * c.head_dim, kv = c.num_kv_heads * c.head_dim;
-  cross_attention_weights<T> w = zero_weights<T>(c);
-  auto name = [&](const char* n) { return detail::join_prefix(prefix, n); };
-  auto read = [&](const char* n, std::vector<index_t> shape) {
-    return file.read<T>(name(n), shape);
-  };
-  if (!c.bias)  // a tensor of the file must never be dropped silently
-    for (const char* b : {"in_proj_bias", "q_proj.bias", "k_proj.bias", "v_proj.bias",
-                          "out_proj.bias"})
-      if (file.contains(name(b)))
-        safetensors_file::fail(file.name(), "tensor '" + name(b) +
-                                                "' is in the file but config.bias is false, so "
-                                                "it would be ignored; set config.bias = true");
-  const bool packed = file.contains(name("in_proj_weight"));
-  const bool separate_torch = file.contains(name("q_proj_weight"));
-  if (c.bias && !packed && !separate_torch && file.contains(name("in_proj_bias")))
-    safetensors_file::fail(file.name(), "tensor '" + name("in_proj_bias") +
-                                            "' is present but no in_proj_weight or q_proj_weight");
-  if (packed || separate_torch) {
-    // PyTorch's stacked layout: rows [0, q) are Q, [q, q + kv) K, [q + kv, q + 2 kv) V.
-    std::vector<T> in_bias;
-    if (c.bias) in_bias = read("in_proj_bias", {q + 2 * kv});
-    const auto slice = [&](index_t from, index_t count) {
-      return std::vector<T>(in_bias.begin() + from, in_bias.begin() + from + count);
-    };
-    const std::vector<T> bq = c.bias ? slice(0, q) : std::vector<T>{};
-    const std::vector<T> bk = c.bias ? slice(q, kv) : std::vector<T>{};
-    const std::vector<T> bv = c.bias ? slice(q + kv, kv) : std::vector<T>{};
-    if (packed) {
-      if (c.context_dim != c.model_dim || c.value_context_dim != c.model_dim)
-        safetensors_file::fail(file.name(), "tensor '" + name("in_proj_weight") +
-                                                "' is packed, which needs context_dim = "
-                                                "value_context_dim = model_dim");
-      const std::vector<T> all = read("in_proj_weight", {q + 2 * kv, c.model_dim});
-      const auto rows = [&](index_t from, index_t count) {
-        return std::vector<T>(all.begin() + from * c.model_dim,
-                              all.begin() + (from + count) * c.model_dim);
-      };
-      detail::fill_linear(w.q_proj, rows(0, q), c.bias ? &bq : nullptr);
-      detail::fill_linear(w.k_proj, rows(q, kv), c.bias ? &bk : nullptr);
-      detail::fill_linear(w.v_proj, rows(q + kv, kv), c.bias ? &bv : nullptr);
-    } else {
-      detail::fill_linear(w.q_proj, read("q_proj_weight", {q, c.model_dim}),
-                          c.bias ? &bq : nullptr);
-      detail::fill_linear(w.k_proj, read("k_proj_weight", {kv, c.context_dim}),
-                          c.bias ? &bk : nullptr);
-      detail::fill_linear(w.v_proj, read("v_proj_weight", {kv, c.value_context_dim}),
-                          c.bias ? &bv : nullptr);
-    }
-  } else {
-    const auto load = [&](linear<T>& l, const char* weight, const char* bias) {
-      const std::vector<T> wt = read(weight, {l.out_features(), l.in_features()});
-      const std::vector<T> b = c.bias ? read(bias, {l.out_features()}) : std::vector<T>{};
-      detail::fill_linear(l, wt, c.bias ? &b : nullptr);
-    };
-    load(w.q_proj, "q_proj.weight", "q_proj.bias");
-    load(w.k_proj, "k_proj.weight", "k_proj.bias");
-    load(w.v_proj, "v_proj.weight", "v_proj.bias");
-  }
-  const std::vector<T> bo = c.bias ? read("out_proj.bias", {c.model_dim}) : std::vector<T>{};
-  detail::fill_linear(w.out_proj, read("out_proj.weight", {c.model_dim, q}),
-                      c.bias ? &bo : nullptr);
-  return w;
-}
-
-/// A module with weights read by load_cross_attention_weights.
-template <class T>
-multi_head_cross_attention<T> load_cross_attention(const safetensors_file& file,
-                                                   const cross_attention_config& config,
-                                                   const std::string& prefix = "") {
-  return multi_head_cross_attention<T>(config,
-                                       load_cross_attention_weights<T>(file, config, prefix));
-}
-
 }  // namespace xattn
+
+// The model layouts (which tensor names, which biases, which scale) and loading a layer from a
+// file are in checkpoints.hpp; including either header gives both.
+#include "xattn/checkpoints.hpp"
