@@ -85,11 +85,14 @@ struct layer_inputs {
   xattn::row_matrix<float> query, context, out;
 };
 
+// The shape's name and the projections' GEMM engine ("eigen", or "blas" in the
+// bench_cross_attention_blas build).
 void label(benchmark::State& state, const layer_shape& s) {
+  const std::string text = std::string(s.name) + " gemm=" + xattn::gemm_engine();
 #ifdef NDEBUG
-  state.SetLabel(s.name);
+  state.SetLabel(text);
 #else
-  state.SetLabel(std::string(s.name) + " asserts-on");
+  state.SetLabel(text + " asserts-on");
 #endif
 }
 

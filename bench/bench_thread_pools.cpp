@@ -35,18 +35,20 @@ void BM_TiledBesideOpenBLAS(benchmark::State& state) {
   std::vector<float> a(std::size_t(n * n), 0.5f), b(a), c(a);
   for (auto _ : state) {
     if (blas)
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f, a.data(), n,
-                  b.data(), n, 0.0f, c.data(), n);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f, a.data(), n, b.data(),
+                  n, 0.0f, c.data(), n);
     const auto t0 = std::chrono::steady_clock::now();
     xattn::tiled_attention<float>(io.q(), io.k(), io.v(), io.out(), {}, tiles);
     benchmark::DoNotOptimize(io.out().data());
     benchmark::ClobberMemory();
-    state.SetIterationTime(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0)
-                               .count());
+    state.SetIterationTime(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
   const double flops = 2.0 * double(lq) * double(lk) * (64 + 64);
-  state.counters["FLOPS"] = benchmark::Counter(flops, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["threads_used"] = double(xattn::detail::make_tiled_plan<float>(s, tiles, false).threads);
+  state.counters["FLOPS"] =
+      benchmark::Counter(flops, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["threads_used"] =
+      double(xattn::detail::make_tiled_plan<float>(s, tiles, false).threads);
   xattn_bench::label_build(state);
 }
 BENCHMARK(BM_TiledBesideOpenBLAS)

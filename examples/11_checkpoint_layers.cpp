@@ -58,11 +58,12 @@ int main(int argc, char** argv) {
   }
   auto attn = xattn::load_cross_attention<float>(file, prefix, {heads});
   const auto& c = attn.config();
-  std::printf("\n%s: model_dim %td, context_dim %td, %td heads of %td (%td key/value heads), "
-              "scale %.4g\n  biases: q %s, k %s, v %s, out %s\n",
-              prefix.c_str(), c.model_dim, c.context_dim, c.num_heads, c.head_dim,
-              c.num_kv_heads, *c.scale, *c.q_bias ? "yes" : "no", *c.k_bias ? "yes" : "no",
-              *c.v_bias ? "yes" : "no", *c.out_bias ? "yes" : "no");
+  std::printf(
+      "\n%s: model_dim %td, context_dim %td, %td heads of %td (%td key/value heads), "
+      "scale %.4g\n  biases: q %s, k %s, v %s, out %s\n",
+      prefix.c_str(), c.model_dim, c.context_dim, c.num_heads, c.head_dim, c.num_kv_heads, *c.scale,
+      *c.q_bias ? "yes" : "no", *c.k_bias ? "yes" : "no", *c.v_bias ? "yes" : "no",
+      *c.out_bias ? "yes" : "no");
 
   // 3. Run it on the file's inputs, when it has them, against the model's own output.
   if (!file.contains("query") || !file.contains("context") || !file.contains("output")) {

@@ -84,6 +84,16 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   } catch (const xattn::value_error&) {
     return 0;  // the metadata describes no valid layer
   }
+  // Every layer the file seems to hold, by prefix and a head count from the metadata.
+  for (const xattn::checkpoint_layer& layer : xattn::find_attention_layers(*file)) {
+    try {
+      (void)xattn::load_cross_attention<float>(*file, layer.prefix, {c.num_heads});
+    } catch (const xattn::format_error&) {
+      // a tensor of the wrong shape or dtype: fine
+    } catch (const xattn::value_error&) {
+      // num_heads does not fit the widths: fine
+    }
+  }
   for (const char* prefix : {"attn.", ""}) {
     try {
       (void)xattn::load_cross_attention<float>(*file, c, prefix);

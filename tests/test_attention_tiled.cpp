@@ -401,7 +401,7 @@ TEST(TiledAttentionThreads, SmallCallsDoNotFork) {
   const auto decoder_step = shape(1, 1, 1, 1500, 64, 64);  // 0.38 MFLOP
   EXPECT_GT(plan(decoder_step, asked).splits, 1);
   EXPECT_EQ(plan(decoder_step, automatic).threads, 1);
-  EXPECT_EQ(plan(decoder_step, asked).threads, 4);  // asked for: obeyed
+  EXPECT_EQ(plan(decoder_step, asked).threads, 4);       // asked for: obeyed
   const auto long_step = shape(1, 8, 1, 32768, 64, 64);  // 67 MFLOP: every thread is worth it
   EXPECT_EQ(plan(long_step, automatic).threads,
             std::min(xattn::detail::default_threads(), int(plan(long_step, automatic).units())));

@@ -34,8 +34,8 @@ xattn::safetensors_file fixture(const char* name) {
 // fp16 weights are exact in T, so the tolerance is T's.
 template <class T>
 double module_tol(const xattn::cross_attention_config& c, index_t kv_len) {
-  const index_t widest = std::max({c.model_dim, c.context_dim, c.value_context_dim, c.head_dim *
-                                                                                      c.num_heads});
+  const index_t widest =
+      std::max({c.model_dim, c.context_dim, c.value_context_dim, c.head_dim * c.num_heads});
   return xattn_test::attention_tol<T>(c.head_dim, kv_len, 4.0) +
          2.0 * xattn_test::attention_tol<T>(widest, 1, 0.0);
 }
@@ -49,9 +49,10 @@ xattn::cross_attention_config check_layout(const char* name, checkpoint_layout w
   const std::string prefix = f.metadata().at("prefix");
   const index_t heads = std::stoll(f.metadata().at("num_heads"));
   const auto layers = xattn::find_attention_layers(f);
-  EXPECT_TRUE(std::any_of(layers.begin(), layers.end(), [&](const xattn::checkpoint_layer& l) {
-    return l.prefix == prefix && l.layout == want;
-  })) << "not listed: " << prefix;
+  EXPECT_TRUE(std::any_of(
+      layers.begin(), layers.end(),
+      [&](const xattn::checkpoint_layer& l) { return l.prefix == prefix && l.layout == want; }))
+      << "not listed: " << prefix;
 
   auto mha = xattn::load_cross_attention<T>(f, prefix, {heads});
   const auto& c = mha.config();
@@ -183,12 +184,16 @@ TEST(Checkpoints, FullConfigLoadsWhisperTakingItsBiasesFromTheFile) {
   EXPECT_TRUE(m.weights().q_proj.has_bias());
   cfg.k_bias = true;  // asked for explicitly, but the file has none
   EXPECT_TRUE(throws_with<xattn::format_error>(
-      [&] { (void)xattn::load_cross_attention<float>(f, cfg, "model.decoder.layers.0.encoder_attn"); },
+      [&] {
+        (void)xattn::load_cross_attention<float>(f, cfg, "model.decoder.layers.0.encoder_attn");
+      },
       {"tensor 'model.decoder.layers.0.encoder_attn.k_proj.bias' is missing"}));
   cfg.k_bias.reset();
   cfg.q_bias = false;  // ruled out, but the file has one: never dropped silently
   EXPECT_TRUE(throws_with<xattn::format_error>(
-      [&] { (void)xattn::load_cross_attention<float>(f, cfg, "model.decoder.layers.0.encoder_attn"); },
+      [&] {
+        (void)xattn::load_cross_attention<float>(f, cfg, "model.decoder.layers.0.encoder_attn");
+      },
       {"tensor 'model.decoder.layers.0.encoder_attn.q_proj.bias' is in the file"}));
 }
 

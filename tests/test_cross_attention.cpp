@@ -438,8 +438,8 @@ TEST(CrossAttentionConfig, SizeProductsThatOverflowThrow) {
   c.model_dim = 8;
   c.num_heads = 4;
   c.head_dim = index_t(1) << 62;  // 4 · 2^62 wraps to 0 in index_t
-  EXPECT_TRUE(throws_with<xattn::value_error>(
-      [&] { (void)c.resolved(); }, {"num_heads = 4 times head_dim", "overflows"}));
+  EXPECT_TRUE(throws_with<xattn::value_error>([&] { (void)c.resolved(); },
+                                              {"num_heads = 4 times head_dim", "overflows"}));
   EXPECT_TRUE(throws_with<xattn::value_error>(
       [&] { xattn::multi_head_cross_attention<float> m(c); }, {"overflows"}));
   // Each weight's element count: [H·Dk, Dm] with H·Dk = 2^40 and Dm = 2^30.
@@ -450,8 +450,8 @@ TEST(CrossAttentionConfig, SizeProductsThatOverflowThrow) {
   c.model_dim = 8;
   c.head_dim = 2;
   c.context_dim = index_t(1) << 62;
-  EXPECT_TRUE(throws_with<xattn::value_error>([&] { (void)c.resolved(); },
-                                              {"context_dim", "overflows"}));
+  EXPECT_TRUE(
+      throws_with<xattn::value_error>([&] { (void)c.resolved(); }, {"context_dim", "overflows"}));
 }
 
 TEST(CrossAttentionModule, FailedEncodeLeavesTheCacheAsItWas) {
@@ -498,8 +498,8 @@ TEST(CrossAttentionModule, CacheLeftHalfWrittenIsRefusedUntilEncodedAgain) {
   EXPECT_FALSE(cache.usable());
   const tensor<float, 3> query({1, 1, 2});
   tensor<float, 3> out({1, 1, 2}, -7.0f);
-  EXPECT_TRUE(throws_with<xattn::value_error>([&] { mha.forward(query.cview(), cache, out.view()); },
-                                              {"the cache is unusable", "encode"}));
+  EXPECT_TRUE(throws_with<xattn::value_error>(
+      [&] { mha.forward(query.cview(), cache, out.view()); }, {"the cache is unusable", "encode"}));
   EXPECT_EQ(out.data, std::vector<float>(2, -7.0f));
   const tensor<float, 3> small({1, 3, 1}), small_values({1, 3, cfg.value_context_dim});
   mha.encode_context(small.cview(), small_values.cview(), cache);
@@ -525,9 +525,7 @@ TEST(CrossAttentionModule, OutputsThatOverlapAreRejectedAndNothingIsWritten) {
   using E = xattn::shape_error;
   const auto run = [&](const xattn::tensor_view<float, 3>& o,
                        const xattn::cross_attention_options<float>& opts) {
-    return [&, o] {
-      mha.forward(query.cview(), cache, o, opts);
-    };
+    return [&, o] { mha.forward(query.cview(), cache, o, opts); };
   };
   // out with a stride of 0: every row would land on the same memory.
   const xattn::tensor_view<float, 3> zero_stride(buf.data(), {B, Lq, 8}, {0, 0, 1});
@@ -543,14 +541,14 @@ TEST(CrossAttentionModule, OutputsThatOverlapAreRejectedAndNothingIsWritten) {
   EXPECT_TRUE(throws_with<E>(run(out, opts), {"average_weights_out overlaps weights_out"}));
   // An output over an input: the query, and (forward with a context) the context.
   opts = {};
-  opts.average_weights_out = xattn::tensor_view<float, 3>(
-      const_cast<float*>(query.data.data()), {B, Lq, Lk});
+  opts.average_weights_out =
+      xattn::tensor_view<float, 3>(const_cast<float*>(query.data.data()), {B, Lq, Lk});
   EXPECT_TRUE(throws_with<E>(run(out, opts), {"average_weights_out overlaps query"}));
   EXPECT_TRUE(throws_with<E>(
       [&] {
-        mha.forward(query.cview(), context.cview(),
-                    xattn::tensor_view<float, 3>(const_cast<float*>(context.data.data()),
-                                                 {B, Lq, 8}));
+        mha.forward(
+            query.cview(), context.cview(),
+            xattn::tensor_view<float, 3>(const_cast<float*>(context.data.data()), {B, Lq, 8}));
       },
       {"out overlaps context"}));
   EXPECT_EQ(buf, std::vector<float>(256, -7.0f));
@@ -576,7 +574,7 @@ TEST(CrossAttentionModule, CopiesShareWeightsAndOwnTheirBuffers) {
   tensor<float, 3> out_a({2, 3, 8}), out_b({2, 3, 8});
   a.forward(query.cview(), context.cview(), out_a.view());
   xattn::multi_head_cross_attention<float> b = a;
-  EXPECT_EQ(&a.weights(), &b.weights());  // shared, not copied
+  EXPECT_EQ(&a.weights(), &b.weights());    // shared, not copied
   EXPECT_EQ(b.workspace_allocations(), 0);  // its own buffers, none grown yet
   b.forward(query.cview(), context.cview(), out_b.view());
   EXPECT_EQ(out_a.data, out_b.data);
@@ -595,7 +593,8 @@ TEST(CrossAttentionModule, CacheCopiesAreDeep) {
   cfg.model_dim = 8;
   cfg.num_heads = 2;
   xattn::multi_head_cross_attention<float> mha(cfg, xattn::random_weights<float>(cfg, 13));
-  const auto c1 = random_tensor<float, 3>({1, 4, 8}, 14), c2 = random_tensor<float, 3>({1, 4, 8}, 15);
+  const auto c1 = random_tensor<float, 3>({1, 4, 8}, 14),
+             c2 = random_tensor<float, 3>({1, 4, 8}, 15);
   auto cache = mha.encode_context(c1.cview());
   const auto copy = cache;
   EXPECT_NE(copy.keys().data(), cache.keys().data());

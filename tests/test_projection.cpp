@@ -166,4 +166,9 @@ TEST(Linear, OutputOverlappingTheInputIsRejected) {
   EXPECT_EQ(y.data, std::vector<float>(24, -7.0f));
 }
 
+TEST(Linear, UsesTheGemmEngineItWasBuiltFor) {
+  // The BLAS build of these tests must not silently test Eigen's GEMM twice.
+  EXPECT_STREQ(xattn::gemm_engine(), XATTN_TEST_EXPECTED_GEMM_ENGINE);
+}
+
 }  // namespace

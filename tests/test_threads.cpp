@@ -125,8 +125,7 @@ TEST(Threads, AllocationFailureIsAnExceptionOnEveryThreadCount) {
     xattn::tile_options t;
     t.kv_tile = Lk;
     t.num_threads = threads;
-    EXPECT_THROW(xattn::tiled_attention<float>(q.cview(), k, k, out.view(), {}, t),
-                 std::bad_alloc);
+    EXPECT_THROW(xattn::tiled_attention<float>(q.cview(), k, k, out.view(), {}, t), std::bad_alloc);
     for (float x : out.data) ASSERT_EQ(x, -7.0f);
   }
 }
@@ -144,8 +143,7 @@ TEST(Threads, WorkerThreadsOwnNoScratch) {
     xattn::tile_options t;
     t.q_tile = 4;
     t.num_threads = threads;
-    xattn::tiled_attention<float>(in.q.cview(), in.k.cview(), in.v.cview(), out.view(), in.opts,
-                                  t);
+    xattn::tiled_attention<float>(in.q.cview(), in.k.cview(), in.v.cview(), out.view(), in.opts, t);
     caller_scratch = xattn::detail::calling_thread_scratch<float>().threads.size();
     int owning = 0;
 #ifdef _OPENMP

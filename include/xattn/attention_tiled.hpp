@@ -349,8 +349,8 @@ void finish_unit(const tiled_job<T>& job, Unit& unit, index_t u, index_t b, inde
 /// Splits of one item merged in split order: with M the largest split max,
 ///   l = Σ_s exp(m_s - M) l_s,   acc = Σ_s exp(m_s - M) acc_s,   out = acc / l.
 template <class T>
-void merge_item(const tiled_job<T>& job, int thread, index_t item, index_t b, index_t h,
-                index_t i0, index_t mq) {
+void merge_item(const tiled_job<T>& job, int thread, index_t item, index_t b, index_t h, index_t i0,
+                index_t mq) {
   const index_t dv = job.shape.value_dim, splits = job.plan.splits;
   T* acc = job.scratch(thread).acc.data();
   for (index_t i = 0; i < mq; ++i) {
@@ -455,9 +455,9 @@ index_t tiled_attention_scratch_bytes(const attention_shape& s, const tile_optio
   detail::check_shape("tiled_attention_scratch_bytes", s);
   const detail::tiled_plan p = detail::make_tiled_plan<T>(s, tiles, need_weights);
   const index_t per_thread = detail::unit_scratch_elements<T>(p, s).total();
-  const index_t all = detail::checked_mul("tiled_attention_scratch_bytes", index_t(p.threads),
-                                          per_thread) +
-                      detail::partial_elements<T>(p, s);
+  const index_t all =
+      detail::checked_mul("tiled_attention_scratch_bytes", index_t(p.threads), per_thread) +
+      detail::partial_elements<T>(p, s);
   return detail::checked_mul("tiled_attention_scratch_bytes", all, index_t(sizeof(T)));
 }
 

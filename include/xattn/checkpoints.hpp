@@ -3,16 +3,20 @@
 // projections have a bias, and how it scales its scores; finding the layers in a safetensors
 // file and loading one as a multi_head_cross_attention. Read safetensors.hpp for the format.
 //
-//   layout           q, k, v, out weights (under the layer's prefix)          biases     scale
-//   torch_packed     in_proj_weight [H·Dk + 2·Hkv·Dk, Dm], out_proj.weight     in_proj_bias, out_proj.bias
-//   torch_separate   q_proj_weight, k_proj_weight, v_proj_weight, out_proj.weight   as above
-//   hugging_face     q_proj.weight, k_proj.weight, v_proj.weight, out_proj.weight   <name>.bias
-//   diffusers        to_q.weight, to_k.weight, to_v.weight, to_out.0.weight         <name>.bias
-//   openai_whisper   query.weight, key.weight, value.weight, out.weight             <name>.bias
-//   t5               q.weight, k.weight, v.weight, o.weight                         (none)    1
+//   layout          weights under the layer's prefix (q, k, v, out)          biases
+//   torch_packed    in_proj_weight [H·Dk + 2·Hkv·Dk, Dm], out_proj.weight    in_proj_bias,
+//                                                                            out_proj.bias
+//   torch_separate  q_proj_weight, k_proj_weight, v_proj_weight,             as torch_packed
+//                   out_proj.weight
+//   hugging_face    q_proj.weight, k_proj.weight, v_proj.weight,             <name>.bias
+//                   out_proj.weight
+//   diffusers       to_q.weight, to_k.weight, to_v.weight, to_out.0.weight   <name>.bias
+//   openai_whisper  query.weight, key.weight, value.weight, out.weight       <name>.bias
+//   t5              q.weight, k.weight, v.weight, o.weight                   (none)
 //
-// Every layout but t5 scales scores by 1/sqrt(Dk). Each bias is optional: a layer has the
-// biases its file holds (Whisper's k_proj has none, diffusers' only to_out.0 has one).
+// Every layout but t5 scales scores by 1/sqrt(Dk); t5 does not scale them (scale 1). Each bias is
+// optional: a layer has the biases its file holds (Whisper's k_proj has none, diffusers' only
+// to_out.0 has one).
 #pragma once
 
 #include "xattn/config.hpp"
@@ -45,13 +49,20 @@ enum class checkpoint_layout {
 /// A layout's name as written in this header ("hugging_face", ...).
 inline const char* layout_name(checkpoint_layout l) noexcept {
   switch (l) {
-    case checkpoint_layout::automatic: return "automatic";
-    case checkpoint_layout::torch_packed: return "torch_packed";
-    case checkpoint_layout::torch_separate: return "torch_separate";
-    case checkpoint_layout::hugging_face: return "hugging_face";
-    case checkpoint_layout::diffusers: return "diffusers";
-    case checkpoint_layout::openai_whisper: return "openai_whisper";
-    case checkpoint_layout::t5: return "t5";
+    case checkpoint_layout::automatic:
+      return "automatic";
+    case checkpoint_layout::torch_packed:
+      return "torch_packed";
+    case checkpoint_layout::torch_separate:
+      return "torch_separate";
+    case checkpoint_layout::hugging_face:
+      return "hugging_face";
+    case checkpoint_layout::diffusers:
+      return "diffusers";
+    case checkpoint_layout::openai_whisper:
+      return "openai_whisper";
+    case checkpoint_layout::t5:
+      return "t5";
   }
   return "?";
 }
@@ -70,14 +81,14 @@ struct checkpoint_options {
 
   index_t num_heads = 0;  ///< H, required: head_dim and num_kv_heads follow from the shapes
   checkpoint_layout layout = checkpoint_layout::automatic;  ///< or name one explicitly
-  std::optional<double> scale;  ///< overrides the layout's score scale
+  std::optional<double> scale;                              ///< overrides the layout's score scale
 };
 
 namespace detail {
 
 inline constexpr checkpoint_layout known_layouts[] = {
-    checkpoint_layout::torch_packed, checkpoint_layout::torch_separate,
-    checkpoint_layout::hugging_face, checkpoint_layout::diffusers,
+    checkpoint_layout::torch_packed,   checkpoint_layout::torch_separate,
+    checkpoint_layout::hugging_face,   checkpoint_layout::diffusers,
     checkpoint_layout::openai_whisper, checkpoint_layout::t5};
 
 /// The tensor names of one layout, relative to the layer's prefix. Projections in the order
@@ -154,9 +165,8 @@ inline std::vector<index_t> shape_of(const safetensors_file& f, const std::strin
                                      std::size_t rank) {
   const safetensors_tensor_info& t = f.info(name);  // format_error when missing
   if (t.shape.size() != rank)
-    safetensors_file::fail(f.name(), "tensor '" + name + "' has shape " +
-                                         shape_string(t.shape) + ", expected " +
-                                         std::to_string(rank) + " dimensions");
+    safetensors_file::fail(f.name(), "tensor '" + name + "' has shape " + shape_string(t.shape) +
+                                         ", expected " + std::to_string(rank) + " dimensions");
   return t.shape;
 }
 
@@ -183,8 +193,8 @@ inline layer_plan plan_layer(const safetensors_file& f, const std::string& prefi
       std::string found, tried;
       int listed = 0, more = 0;
       for (const std::string& n : f.names())
-        if (prefix.empty() || n.compare(0, join_prefix(prefix, "").size(),
-                                        join_prefix(prefix, "")) == 0) {
+        if (prefix.empty() ||
+            n.compare(0, join_prefix(prefix, "").size(), join_prefix(prefix, "")) == 0) {
           if (listed < 24)
             found += (listed++ ? ", '" : "'") + n + "'";
           else
@@ -192,10 +202,10 @@ inline layer_plan plan_layer(const safetensors_file& f, const std::string& prefi
         }
       if (more) found += " and " + std::to_string(more) + " more";
       for (checkpoint_layout l : known_layouts)
-        tried += std::string(tried.empty() ? "" : ", ") + layout_name(l) + " (" + anchor_of(l) +
-                 ")";
-      safetensors_file::fail(f.name(), "no attention layer under prefix '" + prefix +
-                                           "': found " + (listed ? found : "no tensors") +
+        tried +=
+            std::string(tried.empty() ? "" : ", ") + layout_name(l) + " (" + anchor_of(l) + ")";
+      safetensors_file::fail(f.name(), "no attention layer under prefix '" + prefix + "': found " +
+                                           (listed ? found : "no tensors") +
                                            "; tried the layouts " + tried);
     }
   }
@@ -320,8 +330,8 @@ inline cross_attention_config checkpoint_config(const safetensors_file& file,
   const index_t H = opts.num_heads;
   if (p.inner % H != 0)
     detail::fail_value(detail::message(fn, ": num_heads = ", H,
-                                       " does not divide the layer's inner width ", p.inner,
-                                       " (", layout_name(p.layout), " under '", prefix, "')"));
+                                       " does not divide the layer's inner width ", p.inner, " (",
+                                       layout_name(p.layout), " under '", prefix, "')"));
   cross_attention_config c;
   c.model_dim = p.model_dim;
   c.context_dim = p.context_dim;
@@ -362,17 +372,15 @@ multi_head_cross_attention<T> load_cross_attention(const safetensors_file& file,
 /// format_error naming the tensor otherwise), and each projection has the bias the file holds.
 /// A bias in the file that the config rules out (bias = false, or q_bias ... out_bias = false)
 /// is a format_error naming it: no tensor is dropped silently; so is a bias that q_bias ...
-/// out_bias ask for explicitly and the file lacks (the default bias = true asks for nothing). Unless config.scale is set, a T5
-/// layer gets scale 1.
+/// out_bias ask for explicitly and the file lacks (the default bias = true asks for nothing).
+/// Unless config.scale is set, a T5 layer gets scale 1.
 template <class T>
 cross_attention_weights<T> load_cross_attention_weights(const safetensors_file& file,
                                                         const cross_attention_config& config,
                                                         const std::string& prefix = "") {
-  const detail::layer_plan p =
-      detail::plan_layer(file, prefix, checkpoint_layout::automatic);
+  const detail::layer_plan p = detail::plan_layer(file, prefix, checkpoint_layout::automatic);
   cross_attention_config c = config;
-  const std::array<std::optional<bool>*, 4> flags = {&c.q_bias, &c.k_bias, &c.v_bias,
-                                                     &c.out_bias};
+  const std::array<std::optional<bool>*, 4> flags = {&c.q_bias, &c.k_bias, &c.v_bias, &c.out_bias};
   const detail::layout_names n = detail::names_of(p.layout);
   for (std::size_t i = 0; i < 4; ++i) {
     const bool allowed = flags[i]->value_or(c.bias);

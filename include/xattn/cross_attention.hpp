@@ -88,7 +88,8 @@ struct cross_attention_config {
       if (!b->has_value()) *b = c.bias;
     if (!c.scale) c.scale = c.head_dim > 0 ? 1.0 / std::sqrt(double(c.head_dim)) : 1.0;
     if (!std::isfinite(*c.scale))
-      detail::fail_value(detail::message(fn, ": scale is ", *c.scale, ", expected a finite number"));
+      detail::fail_value(
+          detail::message(fn, ": scale is ", *c.scale, ", expected a finite number"));
     // Every size derived from the configuration must fit in index_t: the projection widths and
     // the element count of each weight matrix.
     const index_t q = product(fn, "num_heads", c.num_heads, "head_dim", c.head_dim);
@@ -363,8 +364,9 @@ class multi_head_cross_attention {
     constexpr const char* fn = "multi_head_cross_attention::forward";
     if (!cache.usable())
       detail::fail_value(detail::message(
-          fn, ": the cache is unusable: an earlier encode_context into it failed while writing; "
-              "encode a context into it again"));
+          fn,
+          ": the cache is unusable: an earlier encode_context into it failed while writing; "
+          "encode a context into it again"));
     check_outputs(fn, query, nullptr, nullptr, out, opts);
     run(fn, query, cache, out, opts);
   }

@@ -11,10 +11,54 @@
 
 #include <Eigen/Core>
 
+#include <climits>
 #include <type_traits>
 #include <utility>
 
+// XATTN_USE_BLAS=1 (CMake: -DXATTN_USE_BLAS=ON) runs the projections' matrix products through
+// the CBLAS interface of the BLAS the program links (OpenBLAS, MKL, BLIS: cblas.h must be on the
+// include path), which chooses its code for the CPU at run time.
+#ifndef XATTN_USE_BLAS
+#  define XATTN_USE_BLAS 0
+#endif
+#if XATTN_USE_BLAS
+#  include <cblas.h>
+#endif
+
 namespace xattn {
+
+/// The engine of the projections' matrix products: "blas" (built with XATTN_USE_BLAS) or
+/// "eigen".
+inline const char* gemm_engine() noexcept { return XATTN_USE_BLAS ? "blas" : "eigen"; }
+
+namespace detail {
+
+/// C = A Bᵀ for row-major A [m, k], B [n, k] and C [m, n] (rows contiguous, any row strides):
+/// one cblas_sgemm/dgemm call with XATTN_USE_BLAS, else Eigen's GEMM.
+template <class T, class A, class B, class C>
+void gemm_nt(const A& a, const B& b, C& c) {
+#if XATTN_USE_BLAS
+  constexpr index_t most = INT_MAX;  // CBLAS counts in int
+  if (a.rows() <= most && b.rows() <= most && a.cols() <= most && a.outerStride() <= most &&
+      b.outerStride() <= most && c.outerStride() <= most) {
+    const int m = int(a.rows()), n = int(b.rows()), k = int(a.cols());
+    if constexpr (std::is_same_v<T, float>) {
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, a.data(),
+                  int(a.outerStride()), b.data(), int(b.outerStride()), 0.0f, c.data(),
+                  int(c.outerStride()));
+      return;
+    } else if constexpr (std::is_same_v<T, double>) {
+      cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0, a.data(),
+                  int(a.outerStride()), b.data(), int(b.outerStride()), 0.0, c.data(),
+                  int(c.outerStride()));
+      return;
+    }
+  }
+#endif
+  c.noalias() = a * b.transpose();
+}
+
+}  // namespace detail
 
 /// A fully connected layer stored as PyTorch's nn.Linear stores it:
 ///
@@ -71,12 +115,12 @@ struct linear {
         for (index_t r = 0; r < rows; ++r)
           Y.row(r).transpose().noalias() = weight * X.row(r).transpose();
       } else {
-        Y.noalias() = X * weight.transpose();
+        detail::gemm_nt<T>(X, weight, Y);
       }
       if (has_bias()) Y.rowwise() += bias;
     } else {
       scratch.resize(rows, out_features());
-      scratch.noalias() = X * weight.transpose();
+      detail::gemm_nt<T>(X, weight, scratch);
       if (has_bias()) scratch.rowwise() += bias;
       for (index_t b = 0, r = 0; b < y.extent(0); ++b)
         for (index_t l = 0; l < y.extent(1); ++l, ++r)

@@ -19,8 +19,8 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
-#include <cmath>
 #include <cerrno>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -47,39 +47,71 @@ namespace xattn {
 /// the floating-point ones (F32, F64, F16, BF16) can be read as float or double and written from
 /// numbers, the integer and boolean ones written from integers; F8 tensors are only listed.
 enum class safetensors_dtype {
-  f32, f64, f16, bf16,               // floating point, readable
-  boolean, u8, i8, u16, i16, u32, i32, u64, i64,  // integers (BOOL is one byte, 0 or 1)
-  f8_e4m3, f8_e5m2, f8_e8m0          // 8-bit floats: sized and skipped, not converted
+  // floating point: read as float or double
+  f32,
+  f64,
+  f16,
+  bf16,
+  // integers (BOOL is one byte, 0 or 1)
+  boolean,
+  u8,
+  i8,
+  u16,
+  i16,
+  u32,
+  i32,
+  u64,
+  i64,
+  // 8-bit floats: sized and listed, not converted
+  f8_e4m3,
+  f8_e5m2,
+  f8_e8m0,
 };
 
 namespace detail {
 
 inline constexpr safetensors_dtype all_dtypes[] = {
-    safetensors_dtype::f32,     safetensors_dtype::f64,     safetensors_dtype::f16,
-    safetensors_dtype::bf16,    safetensors_dtype::boolean, safetensors_dtype::u8,
-    safetensors_dtype::i8,      safetensors_dtype::u16,     safetensors_dtype::i16,
-    safetensors_dtype::u32,     safetensors_dtype::i32,     safetensors_dtype::u64,
-    safetensors_dtype::i64,     safetensors_dtype::f8_e4m3, safetensors_dtype::f8_e5m2,
+    safetensors_dtype::f32,    safetensors_dtype::f64,     safetensors_dtype::f16,
+    safetensors_dtype::bf16,   safetensors_dtype::boolean, safetensors_dtype::u8,
+    safetensors_dtype::i8,     safetensors_dtype::u16,     safetensors_dtype::i16,
+    safetensors_dtype::u32,    safetensors_dtype::i32,     safetensors_dtype::u64,
+    safetensors_dtype::i64,    safetensors_dtype::f8_e4m3, safetensors_dtype::f8_e5m2,
     safetensors_dtype::f8_e8m0};
 
 inline const char* dtype_name(safetensors_dtype d) noexcept {
   switch (d) {
-    case safetensors_dtype::f32: return "F32";
-    case safetensors_dtype::f64: return "F64";
-    case safetensors_dtype::f16: return "F16";
-    case safetensors_dtype::bf16: return "BF16";
-    case safetensors_dtype::boolean: return "BOOL";
-    case safetensors_dtype::u8: return "U8";
-    case safetensors_dtype::i8: return "I8";
-    case safetensors_dtype::u16: return "U16";
-    case safetensors_dtype::i16: return "I16";
-    case safetensors_dtype::u32: return "U32";
-    case safetensors_dtype::i32: return "I32";
-    case safetensors_dtype::u64: return "U64";
-    case safetensors_dtype::i64: return "I64";
-    case safetensors_dtype::f8_e4m3: return "F8_E4M3";
-    case safetensors_dtype::f8_e5m2: return "F8_E5M2";
-    case safetensors_dtype::f8_e8m0: return "F8_E8M0";
+    case safetensors_dtype::f32:
+      return "F32";
+    case safetensors_dtype::f64:
+      return "F64";
+    case safetensors_dtype::f16:
+      return "F16";
+    case safetensors_dtype::bf16:
+      return "BF16";
+    case safetensors_dtype::boolean:
+      return "BOOL";
+    case safetensors_dtype::u8:
+      return "U8";
+    case safetensors_dtype::i8:
+      return "I8";
+    case safetensors_dtype::u16:
+      return "U16";
+    case safetensors_dtype::i16:
+      return "I16";
+    case safetensors_dtype::u32:
+      return "U32";
+    case safetensors_dtype::i32:
+      return "I32";
+    case safetensors_dtype::u64:
+      return "U64";
+    case safetensors_dtype::i64:
+      return "I64";
+    case safetensors_dtype::f8_e4m3:
+      return "F8_E4M3";
+    case safetensors_dtype::f8_e5m2:
+      return "F8_E5M2";
+    case safetensors_dtype::f8_e8m0:
+      return "F8_E8M0";
   }
   return "?";
 }
