@@ -16,9 +16,12 @@
 #include "xattn/shapes.hpp"
 #include "xattn/tensor_view.hpp"
 
+#include <Eigen/Core>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <exception>
 #include <limits>
 #include <memory>
@@ -173,16 +176,21 @@ struct cross_attention_options {
 namespace detail {
 
 /// A buffer that only grows: asking for no more than it holds keeps its memory. Each growth is
-/// counted, so a caller can check that repeated calls allocate nothing.
+/// counted, so a caller can check that repeated calls allocate nothing. The memory is aligned
+/// for the widest SIMD Eigen uses, and comes from malloc through Eigen, which reports a failure
+/// as std::bad_alloc. E is a trivial type (float, double, index_t, bool): elements start
+/// uninitialised and are written before they are read.
 template <class E>
 class growing_buffer {
+  static_assert(std::is_trivially_copyable_v<E>, "growing_buffer holds trivial elements only");
+
  public:
   growing_buffer() = default;
   /// A copy holds a copy of every element, in memory of its own.
   growing_buffer(const growing_buffer& other)
-      : data_(other.capacity_ > 0 ? new E[std::size_t(other.capacity_)] : nullptr),
-        capacity_(other.capacity_) {
-    std::copy(other.data_.get(), other.data_.get() + other.capacity_, data_.get());
+      : data_(allocate(other.capacity_)), capacity_(other.capacity_) {
+    if (capacity_ > 0)
+      std::memcpy(data_.get(), other.data_.get(), sizeof(E) * std::size_t(capacity_));
   }
   growing_buffer& operator=(const growing_buffer& other) {
     if (this != &other) *this = growing_buffer(other);
@@ -194,7 +202,7 @@ class growing_buffer {
   /// At least n elements; the old contents are kept when this throws (nothing else changes).
   E* ensure(index_t n, index_t& allocations) {
     if (n > capacity_) {
-      data_.reset(new E[std::size_t(n)]);
+      data_ = allocate(n);
       capacity_ = n;
       ++allocations;
     }
@@ -204,7 +212,21 @@ class growing_buffer {
   index_t capacity() const noexcept { return capacity_; }
 
  private:
-  std::unique_ptr<E[]> data_;
+  struct release {
+    void operator()(E* p) const noexcept { Eigen::internal::aligned_free(p); }
+  };
+  using owner = std::unique_ptr<E, release>;
+
+  static owner allocate(index_t n) {
+    if (n <= 0) return owner();
+    if (std::size_t(n) > std::numeric_limits<std::size_t>::max() / sizeof(E)) {
+      Eigen::internal::throw_std_bad_alloc();
+      return owner();
+    }
+    return owner(static_cast<E*>(Eigen::internal::aligned_malloc(sizeof(E) * std::size_t(n))));
+  }
+
+  owner data_;
   index_t capacity_ = 0;
 };
 
