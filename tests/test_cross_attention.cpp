@@ -604,4 +604,21 @@ TEST(CrossAttentionModule, CacheCopiesAreDeep) {
     for (index_t d = 0; d < 4; ++d) EXPECT_EQ(copy.keys()(0, 1, j, d), fresh.keys()(0, 1, j, d));
 }
 
+TEST(CrossAttentionModule, ContextReadFromTheCacheItselfIsRejected) {
+  // Encoding into a cache a context that lies in that cache's own buffers would overwrite it
+  // while reading it; the check comes before the cache changes.
+  xattn::cross_attention_config cfg;
+  cfg.model_dim = 8;
+  cfg.num_heads = 2;
+  xattn::multi_head_cross_attention<float> mha(cfg, xattn::random_weights<float>(cfg, 16));
+  const auto context = random_tensor<float, 3>({1, 4, 8}, 17);
+  auto cache = mha.encode_context(context.cview());
+  const auto before = std::vector<float>(cache.keys().data(), cache.keys().data() + 32);
+  const xattn::tensor_view<const float, 3> own(cache.keys().data(), {1, 4, 8});
+  EXPECT_TRUE(throws_with<xattn::shape_error>([&] { mha.encode_context(own, own, cache); },
+                                              {"the cache overlaps context"}));
+  EXPECT_TRUE(cache.usable());
+  EXPECT_EQ(std::vector<float>(cache.keys().data(), cache.keys().data() + 32), before);
+}
+
 }  // namespace

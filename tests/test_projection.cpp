@@ -171,4 +171,16 @@ TEST(Linear, UsesTheGemmEngineItWasBuiltFor) {
   EXPECT_STREQ(xattn::gemm_engine(), XATTN_TEST_EXPECTED_GEMM_ENGINE);
 }
 
+TEST(Linear, NoInputFeaturesGiveTheBiasInEveryGemmEngine) {
+  // in = 0: every output is its bias. A BLAS rejects a leading dimension of 0 and writes nothing,
+  // so that case must not reach it.
+  xattn::linear<float> l(3, 0, true);
+  l.bias << 1.0f, -2.0f, 0.5f;
+  const tensor<float, 3> x({2, 5, 0});
+  tensor<float, 3> y({2, 5, 3}, -7.0f);
+  l.forward(x.cview(), y.view());
+  for (index_t r = 0; r < 10; ++r)
+    for (index_t o = 0; o < 3; ++o) EXPECT_EQ(y.data[std::size_t(r * 3 + o)], l.bias(o));
+}
+
 }  // namespace

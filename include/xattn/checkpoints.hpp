@@ -25,6 +25,8 @@
 #include "xattn/projection.hpp"
 #include "xattn/safetensors.hpp"
 
+#include <Eigen/Core>
+
 #include <array>
 #include <cstddef>
 #include <optional>
@@ -250,9 +252,8 @@ cross_attention_weights<T> read_layer(const safetensors_file& f, const layer_pla
   cross_attention_weights<T> w = zero_weights<T>(c);
   const std::array<linear<T>*, 4> lin = {&w.q_proj, &w.k_proj, &w.v_proj, &w.out_proj};
   const auto fill = [](linear<T>& l, const std::vector<T>& values, index_t first_row) {
-    for (index_t r = 0; r < l.out_features(); ++r)
-      for (index_t i = 0; i < l.in_features(); ++i)
-        l.weight(r, i) = values[std::size_t((first_row + r) * l.in_features() + i)];
+    l.weight = Eigen::Map<const row_matrix<T>>(values.data() + first_row * l.in_features(),
+                                               l.out_features(), l.in_features());
   };
   if (n.packed_weight) {
     if (c.context_dim != c.model_dim || c.value_context_dim != c.model_dim)
@@ -313,36 +314,30 @@ inline std::vector<checkpoint_layer> find_attention_layers(const safetensors_fil
   return out;
 }
 
-/// The configuration of the layer under prefix, read from its shapes: model_dim, context_dim,
-/// value_context_dim and the inner widths from the weights, head_dim = inner width / num_heads,
-/// num_kv_heads from the key width, a bias for each projection whose bias the file holds, and
-/// the layout's scale (T5: 1). A num_heads that does not divide the widths is a value_error;
-/// an unknown layout is a format_error listing the tensors under the prefix and the layouts
-/// tried.
-inline cross_attention_config checkpoint_config(const safetensors_file& file,
-                                                const std::string& prefix,
-                                                const checkpoint_options& opts) {
+namespace detail {
+
+/// The configuration the shapes of plan p give with opts' head count (see checkpoint_config).
+inline cross_attention_config config_from_plan(const layer_plan& p,
+                                               const checkpoint_options& opts) {
   constexpr const char* fn = "checkpoint_config";
   if (opts.num_heads < 1)
-    detail::fail_value(detail::message(fn, ": num_heads is ", opts.num_heads,
-                                       ", expected >= 1 (a checkpoint does not say it)"));
-  const detail::layer_plan p = detail::plan_layer(file, prefix, opts.layout);
+    fail_value(message(fn, ": num_heads is ", opts.num_heads,
+                       ", expected >= 1 (a checkpoint does not say it)"));
   const index_t H = opts.num_heads;
   if (p.inner % H != 0)
-    detail::fail_value(detail::message(fn, ": num_heads = ", H,
-                                       " does not divide the layer's inner width ", p.inner, " (",
-                                       layout_name(p.layout), " under '", prefix, "')"));
+    fail_value(message(fn, ": num_heads = ", H, " does not divide the layer's inner width ",
+                       p.inner, " (", layout_name(p.layout), " under '", p.prefix, "')"));
   cross_attention_config c;
   c.model_dim = p.model_dim;
   c.context_dim = p.context_dim;
   c.value_context_dim = p.value_context_dim;
   c.num_heads = H;
   c.head_dim = p.inner / H;
-  if (c.head_dim == 0 || p.kv_inner % c.head_dim != 0 || p.kv_inner == 0 ||
+  if (c.head_dim == 0 || p.kv_inner == 0 || p.kv_inner % c.head_dim != 0 ||
       H % (p.kv_inner / c.head_dim) != 0)
-    detail::fail_value(detail::message(fn, ": the key width ", p.kv_inner,
-                                       " is not a divisor of num_heads times head_dim ", c.head_dim,
-                                       " (", layout_name(p.layout), " under '", prefix, "')"));
+    fail_value(message(fn, ": the key width ", p.kv_inner,
+                       " is not a divisor of num_heads times head_dim ", c.head_dim, " (",
+                       layout_name(p.layout), " under '", p.prefix, "')"));
   c.num_kv_heads = p.kv_inner / c.head_dim;
   c.q_bias = p.bias[0];
   c.k_bias = p.bias[1];
@@ -356,14 +351,53 @@ inline cross_attention_config checkpoint_config(const safetensors_file& file,
   return c.resolved();
 }
 
+/// A configuration given in full, completed from the file of plan p: each projection's bias
+/// as the file holds it (a conflict with an explicit setting is a format_error naming the
+/// tensor) and, unless set, T5's scale.
+inline cross_attention_config config_for_plan(const safetensors_file& file, const layer_plan& p,
+                                              const cross_attention_config& config) {
+  cross_attention_config c = config;
+  const std::array<std::optional<bool>*, 4> flags = {&c.q_bias, &c.k_bias, &c.v_bias, &c.out_bias};
+  const layout_names n = names_of(p.layout);
+  for (std::size_t i = 0; i < 4; ++i) {
+    const char* b = i < 3 && n.shared_bias ? n.shared_bias : n.bias[i];
+    if (p.bias[i] && !flags[i]->value_or(c.bias))
+      safetensors_file::fail(
+          file.name(), "tensor '" + join_prefix(p.prefix, b) +
+                           "' is in the file but the config gives that projection no bias, so "
+                           "it would be ignored; set config.bias = true");
+    if (!p.bias[i] && flags[i]->value_or(false))  // asked for explicitly, but absent
+      safetensors_file::fail(file.name(),
+                             "tensor '" + join_prefix(p.prefix, b ? b : "bias") +
+                                 "' is missing, and the config gives that projection a bias");
+    *flags[i] = p.bias[i];
+  }
+  if (!c.scale && p.layout == checkpoint_layout::t5) c.scale = 1.0;
+  return c.resolved();
+}
+
+}  // namespace detail
+
+/// The configuration of the layer under prefix, read from its shapes: model_dim, context_dim,
+/// value_context_dim and the inner widths from the weights, head_dim = inner width / num_heads,
+/// num_kv_heads from the key width, a bias for each projection whose bias the file holds, and
+/// the layout's scale (T5: 1). A num_heads that does not divide the widths is a value_error;
+/// an unknown layout is a format_error listing the tensors under the prefix and the layouts
+/// tried.
+inline cross_attention_config checkpoint_config(const safetensors_file& file,
+                                                const std::string& prefix,
+                                                const checkpoint_options& opts) {
+  return detail::config_from_plan(detail::plan_layer(file, prefix, opts.layout), opts);
+}
+
 /// Reads the layer under prefix (one call, no renaming): its configuration from the shapes
 /// (checkpoint_config) and its weights converted to T.
 template <class T>
 multi_head_cross_attention<T> load_cross_attention(const safetensors_file& file,
                                                    const std::string& prefix,
                                                    const checkpoint_options& opts) {
-  const cross_attention_config c = checkpoint_config(file, prefix, opts);
   const detail::layer_plan p = detail::plan_layer(file, prefix, opts.layout);
+  const cross_attention_config c = detail::config_from_plan(p, opts);
   return multi_head_cross_attention<T>(c, detail::read_layer<T>(file, p, c));
 }
 
@@ -379,43 +413,18 @@ cross_attention_weights<T> load_cross_attention_weights(const safetensors_file& 
                                                         const cross_attention_config& config,
                                                         const std::string& prefix = "") {
   const detail::layer_plan p = detail::plan_layer(file, prefix, checkpoint_layout::automatic);
-  cross_attention_config c = config;
-  const std::array<std::optional<bool>*, 4> flags = {&c.q_bias, &c.k_bias, &c.v_bias, &c.out_bias};
-  const detail::layout_names n = detail::names_of(p.layout);
-  for (std::size_t i = 0; i < 4; ++i) {
-    const bool allowed = flags[i]->value_or(c.bias);
-    const char* b = i < 3 && n.shared_bias ? n.shared_bias : n.bias[i];
-    if (p.bias[i] && !allowed)
-      safetensors_file::fail(
-          file.name(), "tensor '" + detail::join_prefix(prefix, b) +
-                           "' is in the file but the config gives that projection no bias, so "
-                           "it would be ignored; set config.bias = true");
-    if (!p.bias[i] && flags[i]->value_or(false))  // asked for explicitly, but absent
-      safetensors_file::fail(file.name(),
-                             "tensor '" + detail::join_prefix(prefix, b ? b : "bias") +
-                                 "' is missing, and the config gives that projection a bias");
-    *flags[i] = p.bias[i];
-  }
-  if (!c.scale && p.layout == checkpoint_layout::t5) c.scale = 1.0;
-  return detail::read_layer<T>(file, p, c.resolved());
+  return detail::read_layer<T>(file, p, detail::config_for_plan(file, p, config));
 }
 
-/// A module with weights read by load_cross_attention_weights, its config completed from the
-/// file (biases, T5's scale).
+/// A module with the weights load_cross_attention_weights reads, its config completed from the
+/// file the same way (biases, T5's scale).
 template <class T>
 multi_head_cross_attention<T> load_cross_attention(const safetensors_file& file,
                                                    const cross_attention_config& config,
                                                    const std::string& prefix = "") {
-  cross_attention_weights<T> w = load_cross_attention_weights<T>(file, config, prefix);
-  cross_attention_config c = config;
-  c.q_bias = w.q_proj.has_bias();
-  c.k_bias = w.k_proj.has_bias();
-  c.v_bias = w.v_proj.has_bias();
-  c.out_bias = w.out_proj.has_bias();
-  if (!c.scale && detail::plan_layer(file, prefix, checkpoint_layout::automatic).layout ==
-                      checkpoint_layout::t5)
-    c.scale = 1.0;
-  return multi_head_cross_attention<T>(c, std::move(w));
+  const detail::layer_plan p = detail::plan_layer(file, prefix, checkpoint_layout::automatic);
+  const cross_attention_config c = detail::config_for_plan(file, p, config);
+  return multi_head_cross_attention<T>(c, detail::read_layer<T>(file, p, c));
 }
 
 }  // namespace xattn

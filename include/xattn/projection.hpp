@@ -11,6 +11,7 @@
 
 #include <Eigen/Core>
 
+#include <algorithm>
 #include <climits>
 #include <type_traits>
 #include <utility>
@@ -38,9 +39,14 @@ namespace detail {
 template <class T, class A, class B, class C>
 void gemm_nt(const A& a, const B& b, C& c) {
 #if XATTN_USE_BLAS
-  constexpr index_t most = INT_MAX;  // CBLAS counts in int
-  if (a.rows() <= most && b.rows() <= most && a.cols() <= most && a.outerStride() <= most &&
-      b.outerStride() <= most && c.outerStride() <= most) {
+  // CBLAS counts in int and needs every leading dimension >= max(1, row length).
+  constexpr index_t most = INT_MAX;
+  const auto fits = [](index_t ld, index_t len) {
+    return ld >= std::max<index_t>(1, len) && ld <= most;
+  };
+  if (a.cols() > 0 && a.rows() <= most && b.rows() <= most && a.cols() <= most &&
+      fits(a.outerStride(), a.cols()) && fits(b.outerStride(), b.cols()) &&
+      fits(c.outerStride(), c.cols())) {
     const int m = int(a.rows()), n = int(b.rows()), k = int(a.cols());
     if constexpr (std::is_same_v<T, float>) {
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, a.data(),
