@@ -1,17 +1,18 @@
 // SPDX-License-Identifier: MIT
 // tiled_attention: the memory-efficient kernel. Same arguments and results as naive_attention
 // (see attention_naive.hpp for the math), computed tile by tile with an online softmax
-// (detail/online_softmax.hpp) so the [Lq, Lk] score matrix is never stored: its scratch depends
-// on the tile sizes and Dk, Dv only. Read detail/online_softmax.hpp next for the inner loops.
+// (detail/online_softmax.inl) so the [Lq, Lk] score matrix is never stored: its scratch depends
+// on the tile sizes and Dk, Dv only. Read detail/online_softmax.inl next for the inner loops,
+// and dispatch.hpp for the instruction set they run on.
 #pragma once
 
 #include "xattn/config.hpp"
 #include "xattn/detail/eigen_interop.hpp"
+#include "xattn/detail/kernels.hpp"
 #include "xattn/detail/masking.hpp"
-#include "xattn/detail/online_softmax.hpp"
-#include "xattn/detail/simd.hpp"
 #include "xattn/detail/tiling.hpp"
 #include "xattn/detail/validate.hpp"
+#include "xattn/dispatch.hpp"
 #include "xattn/errors.hpp"
 #include "xattn/options.hpp"
 #include "xattn/shapes.hpp"
@@ -40,8 +41,9 @@ struct tiled_job {
   index_t group;  ///< H / Hkv
   T scale;
   tiled_plan plan;
-  team_scratch<T>* team;  ///< sized for plan before the threads start
-  T* partials;            ///< splits > 1: m, l and an output row per query of every unit
+  const tile_kernels<T>& loops;  ///< the inner loops of the call's instruction-set path
+  team_scratch<T>* team;         ///< sized for plan before the threads start
+  T* partials;                   ///< splits > 1: m, l and an output row per query of every unit
 
   tile_scratch<T>& scratch(int thread) const { return team->threads[std::size_t(thread)]; }
 
@@ -116,7 +118,7 @@ class lanes_unit {
         i0_(i0),
         mq_(mq),
         w_(job.plan.width),
-        packets_(w_ / simd::lanes<T>),
+        packets_(w_ / job.plan.lanes),
         k_(job.k.select(0, b).select(0, h / job.group)),
         v_(job.v.select(0, b).select(0, h / job.group)) {
     const attention_shape& s = job.shape;
@@ -148,10 +150,10 @@ class lanes_unit {
     for (index_t j0 = kbeg; j0 < kend; j0 += job_.plan.kv_tile) {
       const index_t n = std::min(job_.plan.kv_tile, kend - j0);
       if (!scores(j0, n)) continue;
-      online_softmax_tile(s_, w_, n, packets_, m_, l_, corr_);
+      job_.loops.online_softmax_tile(s_, w_, n, packets_, m_, l_, corr_);
       index_t ldv = 0;
       const T* v = tiled_job<T>::rows_of(v_, j0, n, ws_.v_copy, ldv);
-      tile_values(n, packets_, v, ldv, s_, w_, s.value_dim, corr_, ot_, w_);
+      job_.loops.tile_values(n, packets_, v, ldv, s_, w_, s.value_dim, corr_, ot_, w_);
     }
     return {m_, l_, ot_, 1, w_};
   }
@@ -185,7 +187,7 @@ class lanes_unit {
     if (!mask.allows_any(b_, h_, i0_, mq_, j0, n)) return false;
     index_t ldk = 0;
     const T* k = tiled_job<T>::rows_of(k_, j0, n, ws_.k_copy, ldk);
-    tile_scores(n, packets_, k, ldk, qt_, w_, job_.shape.head_dim, s_, w_);
+    job_.loops.tile_scores(n, packets_, k, ldk, qt_, w_, job_.shape.head_dim, s_, w_);
     if (mask.has_elementwise()) {
       for (index_t i = 0; i < mq_; ++i) mask.apply(b_, h_, i0_ + i, j0, s_ + i, n, w_);
     } else if (mask.any()) {  // key padding and causal: only the keys past each query's end
@@ -229,7 +231,7 @@ class row_unit {
     const auto q = job.q.select(0, b).select(0, h);
     for (index_t i = 0; i < mq; ++i)
       for (index_t d = 0; d < s.head_dim; ++d) qs_[i * s.head_dim + d] = job.scale * q(i0 + i, d);
-    s_ = at_least(ws.s, job.plan.kv_tile + simd::lanes<T>);  // room for online_softmax_row
+    s_ = at_least(ws.s, job.plan.kv_tile + job.plan.lanes);  // room for online_softmax_row
     acc_ = at_least(ws.acc, mq * s.value_dim);
     m_ = at_least(ws.stats, 2 * mq);
     l_ = m_ + mq;
@@ -255,11 +257,11 @@ class row_unit {
         if (ni <= 0) continue;
         scores(i, j0, ni, k, ldk);
         T m_new, sum;
-        online_softmax_row(s_, ni, m_[i], m_new, sum);
+        job_.loops.online_softmax_row(s_, ni, m_[i], m_new, sum);
         const T corr = correction(m_[i], m_new, safe_shift(m_new));
         l_[i] = corr * l_[i] + sum;
         m_[i] = m_new;
-        row_values(s_, v, ldv, s.value_dim, ni, corr, acc_ + i * s.value_dim);
+        job_.loops.row_values(s_, v, ldv, s.value_dim, ni, corr, acc_ + i * s.value_dim);
       }
     }
     return {m_, l_, acc_, s.value_dim, 1};
@@ -293,7 +295,7 @@ class row_unit {
   // One query's scores against keys [j0, j0 + n), masks applied, into s_.
   void scores(index_t i, index_t j0, index_t n, const T* k, index_t ldk) {
     const index_t dk = job_.shape.head_dim;
-    row_scores(qs_ + i * dk, k, ldk, dk, n, s_);
+    job_.loops.row_scores(qs_ + i * dk, k, ldk, dk, n, s_);
     if (job_.mask.any()) job_.mask.apply(b_, h_, i0_ + i, j0, s_, n);
   }
 
@@ -494,16 +496,26 @@ void tiled_attention(detail::identity_t<tensor_view<const T, 4>> q,
   const attention_shape& s = pr.shape;
   if (s.batch == 0 || s.num_heads == 0 || s.q_len == 0) return;
 
+  const detail::tile_kernels<T>& loops = detail::active_kernels<T>();
   const detail::tiled_plan plan =
-      detail::make_tiled_plan<T>(s, tiles, opts.weights_out.has_value());
+      detail::make_tiled_plan<T>(s, tiles, opts.weights_out.has_value(), loops.lanes);
   // All scratch is allocated here, on the calling thread, before any thread starts.
   const bool copy_k = k.stride(3) != 1 && s.head_dim > 1;
   const bool copy_v = v.stride(3) != 1 && s.value_dim > 1;
   detail::team_scratch<T>& team = detail::reserve_team_scratch<T>(plan, s, copy_k, copy_v);
-  const detail::tiled_job<T> job{q,    k,        v,
-                                 out,  opts,     detail::mask_plan<T>(opts.mask, s),
-                                 s,    pr.group, static_cast<T>(pr.scale),
-                                 plan, &team,    team.partials.data()};
+  const detail::tiled_job<T> job{q,
+                                 k,
+                                 v,
+                                 out,
+                                 opts,
+                                 detail::mask_plan<T>(opts.mask, s),
+                                 s,
+                                 pr.group,
+                                 static_cast<T>(pr.scale),
+                                 plan,
+                                 loops,
+                                 &team,
+                                 team.partials.data()};
   detail::parallel_for(plan.units(), plan.threads,
                        [&](index_t u, int thread) { detail::run_unit(job, thread, u); });
   if (plan.splits > 1)

@@ -1,33 +1,44 @@
 // SPDX-License-Identifier: MIT
-// The SIMD vocabulary of the tiled kernel: one "packet" is the widest vector of T that Eigen
-// was built to use (16 floats with AVX-512, 8 with AVX, 4 with SSE or NEON, 1 without SIMD).
-// Everything goes through Eigen's packet functions, so the same kernel code serves every
-// instruction set Eigen supports.
+// The SIMD vocabulary of the tiled kernel's inner loops (detail/online_softmax.inl). Each
+// instruction-set level provides it in its own namespace, `xattn::detail::cpu_<level>::simd`:
+//
+//   packet<T>, lanes<T>          the vector of T and its number of lanes
+//   block_rows, block_cols       register blocking of the micro-kernels (rows x cols packets)
+//   load, store, broadcast, zero<T>
+//   in_register(x)               x, kept in a register (not re-read from memory by each use)
+//   add, sub, mul, max, fma(a, b, c) = a·b + c
+//   finite_shift(m)              m, with 0 where m = -inf (the online softmax's shift)
+//   reduce_add, reduce_max       over the lanes of one packet
+//   reduce_add4(a, out)          out[r] = reduce_add(a[r]) for four packets at once
+//   exp_flushed<T>(x)            exp lane by lane, 0 below the smallest normal number
+//
+// The x86-64 levels are written with intrinsics (detail/simd_sse2.hpp, simd_avx2.hpp,
+// simd_avx512.hpp) and share one exp (detail/simd_exp.inl). This file has the level of a build
+// without runtime dispatch (XATTN_DISPATCH = 0, detail/cpu.hpp): Eigen's packets for whatever
+// the compiler targets, 16 floats with AVX-512, 8 with AVX, 4 with SSE or NEON, 1 without SIMD.
 #pragma once
 
 #include "xattn/config.hpp"
+#include "xattn/detail/cpu.hpp"
 
 #include <Eigen/Core>
 
 #include <limits>
 
-namespace xattn::detail::simd {
+#if !XATTN_DISPATCH
+namespace xattn::detail::cpu_eigen::simd {
+
+inline constexpr const char* name = "eigen";
 
 template <class T>
 using packet = typename Eigen::internal::packet_traits<T>::type;
 
-/// Lanes in one packet of T.
 template <class T>
 inline constexpr index_t lanes = Eigen::internal::unpacket_traits<packet<T>>::size;
 
-/// Vector registers the target has (32 with AVX-512 or NEON on AArch64, 16 with AVX).
-inline constexpr int registers = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS;
-
-/// Register blocking of the micro-kernels: an accumulator block is `rows` broadcast operands
-/// by `cols` packets. rows * cols accumulators + cols loads + 1 broadcast must fit in the
-/// register file; 6 x 4 = 24 accumulators with 32 registers, 4 x 2 = 8 with 16.
-inline constexpr int block_rows = registers >= 32 ? 6 : 4;
-inline constexpr int block_cols = registers >= 32 ? 4 : 2;
+/// 6 x 4 accumulators with 32 vector registers (AVX-512, AArch64), 4 x 2 with 16.
+inline constexpr int block_rows = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32 ? 6 : 4;
+inline constexpr int block_cols = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32 ? 4 : 2;
 
 template <class T>
 EIGEN_STRONG_INLINE packet<T> load(const T* p) {
@@ -41,7 +52,14 @@ template <class T>
 EIGEN_STRONG_INLINE packet<T> broadcast(T x) {
   return Eigen::internal::pset1<packet<T>>(x);
 }
-/// a * b + c
+template <class P>
+EIGEN_STRONG_INLINE P in_register(const P& x) {
+  return x;
+}
+template <class T>
+EIGEN_STRONG_INLINE packet<T> zero() {
+  return broadcast(T(0));
+}
 template <class P>
 EIGEN_STRONG_INLINE P fma(const P& a, const P& b, const P& c) {
   return Eigen::internal::pmadd(a, b, c);
@@ -58,44 +76,37 @@ template <class P>
 EIGEN_STRONG_INLINE P sub(const P& a, const P& b) {
   return Eigen::internal::psub(a, b);
 }
-/// exp(x) lane by lane, with results below the smallest normal number flushed to exactly 0.
-/// Eigen's vectorised exp clamps its argument from below, so exp(-inf) would otherwise come out
-/// as a tiny number instead of 0, and a masked key would keep a sliver of weight.
+template <class P>
+EIGEN_STRONG_INLINE P max(const P& a, const P& b) {
+  return Eigen::internal::pmax(a, b);
+}
+template <class P>
+EIGEN_STRONG_INLINE P finite_shift(const P& m) {
+  using T = typename Eigen::internal::unpacket_traits<P>::type;
+  using namespace Eigen::internal;
+  return pselect(pcmp_eq(m, pset1<P>(-std::numeric_limits<T>::infinity())), pset1<P>(T(0)), m);
+}
+template <class P>
+EIGEN_STRONG_INLINE auto reduce_add(const P& x) {
+  return Eigen::internal::predux(x);
+}
+template <class P>
+EIGEN_STRONG_INLINE auto reduce_max(const P& x) {
+  return Eigen::internal::predux_max(x);
+}
+template <class P, class T>
+EIGEN_STRONG_INLINE void reduce_add4(const P* a, T* out) {
+  for (int r = 0; r < 4; ++r) out[r] = Eigen::internal::predux(a[r]);
+}
+/// Eigen's vectorised exp clamps its argument from below, so exp(-inf) would come out as a tiny
+/// number instead of 0, and a masked key would keep a sliver of weight: results below the
+/// smallest normal number are flushed to 0 (a NaN compares false and is kept).
 template <class T>
 EIGEN_STRONG_INLINE packet<T> exp_flushed(const packet<T>& x) {
   using namespace Eigen::internal;
   const packet<T> e = pexp(x);
-  const packet<T> tiny = pset1<packet<T>>(std::numeric_limits<T>::min());
-  return pandnot(e, pcmp_lt(e, tiny));  // a NaN compares false and is kept
+  return pandnot(e, pcmp_lt(e, pset1<packet<T>>(std::numeric_limits<T>::min())));
 }
 
-#if defined(EIGEN_VECTORIZE_AVX512) && !defined(XATTN_GENERIC_EXP)
-// With AVX-512 the softmax's exp is a third of the kernel's instructions, so it gets a shorter
-// form: exp(x) = 2^m · exp(r) with m = round(x / ln 2) and |r| <= ln(2) / 2, exp(r) from the
-// same degree-5 polynomial as Eigen's (Cephes' coefficients), and 2^m applied by vscalefps,
-// which also handles overflow and underflow: x is clamped to [-104, 89] only to keep m finite
-// (exp(-104) < 2^-150 rounds to 0, exp(89) overflows to inf). Accurate to about 2 ulp, like
-// Eigen's.
-template <>
-EIGEN_STRONG_INLINE packet<float> exp_flushed<float>(const packet<float>& x) {
-  // max and min return their second operand when either is NaN, so a NaN x stays NaN
-  const __m512 xc = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
-  const __m512 m = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(m, _mm512_set1_ps(0.693359375f), xc);  // ln 2 in two parts
-  r = _mm512_fnmadd_ps(m, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507E-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073E-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894E-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459E-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201E-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  const __m512 e = _mm512_scalef_ps(y, m);
-  const __mmask16 tiny =
-      _mm512_cmp_ps_mask(e, _mm512_set1_ps(std::numeric_limits<float>::min()), _CMP_LT_OQ);
-  return _mm512_maskz_mov_ps(__mmask16(~tiny), e);
-}
+}  // namespace xattn::detail::cpu_eigen::simd
 #endif
-
-}  // namespace xattn::detail::simd

@@ -4,7 +4,7 @@
 #pragma once
 
 #include "xattn/config.hpp"
-#include "xattn/detail/simd.hpp"
+#include "xattn/detail/kernels.hpp"
 #include "xattn/errors.hpp"
 #include "xattn/options.hpp"
 #include "xattn/shapes.hpp"
@@ -38,6 +38,7 @@ inline int default_threads() noexcept {
 /// busy, as when one decoder query reads a long context. Nothing here depends on the thread
 /// count, so neither does the result.
 struct tiled_plan {
+  index_t lanes = 1;   ///< lanes of one packet on the call's instruction-set path
   bool rows = false;   ///< few queries: the row path, one query at a time (see attention_tiled.hpp)
   index_t q_tile = 0;  ///< queries per tile
   index_t width = 0;   ///< lanes path: q_tile rounded up to whole packets
@@ -69,10 +70,14 @@ inline constexpr index_t default_q_tile = 64;
 inline constexpr index_t default_kv_tile = 128;
 inline constexpr index_t default_row_kv_tile = 512;
 
+/// The plan of a call of shape s on a path whose packets have `lanes` lanes of T (by default,
+/// the path a call starting now takes).
 template <class T>
-tiled_plan make_tiled_plan(const attention_shape& s, const tile_options& t, bool need_weights) {
-  constexpr index_t L = simd::lanes<T>;
+tiled_plan make_tiled_plan(const attention_shape& s, const tile_options& t, bool need_weights,
+                           index_t lanes = active_kernels<T>().lanes) {
+  const index_t L = lanes;
   tiled_plan p;
+  p.lanes = L;
   p.rows = s.q_len < L;
   const index_t q_want = t.q_tile ? *t.q_tile : (p.rows ? s.q_len : default_q_tile);
   p.q_tile = std::max<index_t>(1, std::min(q_want, s.q_len));
@@ -82,9 +87,14 @@ tiled_plan make_tiled_plan(const attention_shape& s, const tile_options& t, bool
                   s.kv_len));
   p.q_tiles = (s.q_len + p.q_tile - 1) / p.q_tile;
   p.items = s.batch * s.num_heads * p.q_tiles;
+  const double flops = 2.0 * double(s.batch) * double(s.num_heads) * double(s.q_len) *
+                       double(s.kv_len) * double(s.head_dim + s.value_dim);
   if (!need_weights && p.items > 0 && p.items < split_target_units) {
+    // No more ranges than threads worth starting (min_flops_per_thread each): below that the
+    // merge only costs time (one decoder query over 1500 keys ran 8 % slower in 8 ranges).
     const index_t want = (split_target_units + p.items - 1) / p.items;
-    const index_t most = std::max<index_t>(1, std::min(want, s.kv_len / min_split_keys));
+    const index_t worth = index_t(std::min(flops / min_flops_per_thread, double(want)));
+    const index_t most = std::max<index_t>(1, std::min({want, worth, s.kv_len / min_split_keys}));
     while (p.splits * 2 <= most) p.splits *= 2;  // a power of two shares evenly among 2^k threads
   }
   p.split_len = p.splits > 1 ? (s.kv_len + p.splits - 1) / p.splits : s.kv_len;
@@ -93,8 +103,6 @@ tiled_plan make_tiled_plan(const attention_shape& s, const tile_options& t, bool
     // Unless asked for a thread count, start a thread only for a fair share of work: a small
     // call (one decoder query, one head) ends before a second thread would have woken, and
     // beside another library's spinning thread pool a fork can cost milliseconds.
-    const double flops = 2.0 * double(s.batch) * double(s.num_heads) * double(s.q_len) *
-                         double(s.kv_len) * double(s.head_dim + s.value_dim);
     asked = int(std::max(1.0, std::min(double(asked), flops / min_flops_per_thread)));
   }
   p.threads = int(std::max<index_t>(1, std::min<index_t>(asked, p.units())));
@@ -158,7 +166,7 @@ unit_scratch_sizes unit_scratch_elements(const tiled_plan& p, const attention_sh
   const index_t w = p.rows ? p.q_tile : p.width;
   unit_scratch_sizes n;
   n.qt = checked_mul(fn, w, s.head_dim);
-  n.s = p.rows ? p.kv_tile + simd::lanes<T> : checked_mul(fn, p.kv_tile, w);
+  n.s = p.rows ? p.kv_tile + p.lanes : checked_mul(fn, p.kv_tile, w);
   n.acc = std::max(checked_mul(fn, w, s.value_dim), s.value_dim);  // the merge needs Dv
   n.stats = (p.rows ? 2 : 3) * w;
   if (copy_k) n.k_copy = checked_mul(fn, p.kv_tile, s.head_dim);

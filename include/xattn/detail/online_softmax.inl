@@ -1,5 +1,8 @@
 // SPDX-License-Identifier: MIT
-// The inner loops of tiled_attention (attention_tiled.hpp explains the whole kernel).
+// The inner loops of tiled_attention (attention_tiled.hpp explains the whole kernel), written once
+// over the SIMD vocabulary of detail/simd.hpp. detail/kernels.hpp includes this file once per
+// instruction-set level, inside that level's namespace and target region, where `simd` names
+// the level's vocabulary; so there is no include guard, and nothing here may include a header.
 //
 // Layout: "lanes over queries". A query tile is stored transposed, Qᵀ [Dk, W], so that one SIMD
 // packet holds the same feature of several queries. Scores come out transposed too, Sᵀ [n, W]
@@ -9,32 +12,22 @@
 //     of K or V, read in place from the caller's rows (no packing of K or V);
 //   - every softmax reduction over keys (max, sum) runs down a column of Sᵀ, lane by lane,
 //     so it needs no horizontal reduction and no shuffle.
-#pragma once
-
-#include "xattn/config.hpp"
-#include "xattn/detail/simd.hpp"
-
-#include <Eigen/Core>
-
-#include <limits>
-
-namespace xattn::detail {
 
 // ---- the two products, as register-blocked micro-kernels --------------------------------------
 
 /// Sᵀ[r][c] = Σ_d K[r][d] · Qᵀ[d][c] for R keys and C packets of queries, accumulated in
 /// R x C registers over the whole Dk.
 template <class T, int R, int C>
-EIGEN_STRONG_INLINE void score_block(const T* k, index_t ldk, const T* qt, index_t ldq,
+XATTN_DETAIL_LOOP_INLINE void score_block(const T* k, index_t ldk, const T* qt, index_t ldq,
                                      index_t head_dim, T* s, index_t lds) {
   using P = simd::packet<T>;
   constexpr index_t L = simd::lanes<T>;
   P acc[R][C];
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = Eigen::internal::pset1<P>(T(0));
+    for (int c = 0; c < C; ++c) acc[r][c] = simd::zero<T>();
   for (index_t d = 0; d < head_dim; ++d) {
     P q[C];
-    for (int c = 0; c < C; ++c) q[c] = simd::load(qt + d * ldq + c * L);
+    for (int c = 0; c < C; ++c) q[c] = simd::in_register(simd::load(qt + d * ldq + c * L));
     for (int r = 0; r < R; ++r) {
       const P kb = simd::broadcast(k[r * ldk + d]);
       for (int c = 0; c < C; ++c) acc[r][c] = simd::fma(kb, q[c], acc[r][c]);
@@ -47,7 +40,7 @@ EIGEN_STRONG_INLINE void score_block(const T* k, index_t ldk, const T* qt, index
 /// Oᵀ[r][c] = corr[c] · Oᵀ[r][c] + Σ_j V[j][r] · Pᵀ[j][c] for R value features and C packets of
 /// queries: the online-softmax rescale and the P V product in one pass over Oᵀ.
 template <class T, int R, int C>
-EIGEN_STRONG_INLINE void value_block(const T* v, index_t ldv, const T* pt, index_t ldp, index_t n,
+XATTN_DETAIL_LOOP_INLINE void value_block(const T* v, index_t ldv, const T* pt, index_t ldp, index_t n,
                                      const T* corr, T* ot, index_t ldo) {
   using P = simd::packet<T>;
   constexpr index_t L = simd::lanes<T>;
@@ -58,7 +51,7 @@ EIGEN_STRONG_INLINE void value_block(const T* v, index_t ldv, const T* pt, index
   }
   for (index_t j = 0; j < n; ++j) {
     P p[C];
-    for (int c = 0; c < C; ++c) p[c] = simd::load(pt + j * ldp + c * L);
+    for (int c = 0; c < C; ++c) p[c] = simd::in_register(simd::load(pt + j * ldp + c * L));
     for (int r = 0; r < R; ++r) {
       const P vb = simd::broadcast(v[j * ldv + r]);
       for (int c = 0; c < C; ++c) acc[r][c] = simd::fma(vb, p[c], acc[r][c]);
@@ -71,7 +64,7 @@ EIGEN_STRONG_INLINE void value_block(const T* v, index_t ldv, const T* pt, index
 // Runs Block<R, C> over `rows` rows (keys for scores, value features for outputs) in steps of
 // simd::block_rows, finishing with one smaller block; C is fixed by the caller.
 template <class T, int C, int R = simd::block_rows>
-EIGEN_STRONG_INLINE void score_rows_tail(index_t rem, const T* k, index_t ldk, const T* qt,
+XATTN_DETAIL_LOOP_INLINE void score_rows_tail(index_t rem, const T* k, index_t ldk, const T* qt,
                                          index_t ldq, index_t head_dim, T* s, index_t lds) {
   if constexpr (R > 0) {
     if (rem == R) return score_block<T, R, C>(k, ldk, qt, ldq, head_dim, s, lds);
@@ -80,7 +73,7 @@ EIGEN_STRONG_INLINE void score_rows_tail(index_t rem, const T* k, index_t ldk, c
 }
 
 template <class T, int C, int R = simd::block_rows>
-EIGEN_STRONG_INLINE void value_rows_tail(index_t rem, const T* v, index_t ldv, const T* pt,
+XATTN_DETAIL_LOOP_INLINE void value_rows_tail(index_t rem, const T* v, index_t ldv, const T* pt,
                                          index_t ldp, index_t n, const T* corr, T* ot,
                                          index_t ldo) {
   if constexpr (R > 0) {
@@ -158,49 +151,42 @@ void tile_values(index_t n, index_t packets, const T* v, index_t ldv, const T* p
 
 // ---- the row path's two products: one query against a tile of keys -----------------------------
 
-/// s[j] = Σ_d q[d] · K[j][d] for j < n: four keys at a time, vectorised along Dk, one horizontal
-/// sum per key.
+/// s[j] = Σ_d q[d] · K[j][d] for j < n: vectorised along Dk, eight keys at a time so that
+/// eight independent chains of FMAs keep both FMA pipes busy, and their horizontal sums taken
+/// four at a time (reduce_add4).
 template <class T>
 void row_scores(const T* q, const T* k, index_t ldk, index_t head_dim, index_t n, T* s) {
   using P = simd::packet<T>;
   constexpr index_t L = simd::lanes<T>;
+  constexpr int keys = 8;
   const index_t full = head_dim / L * L;
   index_t j = 0;
-  for (; j + 4 <= n; j += 4) {
-    const T* k0 = k + j * ldk;
-    P a0 = Eigen::internal::pset1<P>(T(0)), a1 = a0, a2 = a0, a3 = a0;
+  for (; j + keys <= n; j += keys) {
+    const T* kj = k + j * ldk;
+    P a[keys];
+    for (int r = 0; r < keys; ++r) a[r] = simd::zero<T>();
     for (index_t d = 0; d < full; d += L) {
-      const P qv = simd::load(q + d);
-      a0 = simd::fma(simd::load(k0 + d), qv, a0);
-      a1 = simd::fma(simd::load(k0 + ldk + d), qv, a1);
-      a2 = simd::fma(simd::load(k0 + 2 * ldk + d), qv, a2);
-      a3 = simd::fma(simd::load(k0 + 3 * ldk + d), qv, a3);
+      const P qv = simd::in_register(simd::load(q + d));
+      for (int r = 0; r < keys; ++r) a[r] = simd::fma(simd::load(kj + r * ldk + d), qv, a[r]);
     }
-    T r0 = Eigen::internal::predux(a0), r1 = Eigen::internal::predux(a1);
-    T r2 = Eigen::internal::predux(a2), r3 = Eigen::internal::predux(a3);
-    for (index_t d = full; d < head_dim; ++d) {
-      r0 += q[d] * k0[d];
-      r1 += q[d] * k0[ldk + d];
-      r2 += q[d] * k0[2 * ldk + d];
-      r3 += q[d] * k0[3 * ldk + d];
-    }
-    s[j] = r0;
-    s[j + 1] = r1;
-    s[j + 2] = r2;
-    s[j + 3] = r3;
+    simd::reduce_add4(a, s + j);
+    simd::reduce_add4(a + 4, s + j + 4);
+    for (index_t d = full; d < head_dim; ++d)
+      for (int r = 0; r < keys; ++r) s[j + r] += q[d] * kj[r * ldk + d];
   }
   for (; j < n; ++j) {
     const T* kj = k + j * ldk;
-    P a = Eigen::internal::pset1<P>(T(0));
+    P a = simd::zero<T>();
     for (index_t d = 0; d < full; d += L) a = simd::fma(simd::load(kj + d), simd::load(q + d), a);
-    T r = Eigen::internal::predux(a);
+    T r = simd::reduce_add(a);
     for (index_t d = full; d < head_dim; ++d) r += q[d] * kj[d];
     s[j] = r;
   }
 }
 
-/// acc[e] = corr · acc[e] + Σ_j p[j] · V[j][e] for e < Dv: vectorised along Dv, up to four
-/// packets of acc held in registers across all n keys.
+/// acc[e] = corr · acc[e] + Σ_j p[j] · V[j][e] for e < Dv: vectorised along Dv, four packets of
+/// acc at a time, with even and odd keys in two sets of accumulators (eight independent FMA
+/// chains), added at the end.
 template <class T>
 void row_values(const T* p, const T* v, index_t ldv, index_t value_dim, index_t n, T corr, T* acc) {
   using P = simd::packet<T>;
@@ -208,21 +194,23 @@ void row_values(const T* p, const T* v, index_t ldv, index_t value_dim, index_t 
   const P cf = simd::broadcast(corr);
   index_t e = 0;
   for (; e + 4 * L <= value_dim; e += 4 * L) {
-    P a0 = simd::mul(simd::load(acc + e), cf), a1 = simd::mul(simd::load(acc + e + L), cf);
-    P a2 = simd::mul(simd::load(acc + e + 2 * L), cf);
-    P a3 = simd::mul(simd::load(acc + e + 3 * L), cf);
-    for (index_t j = 0; j < n; ++j) {
-      const T* vj = v + j * ldv + e;
-      const P pj = simd::broadcast(p[j]);
-      a0 = simd::fma(pj, simd::load(vj), a0);
-      a1 = simd::fma(pj, simd::load(vj + L), a1);
-      a2 = simd::fma(pj, simd::load(vj + 2 * L), a2);
-      a3 = simd::fma(pj, simd::load(vj + 3 * L), a3);
+    P a[4], b[4];
+    for (int r = 0; r < 4; ++r) {
+      a[r] = simd::mul(simd::load(acc + e + r * L), cf);
+      b[r] = simd::zero<T>();
     }
-    simd::store(acc + e, a0);
-    simd::store(acc + e + L, a1);
-    simd::store(acc + e + 2 * L, a2);
-    simd::store(acc + e + 3 * L, a3);
+    index_t j = 0;
+    for (; j + 2 <= n; j += 2) {
+      const T* vj = v + j * ldv + e;
+      const P p0 = simd::broadcast(p[j]), p1 = simd::broadcast(p[j + 1]);
+      for (int r = 0; r < 4; ++r) a[r] = simd::fma(p0, simd::load(vj + r * L), a[r]);
+      for (int r = 0; r < 4; ++r) b[r] = simd::fma(p1, simd::load(vj + ldv + r * L), b[r]);
+    }
+    if (j < n) {
+      const P p0 = simd::broadcast(p[j]);
+      for (int r = 0; r < 4; ++r) a[r] = simd::fma(p0, simd::load(v + j * ldv + e + r * L), a[r]);
+    }
+    for (int r = 0; r < 4; ++r) simd::store(acc + e + r * L, simd::add(a[r], b[r]));
   }
   for (; e + L <= value_dim; e += L) {
     P a = simd::mul(simd::load(acc + e), cf);
@@ -244,22 +232,21 @@ void row_values(const T* p, const T* v, index_t ldv, index_t value_dim, index_t 
 template <class T>
 void online_softmax_row(T* s, index_t n, T m_old, T& m_new, T& sum) {
   using P = simd::packet<T>;
-  using namespace Eigen::internal;
   constexpr index_t L = simd::lanes<T>;
   constexpr T neg_inf = -std::numeric_limits<T>::infinity();
   const index_t padded = (n + L - 1) / L * L;
   std::fill(s + n, s + padded, neg_inf);
-  P max0 = pset1<P>(neg_inf), max1 = max0;
+  P max0 = simd::broadcast(neg_inf), max1 = max0;
   index_t j = 0;
   for (; j + 2 * L <= padded; j += 2 * L) {
-    max0 = pmax(max0, simd::load(s + j));
-    max1 = pmax(max1, simd::load(s + j + L));
+    max0 = simd::max(max0, simd::load(s + j));
+    max1 = simd::max(max1, simd::load(s + j + L));
   }
-  if (j < padded) max0 = pmax(max0, simd::load(s + j));
-  const T tile_max = predux_max(pmax(max0, max1));  // a NaN score reaches sum through exp
+  if (j < padded) max0 = simd::max(max0, simd::load(s + j));
+  const T tile_max = simd::reduce_max(simd::max(max0, max1));  // a NaN score reaches sum through exp
   m_new = m_old > tile_max ? m_old : tile_max;
-  const P shift = pset1<P>(m_new == neg_inf ? T(0) : m_new);
-  P sum0 = pset1<P>(T(0)), sum1 = sum0;
+  const P shift = simd::broadcast(m_new == neg_inf ? T(0) : m_new);
+  P sum0 = simd::zero<T>(), sum1 = sum0;
   for (j = 0; j + 2 * L <= padded; j += 2 * L) {
     const P p0 = simd::exp_flushed<T>(simd::sub(simd::load(s + j), shift));
     const P p1 = simd::exp_flushed<T>(simd::sub(simd::load(s + j + L), shift));
@@ -273,7 +260,7 @@ void online_softmax_row(T* s, index_t n, T m_old, T& m_new, T& sum) {
     simd::store(s + j, p0);
     sum0 = simd::add(sum0, p0);
   }
-  sum = predux(simd::add(sum0, sum1));
+  sum = simd::reduce_add(simd::add(sum0, sum1));
 }
 
 // ---- the online softmax over one tile ----------------------------------------------------------
@@ -293,10 +280,9 @@ void online_softmax_row(T* s, index_t n, T m_old, T& m_new, T& sum) {
 template <class T>
 void online_softmax_tile(T* s, index_t lds, index_t n, index_t packets, T* m, T* l, T* corr) {
   using P = simd::packet<T>;
-  using namespace Eigen::internal;
   constexpr index_t L = simd::lanes<T>;
-  const P neg_inf = pset1<P>(-std::numeric_limits<T>::infinity());
-  const P zero = pset1<P>(T(0));
+  const P neg_inf = simd::broadcast(-std::numeric_limits<T>::infinity());
+  const P zero = simd::zero<T>();
   for (index_t c = 0; c < packets; ++c) {
     T* col = s + c * L;
     // pass 1: the tile's max, lane by lane, in four independent chains. A NaN score may be
@@ -304,15 +290,15 @@ void online_softmax_tile(T* s, index_t lds, index_t n, index_t packets, T* m, T*
     P max0 = neg_inf, max1 = neg_inf, max2 = neg_inf, max3 = neg_inf;
     index_t j = 0;
     for (; j + 4 <= n; j += 4) {
-      max0 = pmax(max0, simd::load(col + j * lds));
-      max1 = pmax(max1, simd::load(col + (j + 1) * lds));
-      max2 = pmax(max2, simd::load(col + (j + 2) * lds));
-      max3 = pmax(max3, simd::load(col + (j + 3) * lds));
+      max0 = simd::max(max0, simd::load(col + j * lds));
+      max1 = simd::max(max1, simd::load(col + (j + 1) * lds));
+      max2 = simd::max(max2, simd::load(col + (j + 2) * lds));
+      max3 = simd::max(max3, simd::load(col + (j + 3) * lds));
     }
-    for (; j < n; ++j) max0 = pmax(max0, simd::load(col + j * lds));
+    for (; j < n; ++j) max0 = simd::max(max0, simd::load(col + j * lds));
     const P m_old = simd::load(m + c * L);
-    const P m_new = pmax(pmax(m_old, max0), pmax(pmax(max1, max2), max3));
-    const P shift = pselect(pcmp_eq(m_new, neg_inf), zero, m_new);
+    const P m_new = simd::max(simd::max(m_old, max0), simd::max(simd::max(max1, max2), max3));
+    const P shift = simd::finite_shift(m_new);
     const P cf = simd::exp_flushed<T>(simd::sub(m_old, shift));
     // pass 2: exponentials and their sum; two partial sums hide the add latency
     P sum0 = zero, sum1 = zero;
@@ -335,4 +321,23 @@ void online_softmax_tile(T* s, index_t lds, index_t n, index_t packets, T* m, T*
   }
 }
 
-}  // namespace xattn::detail
+// ---- this level's entry points ------------------------------------------------------------------
+
+/// y = exp_flushed(x) for n a multiple of lanes<T>: the vectorised exp, for the tests.
+template <class T>
+void exp_flushed_array(const T* x, index_t n, T* y) {
+  constexpr index_t L = simd::lanes<T>;
+  for (index_t i = 0; i + L <= n; i += L) simd::store(y + i, simd::exp_flushed<T>(simd::load(x + i)));
+}
+
+/// The loops above, compiled for this level, as detail::tile_kernels (detail/kernels.hpp).
+template <class T>
+inline constexpr tile_kernels<T> kernels{level,
+                                         simd::lanes<T>,
+                                         &tile_scores<T>,
+                                         &online_softmax_tile<T>,
+                                         &tile_values<T>,
+                                         &row_scores<T>,
+                                         &online_softmax_row<T>,
+                                         &row_values<T>,
+                                         &exp_flushed_array<T>};

@@ -1,0 +1,140 @@
+// SPDX-License-Identifier: MIT
+// The tiled kernel's inner loops (detail/online_softmax.inl), compiled once per instruction-set
+// level of this build (detail/cpu.hpp), and the choice of one level per process. The rest of
+// tiled_attention is compiled once and calls the loops through a tile_kernels table: one
+// indirect call per tile of keys, not per element.
+#pragma once
+
+#include "xattn/config.hpp"
+#include "xattn/detail/cpu.hpp"
+#include "xattn/detail/simd.hpp"
+#include "xattn/detail/simd_avx2.hpp"
+#include "xattn/detail/simd_avx512.hpp"
+#include "xattn/detail/simd_sse2.hpp"
+
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+namespace xattn::detail {
+
+/// One level's inner loops (see detail/online_softmax.inl for each).
+template <class T>
+struct tile_kernels {
+  cpu_level level;
+  index_t lanes;  ///< lanes of one packet of T: the query tile's width is a multiple of it
+  void (*tile_scores)(index_t n, index_t packets, const T* k, index_t ldk, const T* qt, index_t ldq,
+                      index_t head_dim, T* s, index_t lds);
+  void (*online_softmax_tile)(T* s, index_t lds, index_t n, index_t packets, T* m, T* l, T* corr);
+  void (*tile_values)(index_t n, index_t packets, const T* v, index_t ldv, const T* pt, index_t ldp,
+                      index_t value_dim, const T* corr, T* ot, index_t ldo);
+  void (*row_scores)(const T* q, const T* k, index_t ldk, index_t head_dim, index_t n, T* s);
+  void (*online_softmax_row)(T* s, index_t n, T m_old, T& m_new, T& sum);
+  void (*row_values)(const T* p, const T* v, index_t ldv, index_t value_dim, index_t n, T corr,
+                     T* acc);
+  void (*exp_flushed)(const T* x, index_t n, T* y);
+};
+
+}  // namespace xattn::detail
+
+#if defined(__GNUC__)
+#  define XATTN_DETAIL_LOOP_INLINE inline __attribute__((always_inline))
+#else
+#  define XATTN_DETAIL_LOOP_INLINE EIGEN_STRONG_INLINE
+#endif
+
+#if XATTN_DISPATCH
+XATTN_DETAIL_TARGET_PUSH(XATTN_DETAIL_TARGET_SSE2)
+namespace xattn::detail::cpu_sse2 {
+inline constexpr cpu_level level = cpu_level::sse2;
+#  include "xattn/detail/online_softmax.inl"
+}  // namespace xattn::detail::cpu_sse2
+XATTN_DETAIL_TARGET_POP
+
+XATTN_DETAIL_TARGET_PUSH(XATTN_DETAIL_TARGET_AVX2)
+namespace xattn::detail::cpu_avx2 {
+inline constexpr cpu_level level = cpu_level::avx2;
+#  include "xattn/detail/online_softmax.inl"
+}  // namespace xattn::detail::cpu_avx2
+XATTN_DETAIL_TARGET_POP
+
+XATTN_DETAIL_TARGET_PUSH(XATTN_DETAIL_TARGET_AVX512)
+namespace xattn::detail::cpu_avx512 {
+inline constexpr cpu_level level = cpu_level::avx512;
+#  include "xattn/detail/online_softmax.inl"
+}  // namespace xattn::detail::cpu_avx512
+XATTN_DETAIL_TARGET_POP
+#else
+namespace xattn::detail::cpu_eigen {
+inline constexpr cpu_level level = cpu_level::eigen;
+#  include "xattn/detail/online_softmax.inl"
+}  // namespace xattn::detail::cpu_eigen
+#endif
+
+#undef XATTN_DETAIL_LOOP_INLINE
+
+namespace xattn::detail {
+
+/// The fastest level of this build that this CPU runs.
+inline cpu_level best_level() noexcept {
+  cpu_level best = built_levels[0];
+  for (cpu_level l : built_levels)
+    if (level_available(l)) best = l;
+  return best;
+}
+
+/// The level chosen when none is forced: the best one, or the one the environment variable
+/// XATTN_CPU_PATH names if that is lower (a name this build does not have is ignored). Read
+/// once per process.
+inline cpu_level automatic_level() noexcept {
+  static const cpu_level chosen = [] {
+    cpu_level l = best_level();
+    if (const char* env = std::getenv("XATTN_CPU_PATH"))
+      for (cpu_level b : built_levels)
+        if (std::strcmp(env, level_name(b)) == 0 && int(b) < int(l)) l = b;
+    return l;
+  }();
+  return chosen;
+}
+
+/// The level set_cpu_path forced, or -1.
+inline std::atomic<int>& forced_level() noexcept {
+  static std::atomic<int> forced{-1};
+  return forced;
+}
+
+inline cpu_level active_level() noexcept {
+  const int f = forced_level().load(std::memory_order_relaxed);
+  return f >= 0 ? cpu_level(f) : automatic_level();
+}
+
+/// The inner loops of level l, which must be one of built_levels.
+template <class T>
+const tile_kernels<T>& kernels_for(cpu_level l) noexcept {
+#if XATTN_DISPATCH
+  switch (l) {
+    case cpu_level::avx512:
+      return cpu_avx512::kernels<T>;
+    case cpu_level::avx2:
+      return cpu_avx2::kernels<T>;
+    default:
+      return cpu_sse2::kernels<T>;
+  }
+#else
+  (void)l;
+  return cpu_eigen::kernels<T>;
+#endif
+}
+
+/// The inner loops a tiled_attention call starting now runs.
+template <class T>
+const tile_kernels<T>& active_kernels() noexcept {
+  return kernels_for<T>(active_level());
+}
+
+}  // namespace xattn::detail

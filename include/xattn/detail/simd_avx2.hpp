@@ -1,0 +1,169 @@
+// SPDX-License-Identifier: MIT
+// The SIMD vocabulary of the avx2 level (256-bit vectors, 16 registers, FMA): x86-64 CPUs since
+// Haswell and Zen. detail/simd.hpp lists the vocabulary every level provides.
+#pragma once
+
+#include "xattn/config.hpp"
+#include "xattn/detail/cpu.hpp"
+
+#include <limits>
+#include <type_traits>
+
+#if XATTN_DISPATCH
+XATTN_DETAIL_TARGET_PUSH(XATTN_DETAIL_TARGET_AVX2)
+namespace xattn::detail::cpu_avx2::simd {
+
+#  define XATTN_DETAIL_SIMD_INLINE inline __attribute__((always_inline))
+
+inline constexpr const char* name = "avx2";
+
+template <class T>
+struct traits;
+template <>
+struct traits<float> {
+  using packet = __m256;
+  static constexpr index_t lanes = 8;
+};
+template <>
+struct traits<double> {
+  using packet = __m256d;
+  static constexpr index_t lanes = 4;
+};
+template <class T>
+using packet = typename traits<T>::packet;
+template <class T>
+inline constexpr index_t lanes = traits<T>::lanes;
+
+inline constexpr int block_rows = 6;  // 6 x 2 accumulators of the 16 registers
+inline constexpr int block_cols = 2;
+
+XATTN_DETAIL_SIMD_INLINE __m256 load(const float* p) { return _mm256_loadu_ps(p); }
+XATTN_DETAIL_SIMD_INLINE __m256d load(const double* p) { return _mm256_loadu_pd(p); }
+XATTN_DETAIL_SIMD_INLINE void store(float* p, __m256 x) { _mm256_storeu_ps(p, x); }
+XATTN_DETAIL_SIMD_INLINE void store(double* p, __m256d x) { _mm256_storeu_pd(p, x); }
+XATTN_DETAIL_SIMD_INLINE __m256 broadcast(float x) { return _mm256_set1_ps(x); }
+XATTN_DETAIL_SIMD_INLINE __m256d broadcast(double x) { return _mm256_set1_pd(x); }
+/// x, held in a register: a packet that several FMAs read is loaded once, not folded into each
+/// of them as a memory operand (which some -mtune settings do, making the micro-kernels
+/// load-bound).
+template <class P>
+XATTN_DETAIL_SIMD_INLINE P in_register(P x) {
+  __asm__("" : "+v"(x));
+  return x;
+}
+template <class T>
+XATTN_DETAIL_SIMD_INLINE packet<T> zero() {
+  return broadcast(T(0));
+}
+
+XATTN_DETAIL_SIMD_INLINE __m256 add(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }
+XATTN_DETAIL_SIMD_INLINE __m256d add(__m256d a, __m256d b) { return _mm256_add_pd(a, b); }
+XATTN_DETAIL_SIMD_INLINE __m256 sub(__m256 a, __m256 b) { return _mm256_sub_ps(a, b); }
+XATTN_DETAIL_SIMD_INLINE __m256d sub(__m256d a, __m256d b) { return _mm256_sub_pd(a, b); }
+XATTN_DETAIL_SIMD_INLINE __m256 mul(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
+XATTN_DETAIL_SIMD_INLINE __m256d mul(__m256d a, __m256d b) { return _mm256_mul_pd(a, b); }
+/// a·b + c, rounded once
+XATTN_DETAIL_SIMD_INLINE __m256 fma(__m256 a, __m256 b, __m256 c) {
+  return _mm256_fmadd_ps(a, b, c);
+}
+XATTN_DETAIL_SIMD_INLINE __m256d fma(__m256d a, __m256d b, __m256d c) {
+  return _mm256_fmadd_pd(a, b, c);
+}
+/// c - a·b, rounded once
+XATTN_DETAIL_SIMD_INLINE __m256 fnma(__m256 a, __m256 b, __m256 c) {
+  return _mm256_fnmadd_ps(a, b, c);
+}
+XATTN_DETAIL_SIMD_INLINE __m256d fnma(__m256d a, __m256d b, __m256d c) {
+  return _mm256_fnmadd_pd(a, b, c);
+}
+XATTN_DETAIL_SIMD_INLINE __m256 max(__m256 a, __m256 b) { return _mm256_max_ps(a, b); }
+XATTN_DETAIL_SIMD_INLINE __m256d max(__m256d a, __m256d b) { return _mm256_max_pd(a, b); }
+/// x limited to [lo, hi]; a NaN x stays NaN (max and min return their second operand then).
+XATTN_DETAIL_SIMD_INLINE __m256 clamp(__m256 x, __m256 lo, __m256 hi) {
+  return _mm256_min_ps(hi, _mm256_max_ps(lo, x));
+}
+XATTN_DETAIL_SIMD_INLINE __m256d clamp(__m256d x, __m256d lo, __m256d hi) {
+  return _mm256_min_pd(hi, _mm256_max_pd(lo, x));
+}
+/// m where it is finite or +inf, 0 where it is -inf (the online softmax's shift).
+XATTN_DETAIL_SIMD_INLINE __m256 finite_shift(__m256 m) {
+  const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  return _mm256_andnot_ps(_mm256_cmp_ps(m, neg_inf, _CMP_EQ_OQ), m);
+}
+XATTN_DETAIL_SIMD_INLINE __m256d finite_shift(__m256d m) {
+  const __m256d neg_inf = _mm256_set1_pd(-std::numeric_limits<double>::infinity());
+  return _mm256_andnot_pd(_mm256_cmp_pd(m, neg_inf, _CMP_EQ_OQ), m);
+}
+/// x with lanes below the smallest normal number set to 0 (a NaN compares false and is kept).
+XATTN_DETAIL_SIMD_INLINE __m256 flush_tiny(__m256 x) {
+  const __m256 tiny = _mm256_set1_ps(std::numeric_limits<float>::min());
+  return _mm256_andnot_ps(_mm256_cmp_ps(x, tiny, _CMP_LT_OQ), x);
+}
+XATTN_DETAIL_SIMD_INLINE __m256d flush_tiny(__m256d x) {
+  const __m256d tiny = _mm256_set1_pd(std::numeric_limits<double>::min());
+  return _mm256_andnot_pd(_mm256_cmp_pd(x, tiny, _CMP_LT_OQ), x);
+}
+XATTN_DETAIL_SIMD_INLINE float reduce_add(__m256 x) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+XATTN_DETAIL_SIMD_INLINE double reduce_add(__m256d x) {
+  const __m128d s = _mm_add_pd(_mm256_castpd256_pd128(x), _mm256_extractf128_pd(x, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
+XATTN_DETAIL_SIMD_INLINE float reduce_max(__m256 x) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+XATTN_DETAIL_SIMD_INLINE double reduce_max(__m256d x) {
+  const __m128d s = _mm_max_pd(_mm256_castpd256_pd128(x), _mm256_extractf128_pd(x, 1));
+  return _mm_cvtsd_f64(_mm_max_sd(s, _mm_unpackhi_pd(s, s)));
+}
+/// out[r] = reduce_add(a[r]) for r < 4, the four sums in one transposing pass.
+XATTN_DETAIL_SIMD_INLINE void reduce_add4(const __m256* a, float* out) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+}
+XATTN_DETAIL_SIMD_INLINE void reduce_add4(const __m256d* a, double* out) {
+  const __m256d h0 = _mm256_hadd_pd(a[0], a[1]), h1 = _mm256_hadd_pd(a[2], a[3]);
+  _mm256_storeu_pd(out, _mm256_add_pd(_mm256_permute2f128_pd(h0, h1, 0x20),
+                                      _mm256_permute2f128_pd(h0, h1, 0x31)));
+}
+/// x rounded to the nearest integer, ties to even.
+XATTN_DETAIL_SIMD_INLINE __m256 round_even(__m256 x) {
+  return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+XATTN_DETAIL_SIMD_INLINE __m256d round_even(__m256d x) {
+  return _mm256_round_pd(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+/// y · 2^m for integral m in [-252, 254] (float) or [-2044, 2046] (double), as y · 2^a · 2^b
+/// with a + b = m, each power a normal number built from its exponent bits.
+XATTN_DETAIL_SIMD_INLINE __m256 times_pow2(__m256 y, __m256 m) {
+  const __m256i mi = _mm256_cvtps_epi32(m);
+  const __m256i a = _mm256_srai_epi32(mi, 1), b = _mm256_sub_epi32(mi, a);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 pa = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(a, bias), 23));
+  const __m256 pb = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(b, bias), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(y, pa), pb);
+}
+XATTN_DETAIL_SIMD_INLINE __m256d times_pow2(__m256d y, __m256d m) {
+  // the bits of v + 1.5 · 2^52 end in v (two's complement) for integral |v| < 2^51
+  const __m256d magic = _mm256_set1_pd(6755399441055744.0);
+  const __m256d a = round_even(_mm256_mul_pd(m, _mm256_set1_pd(0.5))), b = _mm256_sub_pd(m, a);
+  const __m256i bias = _mm256_set1_epi64x(1023);
+  const __m256d pa = _mm256_castsi256_pd(
+      _mm256_slli_epi64(_mm256_add_epi64(_mm256_castpd_si256(_mm256_add_pd(a, magic)), bias), 52));
+  const __m256d pb = _mm256_castsi256_pd(
+      _mm256_slli_epi64(_mm256_add_epi64(_mm256_castpd_si256(_mm256_add_pd(b, magic)), bias), 52));
+  return _mm256_mul_pd(_mm256_mul_pd(y, pa), pb);
+}
+
+#  include "xattn/detail/simd_exp.inl"
+
+#  undef XATTN_DETAIL_SIMD_INLINE
+
+}  // namespace xattn::detail::cpu_avx2::simd
+XATTN_DETAIL_TARGET_POP
+#endif

@@ -1,0 +1,58 @@
+// SPDX-License-Identifier: MIT
+// Which instruction set tiled_attention's inner loops run on. A build for x86-64 with GCC or
+// Clang compiles them for three levels, "avx512" (F, BW, DQ, VL), "avx2" (with FMA) and "sse2"
+// (every x86-64 CPU), and each process runs the fastest one its CPU supports: no -march flag is
+// needed for full speed. Other builds (AArch64, MSVC, or XATTN_DISPATCH defined to 0) have one
+// path, "eigen": Eigen's packets for the compiler's own target (NEON on AArch64).
+//
+// The environment variable XATTN_CPU_PATH, read once per process, lowers the automatic choice to
+// the path it names (to reproduce a user's older machine); a name this build does not have, or
+// a path above the CPU's, leaves the choice as it is. set_cpu_path forces a path from the code.
+// The result of a call depends on its path only through rounding: every path is tested against
+// the same reference, and each is deterministic across thread counts.
+#pragma once
+
+#include "xattn/config.hpp"
+#include "xattn/detail/cpu.hpp"
+#include "xattn/detail/kernels.hpp"
+#include "xattn/errors.hpp"
+
+#include <iterator>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace xattn {
+
+/// The path tiled_attention calls starting now run on: "avx512", "avx2", "sse2" or "eigen".
+inline std::string_view cpu_path() noexcept { return detail::level_name(detail::active_level()); }
+
+/// The paths this build has and this CPU runs, fastest first.
+inline std::vector<std::string_view> cpu_paths() {
+  std::vector<std::string_view> names;
+  for (auto it = std::rbegin(detail::built_levels); it != std::rend(detail::built_levels); ++it)
+    if (detail::level_available(*it)) names.emplace_back(detail::level_name(*it));
+  return names;
+}
+
+/// Makes every tiled_attention call that starts after it run on the named path (one of
+/// cpu_paths()), in every thread of the process; calls already running keep theirs. A name
+/// that is not one of cpu_paths() is a value_error, and the path stays as it was.
+inline void set_cpu_path(std::string_view name) {
+  for (detail::cpu_level l : detail::built_levels)
+    if (name == detail::level_name(l) && detail::level_available(l)) {
+      detail::forced_level().store(int(l), std::memory_order_relaxed);
+      return;
+    }
+  std::string known;
+  for (std::string_view n : cpu_paths()) known += (known.empty() ? "" : ", ") + std::string(n);
+  detail::fail_value(detail::message(
+      "set_cpu_path: \"", name, "\" is not a path of this build and CPU; expected one of ", known));
+}
+
+/// Back to the automatic choice: the fastest path, lowered by XATTN_CPU_PATH.
+inline void reset_cpu_path() noexcept {
+  detail::forced_level().store(-1, std::memory_order_relaxed);
+}
+
+}  // namespace xattn

@@ -1,0 +1,218 @@
+// SPDX-License-Identifier: MIT
+// dispatch.hpp: naming and forcing the instruction-set path, and every path this machine runs
+// checked against the long-double reference (odd shapes, every mask kind, grouped-query heads,
+// both the lanes and the row path) and for bitwise determinism across thread counts. CTest also
+// runs the whole tiled test suite once per forced path (XATTN_CPU_PATH, tests/CMakeLists.txt).
+
+#include "xattn/dispatch.hpp"
+
+#include "xattn/attention_tiled.hpp"
+
+#include "test_support.hpp"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace {
+
+using xattn::index_t;
+using xattn_test::problem;
+using xattn_test::shape;
+using xattn_test::throws_with;
+
+// Forces each path in turn and restores the automatic choice afterwards, also on failure.
+struct each_path {
+  ~each_path() { xattn::reset_cpu_path(); }
+  template <class F>
+  void operator()(F&& f) const {
+    for (std::string_view name : xattn::cpu_paths()) {
+      SCOPED_TRACE(std::string("path ") + std::string(name));
+      xattn::set_cpu_path(name);
+      ASSERT_EQ(xattn::cpu_path(), name);
+      f(name);
+    }
+  }
+};
+
+TEST(Dispatch, TheAutomaticPathIsTheFastestThisMachineRuns) {
+  xattn::reset_cpu_path();
+  const std::vector<std::string_view> paths = xattn::cpu_paths();
+  ASSERT_FALSE(paths.empty());
+  const char* env = std::getenv("XATTN_CPU_PATH");
+  if (env == nullptr || std::find(paths.begin(), paths.end(), env) == paths.end()) {
+    EXPECT_EQ(xattn::cpu_path(), paths.front());
+  }
+#if XATTN_DISPATCH
+  // x86-64: sse2 always runs, and the list follows the CPU's features.
+  EXPECT_EQ(paths.back(), "sse2");
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  EXPECT_EQ(std::count(paths.begin(), paths.end(), "avx2"), avx2 ? 1 : 0);
+  EXPECT_EQ(std::count(paths.begin(), paths.end(), "avx512"), avx2 && avx512 ? 1 : 0);
+#else
+  EXPECT_EQ(paths, std::vector<std::string_view>{"eigen"});
+#endif
+}
+
+TEST(Dispatch, TheEnvironmentLowersTheAutomaticChoice) {
+  // CTest runs this test with XATTN_CPU_PATH=sse2 (dispatch.environment_sse2) and with a
+  // name no build has (dispatch.environment_avx9): a path this machine runs is taken, another
+  // name ignored.
+  const char* env = std::getenv("XATTN_CPU_PATH");
+  if (env == nullptr || std::getenv("XATTN_TEST_ENVIRONMENT") == nullptr)
+    GTEST_SKIP() << "run by CTest with XATTN_CPU_PATH set";
+  xattn::reset_cpu_path();
+  const std::vector<std::string_view> paths = xattn::cpu_paths();
+  const bool runs = std::find(paths.begin(), paths.end(), env) != paths.end();
+  EXPECT_EQ(xattn::cpu_path(), runs ? std::string_view(env) : paths.front());
+#if XATTN_DISPATCH
+  if (std::strcmp(env, "sse2") == 0) {
+    EXPECT_EQ(xattn::cpu_path(), "sse2");
+  }
+#endif
+}
+
+TEST(Dispatch, SetCpuPathForcesAPathAndResetReturnsToTheAutomaticOne) {
+  xattn::reset_cpu_path();
+  const std::string automatic(xattn::cpu_path());
+  each_path()([](std::string_view name) { EXPECT_EQ(xattn::cpu_path(), name); });
+  EXPECT_EQ(xattn::cpu_path(), automatic);
+}
+
+TEST(Dispatch, AnUnknownOrUnavailablePathIsAValueErrorAndChangesNothing) {
+  xattn::reset_cpu_path();
+  const std::string before(xattn::cpu_path());
+  EXPECT_TRUE(throws_with<xattn::value_error>([] { xattn::set_cpu_path("avx9"); },
+                                              {"set_cpu_path", "\"avx9\"", "expected one of"}));
+  EXPECT_TRUE(throws_with<xattn::value_error>([] { xattn::set_cpu_path(""); }, {"\"\""}));
+  EXPECT_EQ(xattn::cpu_path(), before);
+  for (xattn::detail::cpu_level l : xattn::detail::built_levels)
+    if (!xattn::detail::level_available(l)) {
+      const std::string name = xattn::detail::level_name(l);
+      EXPECT_TRUE(throws_with<xattn::value_error>([&] { xattn::set_cpu_path(name); },
+                                                  {name.c_str(), "not a path of this build"}));
+    }
+  EXPECT_EQ(xattn::cpu_path(), before);
+}
+
+template <class T>
+class DispatchPaths : public ::testing::Test {};
+using element_types = ::testing::Types<float, double>;
+TYPED_TEST_SUITE(DispatchPaths, element_types);
+
+xattn::tile_options tiles(index_t q_tile, index_t kv_tile, int threads = 1) {
+  xattn::tile_options t;
+  if (q_tile > 0) t.q_tile = q_tile;
+  if (kv_tile > 0) t.kv_tile = kv_tile;
+  t.num_threads = threads;
+  return t;
+}
+
+template <class T>
+void check_tiled(problem<T>& p, const xattn::attention_options<T>& opts,
+                 const xattn::tile_options& t) {
+  p.run_and_check([&t](auto q, auto k, auto v, auto out,
+                       const auto& o) { xattn::tiled_attention<T>(q, k, v, out, o, t); },
+                  opts);
+}
+
+TYPED_TEST(DispatchPaths, EveryPathMatchesTheReferenceOnOddShapes) {
+  using T = TypeParam;
+  each_path()([](std::string_view) {
+    // Lq != Lk, Lq = 1, Lk = 1, Dk != Dv, lengths that no tile or packet divides, GQA, a query
+    // count on each side of every path's packet width (the row and the lanes path).
+    for (const auto& s :
+         {shape(1, 1, 1, 1, 1, 1), shape(2, 4, 1, 77, 40, 24, 2), shape(1, 2, 3, 129, 7, 9),
+          shape(1, 2, 5, 31, 64, 64), shape(2, 2, 9, 300, 33, 17, 1), shape(1, 3, 17, 1, 8, 8),
+          shape(1, 1, 70, 130, 64, 40), shape(1, 2, 33, 45, 3, 70)}) {
+      SCOPED_TRACE(::testing::Message() << "Lq " << s.q_len << " Lk " << s.kv_len << " Dk "
+                                        << s.head_dim << " Dv " << s.value_dim);
+      problem<T> p(s, 11);
+      check_tiled<T>(p, {}, tiles(0, 0));
+      check_tiled<T>(p, {}, tiles(13, 7));
+    }
+  });
+}
+
+TYPED_TEST(DispatchPaths, EveryPathAppliesEveryMaskKind) {
+  using T = TypeParam;
+  each_path()([](std::string_view) {
+    for (index_t lq : {1, 3, 45}) {
+      const auto s = shape(2, 2, lq, 53, 8, 6);
+      SCOPED_TRACE(::testing::Message() << "Lq " << lq);
+      const std::vector<index_t> lengths = {17, 53};
+      std::unique_ptr<bool[]> allowed(new bool[std::size_t(2 * lq * 53)]);
+      for (index_t n = 0; n < 2 * lq * 53; ++n) allowed[std::size_t(n)] = (n * 7 % 5) != 0;
+      auto bias = xattn_test::random_tensor<T, 4>({2, 1, 1, 53}, 9, -2.0, 2.0);
+      bias.data[4] = -std::numeric_limits<T>::infinity();
+      for (int kind = 0; kind < 6; ++kind) {
+        xattn::attention_options<T> opts;
+        if (kind == 0 || kind == 5) opts.mask.kv_lengths = xattn::make_view(lengths.data(), {2});
+        if (kind == 1 || kind == 5)
+          opts.mask.allowed = xattn::tensor_view<const bool, 4>(allowed.get(), {1, 2, lq, 53});
+        if (kind == 2 || kind == 5) opts.mask.bias = bias.cview();
+        if (kind == 3) opts.mask.causal = xattn::causal_mask::top_left;
+        if (kind == 4 || kind == 5) opts.mask.causal = xattn::causal_mask::bottom_right;
+        SCOPED_TRACE(::testing::Message() << "mask kind " << kind);
+        problem<T> p(s, unsigned(kind + 1));
+        check_tiled<T>(p, opts, tiles(16, 10));
+        check_tiled<T>(p, opts, tiles(0, 0));
+      }
+    }
+  });
+}
+
+TYPED_TEST(DispatchPaths, EveryPathIsBitwiseDeterministicAcrossThreadCounts) {
+  using T = TypeParam;
+  each_path()([](std::string_view) {
+    for (const auto& s : {shape(1, 1, 1, 9000, 64, 64), shape(2, 3, 50, 200, 24, 16)}) {
+      problem<T> p(s, 5);
+      std::vector<T> first;
+      for (int threads = 1; threads <= 4; ++threads) {
+        xattn::tiled_attention<T>(p.q.cview(), p.k.cview(), p.v.cview(), p.out.view(), {},
+                                  tiles(0, 0, threads));
+        if (threads == 1) {
+          first = p.out.data;
+        } else {
+          EXPECT_EQ(std::memcmp(first.data(), p.out.data.data(), first.size() * sizeof(T)), 0)
+              << threads << " threads";
+        }
+      }
+    }
+  });
+}
+
+TEST(DispatchPaths, PathsAgreeWithEachOtherToRounding) {
+  // The paths differ only in rounding: the same call on two paths stays within the sum of
+  // their tolerances against the exact result.
+  problem<float> p(shape(1, 2, 40, 500, 64, 64), 21);
+  std::vector<std::vector<float>> outs;
+  each_path()([&](std::string_view) {
+    xattn::tiled_attention<float>(p.q.cview(), p.k.cview(), p.v.cview(), p.out.view());
+    outs.push_back(p.out.data);
+  });
+  const double tol = 2 * xattn_test::attention_tol<float>(64, 500, 8.0);
+  for (std::size_t n = 1; n < outs.size(); ++n)
+    EXPECT_TRUE(xattn_test::all_close(outs[n], outs[0], tol));
+}
+
+TEST(Dispatch, ScratchFollowsThePathsPacketWidth) {
+  // The row path's score buffer is padded to whole packets of the path a call runs on.
+  each_path()([](std::string_view) {
+    const auto s = shape(1, 1, 1, 1000, 64, 64);
+    EXPECT_GT(xattn::tiled_attention_scratch_bytes<float>(s), 0);
+    EXPECT_EQ(xattn::detail::make_tiled_plan<float>(s, {}, false).lanes,
+              xattn::detail::active_kernels<float>().lanes);
+  });
+}
+
+}  // namespace
