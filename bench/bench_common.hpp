@@ -4,6 +4,7 @@
 #pragma once
 
 #include "xattn/config.hpp"
+#include "xattn/dispatch.hpp"
 #include "xattn/shapes.hpp"
 #include "xattn/tensor_view.hpp"
 
@@ -99,6 +100,9 @@ inline void add_build_context() {
                                                    std::to_string(EIGEN_MINOR_VERSION));
   benchmark::AddCustomContext("eigen_simd", Eigen::SimdInstructionSetsInUse());
   benchmark::AddCustomContext("eigen_threads", std::to_string(Eigen::nbThreads()));
+  // The tiled kernel's instruction-set path (dispatch.hpp): the fastest this CPU runs, or the
+  // one XATTN_CPU_PATH names.
+  benchmark::AddCustomContext("xattn_cpu_path", std::string(xattn::cpu_path()));
 #ifdef NDEBUG
   benchmark::AddCustomContext("xattn_asserts", "off");
 #else

@@ -107,7 +107,7 @@ TEST(Dispatch, AnUnknownOrUnavailablePathIsAValueErrorAndChangesNothing) {
 template <class T>
 class DispatchPaths : public ::testing::Test {};
 using element_types = ::testing::Types<float, double>;
-TYPED_TEST_SUITE(DispatchPaths, element_types);
+TYPED_TEST_SUITE(DispatchPaths, element_types, );
 
 xattn::tile_options tiles(index_t q_tile, index_t kv_tile, int threads = 1) {
   xattn::tile_options t;

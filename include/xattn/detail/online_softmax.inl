@@ -19,7 +19,7 @@
 /// R x C registers over the whole Dk.
 template <class T, int R, int C>
 XATTN_DETAIL_LOOP_INLINE void score_block(const T* k, index_t ldk, const T* qt, index_t ldq,
-                                     index_t head_dim, T* s, index_t lds) {
+                                          index_t head_dim, T* s, index_t lds) {
   using P = simd::packet<T>;
   constexpr index_t L = simd::lanes<T>;
   P acc[R][C];
@@ -40,8 +40,8 @@ XATTN_DETAIL_LOOP_INLINE void score_block(const T* k, index_t ldk, const T* qt, 
 /// Oᵀ[r][c] = corr[c] · Oᵀ[r][c] + Σ_j V[j][r] · Pᵀ[j][c] for R value features and C packets of
 /// queries: the online-softmax rescale and the P V product in one pass over Oᵀ.
 template <class T, int R, int C>
-XATTN_DETAIL_LOOP_INLINE void value_block(const T* v, index_t ldv, const T* pt, index_t ldp, index_t n,
-                                     const T* corr, T* ot, index_t ldo) {
+XATTN_DETAIL_LOOP_INLINE void value_block(const T* v, index_t ldv, const T* pt, index_t ldp,
+                                          index_t n, const T* corr, T* ot, index_t ldo) {
   using P = simd::packet<T>;
   constexpr index_t L = simd::lanes<T>;
   P acc[R][C];
@@ -61,65 +61,36 @@ XATTN_DETAIL_LOOP_INLINE void value_block(const T* v, index_t ldv, const T* pt, 
     for (int c = 0; c < C; ++c) simd::store(ot + r * ldo + c * L, acc[r][c]);
 }
 
-// Runs Block<R, C> over `rows` rows (keys for scores, value features for outputs) in steps of
-// simd::block_rows, finishing with one smaller block; C is fixed by the caller.
-template <class T, int C, int R = simd::block_rows>
-XATTN_DETAIL_LOOP_INLINE void score_rows_tail(index_t rem, const T* k, index_t ldk, const T* qt,
-                                         index_t ldq, index_t head_dim, T* s, index_t lds) {
-  if constexpr (R > 0) {
-    if (rem == R) return score_block<T, R, C>(k, ldk, qt, ldq, head_dim, s, lds);
-    score_rows_tail<T, C, R - 1>(rem, k, ldk, qt, ldq, head_dim, s, lds);
-  }
-}
-
-template <class T, int C, int R = simd::block_rows>
-XATTN_DETAIL_LOOP_INLINE void value_rows_tail(index_t rem, const T* v, index_t ldv, const T* pt,
-                                         index_t ldp, index_t n, const T* corr, T* ot,
-                                         index_t ldo) {
-  if constexpr (R > 0) {
-    if (rem == R) return value_block<T, R, C>(v, ldv, pt, ldp, n, corr, ot, ldo);
-    value_rows_tail<T, C, R - 1>(rem, v, ldv, pt, ldp, n, corr, ot, ldo);
-  }
-}
-
+// The blocks over all n keys (scores) or Dv features (outputs), C packets of queries wide: in
+// steps of R = simd::block_rows rows, then at most one block of R / 2 rows, then single rows.
+// Three block heights per width instead of R keep the compile time of each level down; the
+// single rows cost a little speed on at most R / 2 - 1 rows per tile.
 template <class T, int C>
 void score_columns(index_t n, const T* k, index_t ldk, const T* qt, index_t ldq, index_t head_dim,
                    T* s, index_t lds) {
-  constexpr int R = simd::block_rows;
+  constexpr int R = simd::block_rows, half = simd::block_rows / 2;
   index_t j = 0;
   for (; j + R <= n; j += R)
     score_block<T, R, C>(k + j * ldk, ldk, qt, ldq, head_dim, s + j * lds, lds);
-  if (j < n) score_rows_tail<T, C>(n - j, k + j * ldk, ldk, qt, ldq, head_dim, s + j * lds, lds);
+  if (j + half <= n) {
+    score_block<T, half, C>(k + j * ldk, ldk, qt, ldq, head_dim, s + j * lds, lds);
+    j += half;
+  }
+  for (; j < n; ++j) score_block<T, 1, C>(k + j * ldk, ldk, qt, ldq, head_dim, s + j * lds, lds);
 }
 
 template <class T, int C>
 void value_columns(index_t value_dim, const T* v, index_t ldv, const T* pt, index_t ldp, index_t n,
                    const T* corr, T* ot, index_t ldo) {
-  constexpr int R = simd::block_rows;
+  constexpr int R = simd::block_rows, half = simd::block_rows / 2;
   index_t e = 0;
   for (; e + R <= value_dim; e += R)
     value_block<T, R, C>(v + e, ldv, pt, ldp, n, corr, ot + e * ldo, ldo);
-  if (e < value_dim)
-    value_rows_tail<T, C>(value_dim - e, v + e, ldv, pt, ldp, n, corr, ot + e * ldo, ldo);
-}
-
-// The last (packets mod block_cols) packets of a tile, with a narrower C chosen at run time.
-template <class T, int C = simd::block_cols - 1>
-void score_columns_tail(index_t rem, index_t n, const T* k, index_t ldk, const T* qt, index_t ldq,
-                        index_t head_dim, T* s, index_t lds) {
-  if constexpr (C > 0) {
-    if (rem == C) return score_columns<T, C>(n, k, ldk, qt, ldq, head_dim, s, lds);
-    score_columns_tail<T, C - 1>(rem, n, k, ldk, qt, ldq, head_dim, s, lds);
+  if (e + half <= value_dim) {
+    value_block<T, half, C>(v + e, ldv, pt, ldp, n, corr, ot + e * ldo, ldo);
+    e += half;
   }
-}
-
-template <class T, int C = simd::block_cols - 1>
-void value_columns_tail(index_t rem, index_t value_dim, const T* v, index_t ldv, const T* pt,
-                        index_t ldp, index_t n, const T* corr, T* ot, index_t ldo) {
-  if constexpr (C > 0) {
-    if (rem == C) return value_columns<T, C>(value_dim, v, ldv, pt, ldp, n, corr, ot, ldo);
-    value_columns_tail<T, C - 1>(rem, value_dim, v, ldv, pt, ldp, n, corr, ot, ldo);
-  }
+  for (; e < value_dim; ++e) value_block<T, 1, C>(v + e, ldv, pt, ldp, n, corr, ot + e * ldo, ldo);
 }
 
 /// Sᵀ [n, W] = K [n, Dk] · Qᵀ [Dk, W], W = `packets` packets of queries.
@@ -131,8 +102,10 @@ void tile_scores(index_t n, index_t packets, const T* k, index_t ldk, const T* q
   index_t c = 0;
   for (; c + C <= packets; c += C)
     score_columns<T, C>(n, k, ldk, qt + c * L, ldq, head_dim, s + c * L, lds);
-  if (c < packets)
-    score_columns_tail<T>(packets - c, n, k, ldk, qt + c * L, ldq, head_dim, s + c * L, lds);
+  // The last (packets mod block_cols) packets one at a time: one micro-kernel width fewer to
+  // compile per level, at the cost of reading K once per packet in a short last query tile.
+  for (; c < packets; ++c)
+    score_columns<T, 1>(n, k, ldk, qt + c * L, ldq, head_dim, s + c * L, lds);
 }
 
 /// Oᵀ [Dv, W] = Oᵀ diag(corr) + Vᵀ [Dv, n] · Pᵀ [n, W].
@@ -144,9 +117,8 @@ void tile_values(index_t n, index_t packets, const T* v, index_t ldv, const T* p
   index_t c = 0;
   for (; c + C <= packets; c += C)
     value_columns<T, C>(value_dim, v, ldv, pt + c * L, ldp, n, corr + c * L, ot + c * L, ldo);
-  if (c < packets)
-    value_columns_tail<T>(packets - c, value_dim, v, ldv, pt + c * L, ldp, n, corr + c * L,
-                          ot + c * L, ldo);
+  for (; c < packets; ++c)
+    value_columns<T, 1>(value_dim, v, ldv, pt + c * L, ldp, n, corr + c * L, ot + c * L, ldo);
 }
 
 // ---- the row path's two products: one query against a tile of keys -----------------------------
@@ -243,7 +215,8 @@ void online_softmax_row(T* s, index_t n, T m_old, T& m_new, T& sum) {
     max1 = simd::max(max1, simd::load(s + j + L));
   }
   if (j < padded) max0 = simd::max(max0, simd::load(s + j));
-  const T tile_max = simd::reduce_max(simd::max(max0, max1));  // a NaN score reaches sum through exp
+  const T tile_max =
+      simd::reduce_max(simd::max(max0, max1));  // a NaN score reaches sum through exp
   m_new = m_old > tile_max ? m_old : tile_max;
   const P shift = simd::broadcast(m_new == neg_inf ? T(0) : m_new);
   P sum0 = simd::zero<T>(), sum1 = sum0;
@@ -327,7 +300,8 @@ void online_softmax_tile(T* s, index_t lds, index_t n, index_t packets, T* m, T*
 template <class T>
 void exp_flushed_array(const T* x, index_t n, T* y) {
   constexpr index_t L = simd::lanes<T>;
-  for (index_t i = 0; i + L <= n; i += L) simd::store(y + i, simd::exp_flushed<T>(simd::load(x + i)));
+  for (index_t i = 0; i + L <= n; i += L)
+    simd::store(y + i, simd::exp_flushed<T>(simd::load(x + i)));
 }
 
 /// The loops above, compiled for this level, as detail::tile_kernels (detail/kernels.hpp).
