@@ -4,6 +4,7 @@
 #pragma once
 
 #include "xattn/attention.hpp"
+#include "xattn/attention_backward.hpp"
 #include "xattn/attention_naive.hpp"
 #include "xattn/attention_tiled.hpp"
 #include "xattn/config.hpp"
