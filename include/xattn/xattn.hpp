@@ -9,6 +9,7 @@
 #include "xattn/attention_tiled.hpp"
 #include "xattn/config.hpp"
 #include "xattn/cross_attention.hpp"
+#include "xattn/cross_attention_backward.hpp"
 #include "xattn/errors.hpp"
 #include "xattn/heatmap.hpp"
 #include "xattn/options.hpp"
