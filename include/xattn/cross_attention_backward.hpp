@@ -268,8 +268,9 @@ void training_forward(const multi_head_cross_attention<T>& mha, tensor_view<cons
 ///                           several backward calls (a batch split in parts) accumulate
 ///
 /// The mha must hold the weights the forward ran with. The attention gradients come from
-/// tiled_attention_backward or naive_attention_backward, the kernel the forward used; like it
-/// they are the same, bit for bit, for every thread count.
+/// tiled_attention_backward or naive_attention_backward, the kernel the forward used (the tiled
+/// one's are the same, bit for bit, for every tiles.num_threads); the projections' products run
+/// through Eigen's GEMM, as in forward.
 template <class T>
 void training_backward(const multi_head_cross_attention<T>& mha,
                        const cross_attention_saved<T>& saved, tensor_view<const T, 3> dout,
