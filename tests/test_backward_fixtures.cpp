@@ -25,7 +25,7 @@ using xattn_test::all_close;
 
 template <class T>
 class BackwardFixtures : public ::testing::Test {};
-TYPED_TEST_SUITE(BackwardFixtures, xattn_test::element_types);
+TYPED_TEST_SUITE(BackwardFixtures, xattn_test::element_types, );
 
 std::string fixture(const char* name) {
   return std::string(XATTN_TEST_FIXTURES_DIR) + "/" + name + ".safetensors";

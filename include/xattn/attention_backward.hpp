@@ -81,7 +81,8 @@ attention_problem check_backward_args(const char* fn, const tensor_view<const T,
   require_extent(fn, "v", 1, v.extent(1), s.num_kv_heads);
   require_extent(fn, "v", 2, v.extent(2), s.kv_len);
   const auto require_all = [&](const char* name, const auto& x, std::array<index_t, 4> want) {
-    for (int r = 0; r < 4; ++r) require_extent(fn, name, r, x.extent(std::size_t(r)), want[r]);
+    for (int r = 0; r < 4; ++r)
+      require_extent(fn, name, r, x.extent(std::size_t(r)), want[std::size_t(r)]);
   };
   require_all("out", out, {s.batch, s.num_heads, s.q_len, s.value_dim});
   require_all("dout", dout, {s.batch, s.num_heads, s.q_len, s.value_dim});
