@@ -224,17 +224,21 @@ void naive_attention_backward(detail::identity_t<tensor_view<const T, 4>> q,
   // A masked key has p = 0, hence dS = 0: no gradient flows through it. With grouped-query
   // heads a key/value head is read by several query heads, so its dK and dV are the sums of
   // their contributions.
+  const bool work = s.batch > 0 && s.num_heads > 0 && s.q_len > 0;
+  // The [Lq, Lk] matrices are allocated before anything is written: a failed allocation leaves
+  // the gradients as they were.
+  row_matrix<T> P(work ? s.q_len : 0, s.kv_len), dS(work ? s.q_len : 0, s.kv_len);
+  row_matrix<T> q_scaled(s.q_len, s.head_dim), dq_head(s.q_len, s.head_dim), dk_acc, dv_acc, k_copy,
+      v_copy, dout_copy;
+  Eigen::Matrix<T, Eigen::Dynamic, 1> D(s.q_len);
   detail::fill_zero(grads.dk);
   detail::fill_zero(grads.dv);
   if (grads.dbias) detail::fill_zero(*grads.dbias);
   detail::fill_zero(grads.dq);
-  if (s.batch == 0 || s.num_heads == 0 || s.q_len == 0) return;
+  if (!work) return;
 
   const detail::mask_plan<T> mask(opts.mask, s);
   const T scale = static_cast<T>(p.scale);
-  row_matrix<T> P(s.q_len, s.kv_len), dS(s.q_len, s.kv_len), q_scaled(s.q_len, s.head_dim);
-  row_matrix<T> dq_head(s.q_len, s.head_dim), dk_acc, dv_acc, k_copy, v_copy, dout_copy;
-  Eigen::Matrix<T, Eigen::Dynamic, 1> D(s.q_len);
 
   for (index_t b = 0; b < s.batch; ++b) {
     const index_t n = opts.mask.kv_lengths ? (*opts.mask.kv_lengths)(b) : s.kv_len;
