@@ -154,8 +154,8 @@ void BM_NaiveAttentionBackward(benchmark::State& state) {
 }
 
 // Forward and backward of one long head, as training runs them: Lq = Lk = 65536. Run it alone
-// under /usr/bin/time -v: the peak resident memory is the inputs, output, lse, dout and the
-// gradients (about 6 x 16 MiB) plus scratch; P would be 16 GiB.
+// under /usr/bin/time -v: the peak resident memory should be q, k, v, out, dout, dq, dk and dv
+// (8 x 16 MiB), the lse (256 KiB) and the scratch; P alone would be 16 GiB.
 void BM_TiledForwardBackward(benchmark::State& state) {
   xattn_bench::label_build(state);
   const xattn::attention_shape s = single_head(state);
