@@ -1,13 +1,14 @@
 // SPDX-License-Identifier: MIT
-// Attention benchmarks: tiled_attention, naive_attention, the two Eigen GEMMs they are built on
-// with nothing else, and one large Eigen SGEMM as the machine's ceiling, each at 1 and 2
-// threads. Run a Release build with -march=native (the bench preset), e.g.
+// Attention benchmarks: tiled_attention, naive_attention, their backward passes, the two Eigen
+// GEMMs they are built on with nothing else, and one large Eigen SGEMM as the machine's ceiling,
+// each at 1 and 2 threads. Run a Release build with -march=native (the bench preset), e.g.
 //   bench_attention --benchmark_filter='/Lq:4096/Lk:4096/D:64/'
 // Every case is named <kernel>/Lq:<Lq>/Lk:<Lk>/D:<Dk = Dv>/threads:<n> (the SGEMM n/threads),
 // and reports FLOPS (a rate) and a num_threads counter. The helpers are in bench_common.hpp.
 
 #include "bench_common.hpp"
 
+#include "xattn/attention_backward.hpp"
 #include "xattn/attention_naive.hpp"
 #include "xattn/attention_tiled.hpp"
 #include "xattn/shapes.hpp"
@@ -15,6 +16,9 @@
 
 #include <benchmark/benchmark.h>
 #include <Eigen/Core>
+
+#include <random>
+#include <vector>
 
 namespace {
 
@@ -78,6 +82,94 @@ void BM_NaiveAttention(benchmark::State& state) {
   }
   report_flops(state, xattn::attention_flops(s));
   state.counters["scratch_KiB"] = double(xattn::naive_attention_scratch_bytes<float>(s)) / 1024.0;
+}
+
+// What a backward call reads besides q, k and v: the forward's output and log-sum-exp (computed
+// once, untimed) and an upstream gradient dout; and the gradients it writes.
+struct backward_io {
+  explicit backward_io(const xattn::attention_shape& s)
+      : io(s),
+        dout(std::size_t(s.batch * s.num_heads * s.q_len * s.value_dim)),
+        lse(std::size_t(s.batch * s.num_heads * s.q_len)),
+        dq(std::size_t(s.batch * s.num_heads * s.q_len * s.head_dim)),
+        dk(std::size_t(s.batch * s.kv_heads() * s.kv_len * s.head_dim)),
+        dv(std::size_t(s.batch * s.kv_heads() * s.kv_len * s.value_dim)) {
+    std::mt19937 rng(7);
+    xattn_bench::fill_uniform(dout.data(), index_t(dout.size()), rng);
+    opts.lse_out = xattn::make_view(lse.data(), {s.batch, s.num_heads, s.q_len});
+    xattn::tiled_attention<float>(io.q(), io.k(), io.v(), io.out(), opts);
+  }
+  xattn::tensor_view<const float, 4> out() { return io.out(); }
+  xattn::tensor_view<const float, 4> d_out() const {
+    const auto& s = io.shape();
+    return xattn::make_view(dout.data(), {s.batch, s.num_heads, s.q_len, s.value_dim});
+  }
+  xattn::attention_grads<float> grads() {
+    const auto& s = io.shape();
+    return {xattn::make_view(dq.data(), {s.batch, s.num_heads, s.q_len, s.head_dim}),
+            xattn::make_view(dk.data(), {s.batch, s.kv_heads(), s.kv_len, s.head_dim}),
+            xattn::make_view(dv.data(), {s.batch, s.kv_heads(), s.kv_len, s.value_dim}),
+            std::nullopt};
+  }
+
+  attention_inputs<float> io;
+  std::vector<float> dout, lse, dq, dk, dv;
+  xattn::attention_options<float> opts;
+};
+
+// The backward passes. FLOPs are counted as FlashAttention counts them: 2.5 x the forward's
+// (five GEMM-shaped products instead of two; xattn::attention_backward_flops), whatever a kernel
+// recomputes (the tiled one recomputes P and dP in both of its passes).
+void BM_TiledAttentionBackward(benchmark::State& state) {
+  xattn_bench::label_build(state);
+  const xattn::attention_shape s = single_head(state);
+  xattn::tile_options tiles;
+  tiles.num_threads = use_threads(state, 3);
+  backward_io b(s);
+  for (auto _ : state) {
+    xattn::tiled_attention_backward<float>(b.io.q(), b.io.k(), b.io.v(), b.out(), b.d_out(),
+                                           b.grads(), b.opts, tiles);
+    benchmark::DoNotOptimize(b.dq.data());
+    benchmark::ClobberMemory();
+  }
+  report_flops(state, xattn::attention_backward_flops(s));
+  state.counters["scratch_KiB"] =
+      double(xattn::tiled_attention_backward_scratch_bytes<float>(s, tiles)) / 1024.0;
+}
+
+void BM_NaiveAttentionBackward(benchmark::State& state) {
+  xattn_bench::label_build(state);
+  const xattn::attention_shape s = single_head(state);
+  use_threads(state, 3);
+  backward_io b(s);
+  for (auto _ : state) {
+    xattn::naive_attention_backward<float>(b.io.q(), b.io.k(), b.io.v(), b.out(), b.d_out(),
+                                           b.grads(), b.opts);
+    benchmark::DoNotOptimize(b.dq.data());
+    benchmark::ClobberMemory();
+  }
+  report_flops(state, xattn::attention_backward_flops(s));
+  state.counters["scratch_KiB"] =
+      double(xattn::naive_attention_backward_scratch_bytes<float>(s)) / 1024.0;
+}
+
+// Forward and backward of one long head, as training runs them: Lq = Lk = 65536. Run it alone
+// under /usr/bin/time -v: the peak resident memory should be q, k, v, out, dout, dq, dk and dv
+// (8 x 16 MiB), the lse (256 KiB) and the scratch; P alone would be 16 GiB.
+void BM_TiledForwardBackward(benchmark::State& state) {
+  xattn_bench::label_build(state);
+  const xattn::attention_shape s = single_head(state);
+  xattn::tile_options tiles;
+  tiles.num_threads = use_threads(state, 3);
+  backward_io b(s);
+  for (auto _ : state) {
+    xattn::tiled_attention<float>(b.io.q(), b.io.k(), b.io.v(), b.io.out(), b.opts, tiles);
+    xattn::tiled_attention_backward<float>(b.io.q(), b.io.k(), b.io.v(), b.out(), b.d_out(),
+                                           b.grads(), b.opts, tiles);
+    benchmark::DoNotOptimize(b.dq.data());
+    benchmark::ClobberMemory();
+  }
+  report_flops(state, 3.5 * xattn::attention_flops(s));
 }
 
 // The Eigen-only baseline: S = Q Kᵀ, then O = S V, into an S allocated once, with no scale and
@@ -150,6 +242,16 @@ BENCHMARK(BM_TiledAttention)
     ->Unit(benchmark::kSecond)
     ->UseRealTime();
 BENCHMARK(BM_NaiveAttention)->Apply(attention_cases);
+BENCHMARK(BM_TiledAttentionBackward)->Apply(attention_cases);
+BENCHMARK(BM_NaiveAttentionBackward)->Apply(attention_cases);
+//   bench_attention --benchmark_filter=BM_TiledForwardBackwardLong
+BENCHMARK(BM_TiledForwardBackward)
+    ->Name("BM_TiledForwardBackwardLong")
+    ->ArgNames({"Lq", "Lk", "D", "threads"})
+    ->Args({65536, 65536, 64, 2})
+    ->Iterations(1)
+    ->Unit(benchmark::kSecond)
+    ->UseRealTime();
 BENCHMARK(BM_TwoGemms)->Apply(attention_cases);
 BENCHMARK(BM_EigenSgemm)
     ->ArgNames({"n", "threads"})

@@ -7,12 +7,15 @@
 //   perceiver    Perceiver-like: B = 1, 256 latents, Lk = 16384 inputs, Dm = 512, Dc = 256, 8 heads
 // BM_Forward is the whole layer (projecting the context every call); BM_Projections and
 // BM_Kernel are its two parts alone, so their times give the share of each; BM_CachedStep runs
-// against a context_cache (what a decoder does after its first step). Run a Release build:
+// against a context_cache (what a decoder does after its first step); BM_ForwardBackward is a
+// training step, training_forward then training_backward (its time over BM_Forward's is the
+// cost of training relative to inference). Run a Release build:
 //   bench_cross_attention --benchmark_min_time=0.2
 #include "bench_common.hpp"
 
 #include "xattn/attention_tiled.hpp"
 #include "xattn/cross_attention.hpp"
+#include "xattn/cross_attention_backward.hpp"
 #include "xattn/projection.hpp"
 #include "xattn/shapes.hpp"
 #include "xattn/tensor_view.hpp"
@@ -21,6 +24,7 @@
 #include <Eigen/Core>
 
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -175,6 +179,33 @@ void BM_CachedStep(benchmark::State& state) {
   report(state, s.query_side_projection_flops() + xattn::attention_flops(s.attention()));
 }
 
+// A training step: training_forward, then training_backward from a fixed dL/dout, with every
+// input and parameter gradient. FLOPs: the forward's, plus 2 x the projections' (dW and dx per
+// projection) and 2.5 x the attention's.
+void BM_ForwardBackward(benchmark::State& state) {
+  const layer_shape& s = shapes[state.range(0)];
+  label(state, s);
+  layer_inputs io(s);
+  const auto c = io.mha.config();
+  const xattn::row_matrix<float> dout =
+      xattn_bench::random_matrix<float>(s.batch * s.q_len, s.model_dim, 4);
+  std::vector<float> dq(std::size_t(s.batch * s.q_len * s.model_dim)),
+      dc(std::size_t(s.batch * s.kv_len * s.context_dim)), dv(dc.size());
+  auto grads = xattn::zero_weights<float>(c);
+  xattn::cross_attention_saved<float> saved;
+  for (auto _ : state) {
+    xattn::training_forward(io.mha, io.q(), io.ctx(), io.ctx(), io.o(), saved);
+    xattn::training_backward(
+        io.mha, saved, xattn::make_view(dout.data(), {s.batch, s.q_len, s.model_dim}),
+        xattn::make_view(dq.data(), {s.batch, s.q_len, s.model_dim}),
+        xattn::make_view(dc.data(), {s.batch, s.kv_len, s.context_dim}),
+        xattn::make_view(dv.data(), {s.batch, s.kv_len, s.context_dim}), grads);
+    benchmark::DoNotOptimize(dq.data());
+    benchmark::ClobberMemory();
+  }
+  report(state, 3.0 * s.projection_flops() + 3.5 * xattn::attention_flops(s.attention()));
+}
+
 BENCHMARK(BM_Forward)
     ->ArgName("shape")
     ->DenseRange(0, 2)
@@ -186,6 +217,11 @@ BENCHMARK(BM_Projections)
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 BENCHMARK(BM_Kernel)
+    ->ArgName("shape")
+    ->DenseRange(0, 2)
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
+BENCHMARK(BM_ForwardBackward)
     ->ArgName("shape")
     ->DenseRange(0, 2)
     ->Unit(benchmark::kMicrosecond)

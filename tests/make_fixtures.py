@@ -7,7 +7,8 @@ needs PyTorch; run this only to change or add a case.
 Regenerate (Debian: `apt-get install python3-torch`, which installs into the system Python, so
 call that interpreter explicitly if another python3 comes first on PATH):
 
-    /usr/bin/python3 tests/make_fixtures.py            # writes tests/fixtures/*.safetensors
+    /usr/bin/python3 tests/make_fixtures.py              # writes tests/fixtures/*.safetensors
+    /usr/bin/python3 tests/make_fixtures.py --gradients  # only the grad_*.safetensors files
 
 Each file holds one case:
   - the layer's weights under the prefix "attn.", named as the case's model would name them
@@ -352,6 +353,194 @@ def torch_decoder_layer(name, *, seed):
                       "torch_packed")
 
 
+# ---- gradients (the backward pass) ------------------------------------------------------------
+# Files grad_*.safetensors, written by main_gradients() (`make_fixtures.py --gradients` writes
+# only these). The forward is computed in float64 from float32-rounded weights and inputs as
+# above, then autograd runs from a fixed upstream gradient "dout"; every gradient is stored under
+# "grad." + the name of what it is the gradient of.
+#   module cases (nn.MultiheadAttention, or by hand for grouped-query heads): the layer's weights
+#     under "attn." as above, inputs, masks, "output", "dout" [B, Lq, E], and "grad.query",
+#     "grad.key", "grad.value" and "grad.q_proj.weight" ... "grad.out_proj.bias" (PyTorch's
+#     packed in_proj gradients split into q, k and v, so every case uses the same names);
+#   kernel cases (scaled dot-product attention on per-head tensors, by hand): "q" [B, H, Lq, D],
+#     "k", "v" [B, Hkv, Lk, D|Dv], "dout", the masks, "output", "lse" and "grad.q", "grad.k",
+#     "grad.v" and, with a float mask, "grad.attn_mask_float".
+
+def split_in_proj(mha, embed):
+    """The gradients of nn.MultiheadAttention's parameters under q_proj/k_proj/v_proj names."""
+    out = {}
+    named = dict(mha.named_parameters())
+    if "in_proj_weight" in named:
+        w = named["in_proj_weight"].grad
+        for i, n in enumerate(("q_proj", "k_proj", "v_proj")):
+            out[f"grad.{n}.weight"] = w[i * embed:(i + 1) * embed]
+    else:
+        for n in ("q_proj", "k_proj", "v_proj"):
+            out[f"grad.{n}.weight"] = named[n + "_weight"].grad
+    if "in_proj_bias" in named and named["in_proj_bias"] is not None:
+        b = named["in_proj_bias"].grad
+        for i, n in enumerate(("q_proj", "k_proj", "v_proj")):
+            out[f"grad.{n}.bias"] = b[i * embed:(i + 1) * embed]
+    out["grad.out_proj.weight"] = named["out_proj.weight"].grad
+    if named.get("out_proj.bias") is not None:
+        out["grad.out_proj.bias"] = named["out_proj.bias"].grad
+    return out
+
+
+def grad_mha_case(name, *, embed, heads, kdim, vdim, bias, b, lq, lk, lengths=None,
+                  bool_mask=False, float_mask=False, seed):
+    gen = torch.Generator().manual_seed(seed)
+    mha = random_mha(embed, heads, kdim, vdim, bias, gen, torch.float32)
+    q, k, v = inputs(gen, b, lq, lk, embed, kdim, vdim)
+    dout = rounded(torch.empty(b, lq, embed, dtype=torch.float64).uniform_(-1, 1, generator=gen),
+                   torch.float32)
+    tensors = mha_tensors(mha, torch.float32)
+    tensors.update(query=q.float(), key=k.float(), value=v.float(), dout=dout.float())
+    kwargs = {}
+    if lengths is not None:
+        pad = torch.arange(lk)[None, :] >= torch.tensor(lengths)[:, None]
+        kwargs["key_padding_mask"] = pad
+        tensors["key_padding_mask"] = pad.float()
+    if bool_mask:
+        m = torch.rand(lq, lk, generator=gen) < 0.4
+        m[:, 0] = False
+        kwargs["attn_mask"] = m
+        tensors["attn_mask_bool"] = m.float()
+    if float_mask:
+        m = rounded(torch.empty(lq, lk, dtype=torch.float64).uniform_(-2, 2, generator=gen),
+                    torch.float32)
+        kwargs["attn_mask"] = m
+        tensors["attn_mask_float"] = m.float()
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    out, _ = mha(q, k, v, need_weights=False, **kwargs)
+    out.backward(dout)
+    tensors["output"] = out.detach()
+    tensors.update({"grad.query": q.grad, "grad.key": k.grad, "grad.value": v.grad})
+    tensors.update(split_in_proj(mha, embed))
+    naming = "packed" if mha._qkv_same_embed_dim else "torch_separate"
+    meta = dict(model_dim=embed, context_dim=kdim, value_context_dim=vdim, num_heads=heads,
+                num_kv_heads=heads, bias=int(bias), naming=naming)
+    write_safetensors(os.path.join(OUT, name + ".safetensors"), tensors, meta)
+
+
+def grad_gqa_case(name, *, embed, context, heads, kv_heads, b, lq, lk, seed):
+    """Grouped-query heads by hand (K and V heads repeated), as gqa_case, with autograd."""
+    gen = torch.Generator().manual_seed(seed)
+    d = embed // heads
+    params = {}
+    for n, (o, i) in dict(q_proj=(heads * d, embed), k_proj=(kv_heads * d, context),
+                          v_proj=(kv_heads * d, context), out_proj=(embed, heads * d)).items():
+        w, bias = rand_lin(gen, o, i, torch.float32)
+        params[n] = (w.requires_grad_(True), bias.requires_grad_(True))
+    q, k, v = inputs(gen, b, lq, lk, embed, context, context)
+    dout = rounded(torch.empty(b, lq, embed, dtype=torch.float64).uniform_(-1, 1, generator=gen),
+                   torch.float32)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    lengths = [lk - 2 * i for i in range(b)]
+    pad = torch.arange(lk)[None, :] >= torch.tensor(lengths)[:, None]
+    Q = linear(q, *params["q_proj"]).view(b, lq, heads, d).transpose(1, 2)
+    K = linear(k, *params["k_proj"]).view(b, lk, kv_heads, d).transpose(1, 2)
+    V = linear(v, *params["v_proj"]).view(b, lk, kv_heads, d).transpose(1, 2)
+    K = K.repeat_interleave(heads // kv_heads, dim=1)
+    V = V.repeat_interleave(heads // kv_heads, dim=1)
+    s = (Q / d ** 0.5) @ K.transpose(-1, -2)
+    s = s.masked_fill(pad[:, None, None, :], float("-inf"))
+    out = linear((torch.softmax(s, dim=-1) @ V).transpose(1, 2).reshape(b, lq, heads * d),
+                 *params["out_proj"])
+    out.backward(dout)
+    tensors = {}
+    for n, (w, bias) in params.items():
+        tensors[f"attn.{n}.weight"] = w.detach().float()
+        tensors[f"attn.{n}.bias"] = bias.detach().float()
+        tensors[f"grad.{n}.weight"] = w.grad
+        tensors[f"grad.{n}.bias"] = bias.grad
+    tensors.update(query=q.detach().float(), key=k.detach().float(), value=v.detach().float(),
+                   key_padding_mask=pad.float(), dout=dout.float(), output=out.detach())
+    tensors.update({"grad.query": q.grad, "grad.key": k.grad, "grad.value": v.grad})
+    meta = dict(model_dim=embed, context_dim=context, value_context_dim=context, num_heads=heads,
+                num_kv_heads=kv_heads, bias=1, naming="hf")
+    write_safetensors(os.path.join(OUT, name + ".safetensors"), tensors, meta)
+
+
+def grad_kernel_case(name, *, b, heads, kv_heads, lq, lk, d, dv, lengths=None, bool_mask=False,
+                     float_mask=False, causal=None, seed):
+    """Scaled dot-product attention on per-head tensors, by hand, with autograd: the reference
+    for naive_attention_backward and tiled_attention_backward. causal: "top_left" or
+    "bottom_right" (query i sees keys j <= i, or j <= i + Lk - Lq)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, lo=-1.0, hi=1.0):
+        return rounded(torch.empty(*shape, dtype=torch.float64).uniform_(lo, hi, generator=gen),
+                       torch.float32)
+
+    q, k, v = rnd(b, heads, lq, d), rnd(b, kv_heads, lk, d), rnd(b, kv_heads, lk, dv)
+    dout = rnd(b, heads, lq, dv)
+    tensors = dict(q=q.float(), k=k.float(), v=v.float(), dout=dout.float())
+    leaves = [q, k, v]
+    allowed = torch.ones(b, heads, lq, lk, dtype=torch.bool)
+    if lengths is not None:
+        allowed &= (torch.arange(lk)[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :]
+        tensors["kv_lengths"] = torch.tensor(lengths, dtype=torch.float32)  # read as numbers
+    if bool_mask:
+        m = torch.rand(lq, lk, generator=gen) < 0.4
+        m[:, 0] = False
+        allowed &= ~m
+        tensors["attn_mask_bool"] = m.float()
+    if causal is not None:
+        shift = 0 if causal == "top_left" else lk - lq
+        allowed &= torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + shift
+    bias = None
+    if float_mask:
+        bias = rnd(lq, lk, lo=-2.0, hi=2.0)
+        tensors["attn_mask_float"] = bias.float()
+        leaves.append(bias)
+    for t in leaves:
+        t.requires_grad_(True)
+    group = heads // kv_heads
+    K, V = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    s = (q / d ** 0.5) @ K.transpose(-1, -2)
+    if bias is not None:
+        s = s + bias
+    s = s.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a fully masked row weighs nothing
+    out = p @ V
+    out.backward(dout)
+    tensors.update(output=out.detach(), lse=lse.detach())
+    tensors.update({"grad.q": q.grad, "grad.k": k.grad, "grad.v": v.grad})
+    if bias is not None:
+        tensors["grad.attn_mask_float"] = bias.grad
+    meta = dict(causal=causal or "none")
+    write_safetensors(os.path.join(OUT, name + ".safetensors"), tensors, meta)
+
+
+def main_gradients():
+    os.makedirs(OUT, exist_ok=True)
+    grad_mha_case("grad_mha_kdim_vdim", embed=8, heads=2, kdim=6, vdim=5, bias=True, b=2, lq=3,
+                  lk=4, seed=21)
+    grad_mha_case("grad_mha_packed_key_padding", embed=8, heads=2, kdim=8, vdim=8, bias=True, b=3,
+                  lq=4, lk=5, lengths=[5, 3, 1], seed=22)
+    grad_mha_case("grad_mha_bool_attn_mask", embed=6, heads=3, kdim=6, vdim=6, bias=True, b=2,
+                  lq=4, lk=5, bool_mask=True, seed=23)
+    grad_mha_case("grad_mha_float_attn_mask", embed=8, heads=2, kdim=4, vdim=4, bias=True, b=2,
+                  lq=3, lk=5, lengths=[5, 2], float_mask=True, seed=24)
+    grad_mha_case("grad_mha_no_bias", embed=8, heads=4, kdim=10, vdim=10, bias=False, b=2, lq=3,
+                  lk=4, seed=25)
+    grad_gqa_case("grad_gqa_hf_naming", embed=8, context=6, heads=4, kv_heads=2, b=2, lq=3, lk=6,
+                  seed=26)
+    grad_kernel_case("grad_kernel_gqa_key_padding", b=2, heads=4, kv_heads=2, lq=5, lk=7, d=3,
+                     dv=2, lengths=[7, 3], seed=27)
+    grad_kernel_case("grad_kernel_bool_mask_causal", b=2, heads=2, kv_heads=1, lq=6, lk=4, d=4,
+                     dv=3, bool_mask=True, causal="bottom_right", seed=28)
+    grad_kernel_case("grad_kernel_float_mask", b=2, heads=2, kv_heads=2, lq=4, lk=6, d=2, dv=5,
+                     lengths=[6, 0], float_mask=True, causal="top_left", seed=29)
+    for f in sorted(os.listdir(OUT)):
+        if f.startswith("grad_"):
+            print(f, os.path.getsize(os.path.join(OUT, f)), "bytes")
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     hf_whisper_or_bart("layout_hf_whisper", k_bias=False, store=torch.float32, seed=11)
@@ -377,4 +566,9 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+    if "--gradients" in sys.argv:
+        main_gradients()
+    else:
+        main()
+        main_gradients()

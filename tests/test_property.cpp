@@ -4,7 +4,9 @@
 // outputs, tile shapes, thread counts) and checks naive_attention and tiled_attention against
 // the long-double reference in test_support.hpp. Also checked on every case: nothing outside the
 // output views is written, padding inside the input buffers (NaN) is never read, and
-// tiled_attention's results are identical bit for bit on 1 to 4 threads.
+// tiled_attention's results are identical bit for bit on 1 to 4 threads. The backward kernels
+// (naive_attention_backward, tiled_attention_backward) run on the same random cases against the
+// long-double naive backward, with the same checks.
 //
 // Environment:
 //   XATTN_PROPERTY_SEED     the run's seed (default 1); "random" draws one and prints it
@@ -14,6 +16,7 @@
 //   XATTN_PROPERTY_CASE     replay just this case seed (printed with every failure)
 // A failure prints the case seed and the whole configuration. Cases are drawn with the
 // standard library's distributions, so a seed replays on the same standard library.
+#include "xattn/attention_backward.hpp"
 #include "xattn/attention_naive.hpp"
 #include "xattn/attention_tiled.hpp"
 
@@ -46,7 +49,6 @@ using xattn::index_t;
 using xattn_test::property::chance;
 using xattn_test::property::pick;
 using xattn_test::property::rng;
-
 
 // ---- layouts -----------------------------------------------------------------------------------
 
@@ -358,6 +360,169 @@ std::string run_case(std::uint64_t case_seed) {
   return s.str();
 }
 
+// ---- the backward ------------------------------------------------------------------------------
+
+// A packed copy of a view's elements in another element type.
+template <class To, class From>
+std::vector<To> converted(const std::vector<From>& x) {
+  return std::vector<To>(x.begin(), x.end());
+}
+
+// One random case through both backward kernels: the forward in T gives out and lse, a random
+// dout flows back, and every gradient (and dbias when there is a bias) is checked against the
+// naive backward in long double on the same numbers.
+template <class T>
+std::string run_backward_case(std::uint64_t case_seed) {
+  using ld = long double;
+  rng g(case_seed);
+  config c = draw_config(g);
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  placed<T, 4> q({c.B, c.H, c.Lq, c.Dk}, c.lq, nan), k({c.B, c.Hkv, c.Lk, c.Dk}, c.lk, nan),
+      v({c.B, c.Hkv, c.Lk, c.Dv}, c.lv, nan), dout({c.B, c.H, c.Lq, c.Dv}, c.lo, nan);
+  std::uniform_real_distribution<double> qk_dist(-c.amp, c.amp), v_dist(-1, 1);
+  q.for_each([&](index_t off) { q.buffer[std::size_t(off)] = T(qk_dist(g)); });
+  k.for_each([&](index_t off) { k.buffer[std::size_t(off)] = T(qk_dist(g)); });
+  v.for_each([&](index_t off) { v.buffer[std::size_t(off)] = T(v_dist(g)); });
+  dout.for_each([&](index_t off) { dout.buffer[std::size_t(off)] = T(v_dist(g)); });
+
+  xattn::attention_options<T> opts;
+  xattn::attention_options<ld> lopts;
+  opts.scale = lopts.scale = c.scale;
+  opts.mask.causal = lopts.mask.causal = c.causal;
+  std::vector<index_t> lengths(std::size_t(c.B));
+  if (c.kv_lengths) {
+    for (auto& l : lengths) l = chance(g, 0.5) ? c.Lk : pick(g, 0, c.Lk);
+    opts.mask.kv_lengths = lopts.mask.kv_lengths =
+        xattn::make_view(static_cast<const index_t*>(lengths.data()), {c.B});
+  }
+  std::unique_ptr<bool[]> allowed;
+  if (c.allowed) {
+    const auto& e = c.allowed_shape;
+    const std::size_t n = std::size_t(std::max<index_t>(e[0] * e[1] * e[2] * e[3], 1));
+    allowed.reset(new bool[n]);
+    for (std::size_t t = 0; t < n; ++t) allowed[t] = chance(g, 0.75);
+    opts.mask.allowed = lopts.mask.allowed = xattn::tensor_view<const bool, 4>(allowed.get(), e);
+  }
+  std::vector<T> bias;
+  std::vector<ld> lbias;
+  if (c.bias) {
+    const auto& e = c.bias_shape;
+    bias.resize(std::size_t(std::max<index_t>(e[0] * e[1] * e[2] * e[3], 1)));
+    for (T& x : bias)
+      x = chance(g, c.bias_minus_inf) ? -std::numeric_limits<T>::infinity()
+                                      : T(std::uniform_real_distribution<double>(-3, 3)(g));
+    lbias = converted<ld>(bias);
+    opts.mask.bias = xattn::tensor_view<const T, 4>(bias.data(), e);
+    lopts.mask.bias = xattn::tensor_view<const ld, 4>(lbias.data(), e);
+  }
+
+  // The reference: the naive backward in long double on packed copies.
+  const std::array<index_t, 4> eq{c.B, c.H, c.Lq, c.Dk}, ek{c.B, c.Hkv, c.Lk, c.Dk},
+      ev{c.B, c.Hkv, c.Lk, c.Dv}, eo{c.B, c.H, c.Lq, c.Dv};
+  const auto lq = converted<ld>(q.elements()), lk = converted<ld>(k.elements()),
+             lv = converted<ld>(v.elements()), ldo = converted<ld>(dout.elements());
+  const auto packed = [](const std::vector<ld>& x, const std::array<index_t, 4>& e) {
+    return xattn::tensor_view<const ld, 4>(x.data(), e);
+  };
+  std::vector<ld> lout(std::size_t(c.B * c.H * c.Lq * c.Dv)), wq(lq.size()), wk(lk.size()),
+      wv(lv.size()), wdb(lbias.size());
+  xattn::naive_attention<ld>(packed(lq, eq), packed(lk, ek), packed(lv, ev),
+                             xattn::tensor_view<ld, 4>(lout.data(), eo), lopts);
+  xattn::attention_grads<ld> lg{xattn::tensor_view<ld, 4>(wq.data(), eq),
+                                xattn::tensor_view<ld, 4>(wk.data(), ek),
+                                xattn::tensor_view<ld, 4>(wv.data(), ev), std::nullopt};
+  if (c.bias) lg.dbias = xattn::tensor_view<ld, 4>(wdb.data(), c.bias_shape);
+  xattn::naive_attention_backward<ld>(packed(lq, eq), packed(lk, ek), packed(lv, ev),
+                                      packed(lout, eo), packed(ldo, eo), lg, lopts);
+  const auto ref = xattn_test::reference_attention<T>(q.view, k.view, v.view, opts);
+  const double group = double(c.H) / double(c.Hkv);
+  const double tol = 4.0 * xattn_test::attention_tol<T>(c.Dk + c.Dv, c.Lk, ref.max_abs_score) *
+                     (1.0 + c.amp) * std::sqrt(double(std::max<index_t>(c.Lq, 1)) * group) *
+                     (c.bias ? std::sqrt(double(c.B * c.H * std::max<index_t>(c.Lq, 1))) : 1.0);
+
+  // Padding keys hold NaN from here on: never to be read.
+  if (c.kv_lengths)
+    for (index_t b = 0; b < c.B; ++b)
+      for (index_t h = 0; h < c.Hkv; ++h)
+        for (index_t j = lengths[std::size_t(b)]; j < c.Lk; ++j) {
+          for (index_t d = 0; d < c.Dk; ++d) k.view(b, h, j, d) = nan;
+          for (index_t e = 0; e < c.Dv; ++e) v.view(b, h, j, e) = nan;
+        }
+  // The forward in T (tiled: its lse is what the tiled backward reads).
+  std::vector<T> out(lout.size()), lse(std::size_t(c.B * c.H * c.Lq));
+  xattn::attention_options<T> fwd = opts;
+  fwd.lse_out = xattn::tensor_view<T, 3>(lse.data(), {c.B, c.H, c.Lq});
+  const xattn::tensor_view<const T, 4> qv = q.view, kv = k.view, vv = v.view, dov = dout.view;
+  xattn::tiled_attention<T>(qv, kv, vv, xattn::tensor_view<T, 4>(out.data(), eo), fwd);
+  const xattn::tensor_view<const T, 4> outv(out.data(), eo);
+
+  struct grads_out {
+    placed<T, 4> dq, dk, dv;
+    std::vector<T> dbias;
+  };
+  const auto run = [&](bool tiled, const xattn::tile_options& t) {
+    grads_out r{placed<T, 4>(eq, c.lq, out_fill<T>), placed<T, 4>(ek, c.lk, out_fill<T>),
+                placed<T, 4>(ev, c.lv, out_fill<T>), std::vector<T>(bias.size(), out_fill<T>)};
+    xattn::attention_grads<T> gr{r.dq.view, r.dk.view, r.dv.view, std::nullopt};
+    if (c.bias) gr.dbias = xattn::tensor_view<T, 4>(r.dbias.data(), c.bias_shape);
+    if (tiled)
+      xattn::tiled_attention_backward<T>(qv, kv, vv, outv, dov, gr, fwd, t);
+    else
+      xattn::naive_attention_backward<T>(qv, kv, vv, outv, dov, gr, fwd);
+    return r;
+  };
+  const auto check = [&](const std::string& name, const grads_out& r) {
+    std::ostringstream err;
+    const std::pair<const char*, std::pair<const placed<T, 4>*, const std::vector<ld>*>> gs[] = {
+        {"dq", {&r.dq, &wq}}, {"dk", {&r.dk, &wk}}, {"dv", {&r.dv, &wv}}};
+    for (const auto& [what, pw] : gs) {
+      if (auto a = xattn_test::all_close(pw.first->elements(), *pw.second, tol); !a)
+        err << name << ": " << what << ": " << a.message() << "\n";
+      if (!pw.first->outside_untouched(out_fill<T>))
+        err << name << ": wrote outside " << what << "\n";
+    }
+    if (c.bias) {  // the buffers hold one element more than an empty bias view
+      const auto& e = c.bias_shape;
+      const std::size_t n = std::size_t(e[0] * e[1] * e[2] * e[3]);
+      const std::vector<T> got(r.dbias.begin(), r.dbias.begin() + std::ptrdiff_t(n));
+      const std::vector<ld> want(wdb.begin(), wdb.begin() + std::ptrdiff_t(n));
+      if (auto a = xattn_test::all_close(got, want, tol); !a)
+        err << name << ": dbias: " << a.message() << "\n";
+    }
+    return err.str();
+  };
+  const auto same_bits = [](const grads_out& a, const grads_out& b) {
+    const auto same = [](const auto& x, const auto& y) {
+      return x.size() == y.size() &&
+             (x.empty() || std::memcmp(x.data(), y.data(), x.size() * sizeof(T)) == 0);
+    };
+    return same(a.dq.buffer, b.dq.buffer) && same(a.dk.buffer, b.dk.buffer) &&
+           same(a.dv.buffer, b.dv.buffer) && same(a.dbias, b.dbias);
+  };
+
+  std::string failures;
+  failures += check("naive_attention_backward", run(false, {}));
+  std::optional<grads_out> first;
+  for (int t : xattn_test::thread_counts()) {
+    xattn::tile_options o = c.tiles;
+    o.num_threads = t;
+    const std::string name = "tiled_attention_backward " + xattn_test::describe(o);
+    auto r = run(true, o);
+    if (!first) {
+      failures += check(name, r);
+      first.emplace(std::move(r));
+    } else if (!same_bits(r, *first)) {
+      failures += name + ": gradients differ from those on 1 thread\n";
+    }
+  }
+  if (failures.empty()) return failures;
+  std::ostringstream s;
+  s << "backward case seed " << case_seed << " (replay: XATTN_PROPERTY_CASE=" << case_seed
+    << ")\n  " << c.describe() << "\n"
+    << failures;
+  return s.str();
+}
+
 template <class T>
 class Property : public ::testing::Test {};
 TYPED_TEST_SUITE(Property, xattn_test::element_types, );
@@ -365,6 +530,12 @@ TYPED_TEST_SUITE(Property, xattn_test::element_types, );
 TYPED_TEST(Property, KernelsMatchTheReferenceOnRandomCases) {
   xattn_test::property::run_cases(run_case<TypeParam>, xattn_test::property::run_seed(), 1,
                                   "cases");
+}
+
+// A fifth as many cases as the forward's: each runs the long-double backward too.
+TYPED_TEST(Property, BackwardKernelsMatchTheReferenceOnRandomCases) {
+  xattn_test::property::run_cases(run_backward_case<TypeParam>,
+                                  xattn_test::property::run_seed() + 0x5eed, 5, "backward cases");
 }
 
 }  // namespace

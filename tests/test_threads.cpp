@@ -3,6 +3,7 @@
 // shared inputs and separate outputs, and tiled_attention gives the same bits on 1 to 4 threads
 // for a problem large enough to give every thread several tiles. The tsan preset runs these
 // under ThreadSanitizer.
+#include "xattn/attention_backward.hpp"
 #include "xattn/attention_naive.hpp"
 #include "xattn/attention_tiled.hpp"
 #include "xattn/cross_attention.hpp"
@@ -106,6 +107,36 @@ TEST(Threads, TiledGivesTheSameBitsOnEveryThreadCount) {
       EXPECT_EQ(out.data, first_out.data);
       EXPECT_EQ(w.data, first_w.data);
       EXPECT_EQ(lse.data, first_lse.data);
+    }
+  }
+}
+
+TEST(Threads, TiledBackwardGivesTheSameBitsOnEveryThreadCount) {
+  // The gradients of the problem above, with a bias broadcast over the batch (so its gradient
+  // sums over batch items too), in tiles of 4 x 16, 1 x 7 and 64 x 128, on 1 to 4 threads.
+  const shared_inputs in;
+  const auto bias = random_tensor<float, 4>({1, 4, 37, 53}, 4);
+  const auto dout = random_tensor<float, 4>({2, 4, 37, 8}, 5);
+  tensor<float, 4> out({2, 4, 37, 8});
+  tensor<float, 3> lse({2, 4, 37});
+  xattn::attention_options<float> opts = in.opts;
+  opts.mask.bias = bias.cview();
+  opts.lse_out = lse.view();
+  xattn::tiled_attention<float>(in.q.cview(), in.k.cview(), in.v.cview(), out.view(), opts);
+  const std::pair<index_t, index_t> tiles[] = {{4, 16}, {1, 7}, {64, 128}};
+  for (const auto& [qt, kt] : tiles) {
+    std::vector<std::vector<float>> first;
+    for (int t : xattn_test::thread_counts()) {
+      SCOPED_TRACE(::testing::Message()
+                   << "q_tile=" << qt << " kv_tile=" << kt << " threads=" << t);
+      tensor<float, 4> dq({2, 4, 37, 16}), dk({2, 2, 53, 16}), dv({2, 2, 53, 8}),
+          dbias({1, 4, 37, 53});
+      xattn::tiled_attention_backward<float>(
+          in.q.cview(), in.k.cview(), in.v.cview(), out.cview(), dout.cview(),
+          {dq.view(), dk.view(), dv.view(), dbias.view()}, opts, xattn::tile_options{qt, kt, t});
+      const std::vector<std::vector<float>> now = {dq.data, dk.data, dv.data, dbias.data};
+      if (first.empty()) first = now;
+      EXPECT_EQ(now, first);
     }
   }
 }

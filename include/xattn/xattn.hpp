@@ -4,10 +4,12 @@
 #pragma once
 
 #include "xattn/attention.hpp"
+#include "xattn/attention_backward.hpp"
 #include "xattn/attention_naive.hpp"
 #include "xattn/attention_tiled.hpp"
 #include "xattn/config.hpp"
 #include "xattn/cross_attention.hpp"
+#include "xattn/cross_attention_backward.hpp"
 #include "xattn/dispatch.hpp"
 #include "xattn/errors.hpp"
 #include "xattn/heatmap.hpp"

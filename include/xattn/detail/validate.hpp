@@ -50,6 +50,35 @@ inline void check_shape(const char* fn, const attention_shape& s) {
                        ", expected a divisor of shape.num_heads = ", s.num_heads));
 }
 
+/// Checks opts.scale and opts.mask against the sizes in s (taken from the kernel's q, k and v);
+/// returns the problem they describe. Throws shape_error or value_error naming `fn`.
+template <class T>
+attention_problem check_scale_and_mask(const char* fn, const attention_shape& s,
+                                       const attention_options<T>& opts) {
+  attention_problem p;
+  p.shape = s;
+  p.group = s.num_kv_heads > 0 ? s.num_heads / s.num_kv_heads : 1;
+  p.scale = opts.scale ? *opts.scale : (s.head_dim > 0 ? 1.0 / std::sqrt(double(s.head_dim)) : 1.0);
+  if (!std::isfinite(p.scale))
+    fail_value(message(fn, ": scale is ", p.scale, ", expected a finite number"));
+  if (std::abs(p.scale) > double(std::numeric_limits<T>::max()))
+    fail_value(message(fn, ": scale is ", p.scale, ", expected a magnitude of at most ",
+                       double(std::numeric_limits<T>::max()), " (the element type's largest)"));
+
+  const attention_mask<T>& m = opts.mask;
+  if (m.kv_lengths) {
+    const auto& len = *m.kv_lengths;
+    require_extent(fn, "mask.kv_lengths", 0, len.extent(0), s.batch);
+    for (index_t b = 0; b < s.batch; ++b)
+      if (len(b) < 0 || len(b) > s.kv_len)
+        fail_value(message(fn, ": mask.kv_lengths(", b, ") is ", len(b),
+                           ", expected a value in [0, ", s.kv_len, "]"));
+  }
+  if (m.allowed) require_broadcastable(fn, "mask.allowed", *m.allowed, s);
+  if (m.bias) require_broadcastable(fn, "mask.bias", *m.bias, s);
+  return p;
+}
+
 /// Checks q [B, H, Lq, Dk], k [B, Hkv, Lk, Dk], v [B, Hkv, Lk, Dv], out [B, H, Lq, Dv] (Hkv
 /// divides H) and every option against them; throws shape_error or value_error naming `fn`.
 template <class T>
@@ -80,27 +109,8 @@ attention_problem check_attention_args(const char* fn, const tensor_view<const T
   require_extent(fn, "out", 2, out.extent(2), s.q_len);
   require_extent(fn, "out", 3, out.extent(3), s.value_dim);
 
-  attention_problem p;
-  p.shape = s;
-  p.group = s.num_kv_heads > 0 ? s.num_heads / s.num_kv_heads : 1;
-  p.scale = opts.scale ? *opts.scale : (s.head_dim > 0 ? 1.0 / std::sqrt(double(s.head_dim)) : 1.0);
-  if (!std::isfinite(p.scale))
-    fail_value(message(fn, ": scale is ", p.scale, ", expected a finite number"));
-  if (std::abs(p.scale) > double(std::numeric_limits<T>::max()))
-    fail_value(message(fn, ": scale is ", p.scale, ", expected a magnitude of at most ",
-                       double(std::numeric_limits<T>::max()), " (the element type's largest)"));
-
+  const attention_problem p = check_scale_and_mask<T>(fn, s, opts);
   const attention_mask<T>& m = opts.mask;
-  if (m.kv_lengths) {
-    const auto& len = *m.kv_lengths;
-    require_extent(fn, "mask.kv_lengths", 0, len.extent(0), s.batch);
-    for (index_t b = 0; b < s.batch; ++b)
-      if (len(b) < 0 || len(b) > s.kv_len)
-        fail_value(message(fn, ": mask.kv_lengths(", b, ") is ", len(b),
-                           ", expected a value in [0, ", s.kv_len, "]"));
-  }
-  if (m.allowed) require_broadcastable(fn, "mask.allowed", *m.allowed, s);
-  if (m.bias) require_broadcastable(fn, "mask.bias", *m.bias, s);
   if (opts.weights_out) {
     const index_t want[4] = {s.batch, s.num_heads, s.q_len, s.kv_len};
     for (int r = 0; r < 4; ++r)
