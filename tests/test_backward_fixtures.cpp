@@ -10,6 +10,7 @@
 #include "xattn/safetensors.hpp"
 
 #include "test_support.hpp"
+#include "torch_masks.hpp"
 
 #include <gtest/gtest.h>
 
@@ -58,23 +59,13 @@ void check_kernel_fixture(const char* name) {
   const index_t Hkv = k.shape[1], Lk = k.shape[2], Dv = v.shape[3];
   xattn::attention_options<T> opts;
   std::vector<index_t> lengths;
-  std::unique_ptr<bool[]> allowed;
-  std::vector<T> bias;
   std::vector<T> lse_copy = lse.values;
   opts.lse_out = xattn::make_view(lse_copy.data(), {B, H, Lq});
   if (f.contains("kv_lengths"))
     for (double x : f.read<double>("kv_lengths", {B})) lengths.push_back(index_t(x));
   if (!lengths.empty()) opts.mask.kv_lengths = xattn::make_view<const index_t>(lengths.data(), {B});
-  if (f.contains("attn_mask_bool")) {
-    const auto m = f.read<float>("attn_mask_bool", {Lq, Lk});
-    allowed.reset(new bool[m.size()]);
-    for (std::size_t n = 0; n < m.size(); ++n) allowed[n] = m[n] == 0.0f;
-    opts.mask.allowed = xattn::to_rank<4>(xattn::make_view<const bool>(allowed.get(), {Lq, Lk}));
-  }
-  if (f.contains("attn_mask_float")) {
-    bias = f.read<T>("attn_mask_float", {Lq, Lk});
-    opts.mask.bias = xattn::to_rank<4>(xattn::make_view<const T>(bias.data(), {Lq, Lk}));
-  }
+  const xattn_test::torch_masks<T> masks(f, B, Lq, Lk);  // PyTorch's masks in xattn's terms
+  masks.apply(opts.mask);
   const std::string causal = f.metadata().at("causal");
   if (causal == "top_left") opts.mask.causal = xattn::causal_mask::top_left;
   if (causal == "bottom_right") opts.mask.causal = xattn::causal_mask::bottom_right;
@@ -84,11 +75,11 @@ void check_kernel_fixture(const char* name) {
     SCOPED_TRACE(kernel == 0 ? "naive" : kernel == 1 ? "tiled" : "tiled 2 x 3 tiles, 2 threads");
     std::vector<T> dq(std::size_t(B * H * Lq * Dk), T(-7)),
         dk(std::size_t(B * Hkv * Lk * Dk), T(-7)), dv(std::size_t(B * Hkv * Lk * Dv), T(-7)),
-        dbias(bias.size(), T(-7));
+        dbias(masks.bias.size(), T(-7));
     xattn::attention_grads<T> g{xattn::make_view(dq.data(), {B, H, Lq, Dk}),
                                 xattn::make_view(dk.data(), {B, Hkv, Lk, Dk}),
                                 xattn::make_view(dv.data(), {B, Hkv, Lk, Dv}), std::nullopt};
-    if (!bias.empty()) g.dbias = xattn::make_view(dbias.data(), {1, 1, Lq, Lk});
+    if (!masks.bias.empty()) g.dbias = xattn::make_view(dbias.data(), {1, 1, Lq, Lk});
     if (kernel == 0)
       xattn::naive_attention_backward<T>(view4(q), view4(k), view4(v), view4(out), view4(dout), g,
                                          opts);
@@ -99,7 +90,7 @@ void check_kernel_fixture(const char* name) {
     EXPECT_TRUE(all_close(dq, f.read<double>("grad.q", q.shape), tol)) << "dq";
     EXPECT_TRUE(all_close(dk, f.read<double>("grad.k", k.shape), tol)) << "dk";
     EXPECT_TRUE(all_close(dv, f.read<double>("grad.v", v.shape), tol)) << "dv";
-    if (!bias.empty()) {
+    if (!masks.bias.empty()) {
       EXPECT_TRUE(all_close(dbias, f.read<double>("grad.attn_mask_float", {Lq, Lk}), tol))
           << "dbias";
     }
@@ -136,24 +127,9 @@ void check_module_fixture(const char* name) {
     return xattn::tensor_view<const T, 3>(t.values.data(), {t.shape[0], t.shape[1], t.shape[2]});
   };
   xattn::cross_attention_options<T> opts;
-  std::unique_ptr<bool[]> pad, allowed;
-  std::vector<T> bias;
-  if (f.contains("key_padding_mask")) {
-    const auto m = f.read<float>("key_padding_mask", {B, Lk});
-    pad.reset(new bool[m.size()]);
-    for (std::size_t n = 0; n < m.size(); ++n) pad[n] = m[n] != 0.0f;
-    opts.key_padding_mask = xattn::make_view<const bool>(pad.get(), {B, Lk});
-  }
-  if (f.contains("attn_mask_bool")) {
-    const auto m = f.read<float>("attn_mask_bool", {Lq, Lk});
-    allowed.reset(new bool[m.size()]);
-    for (std::size_t n = 0; n < m.size(); ++n) allowed[n] = m[n] == 0.0f;
-    opts.mask.allowed = xattn::to_rank<4>(xattn::make_view<const bool>(allowed.get(), {Lq, Lk}));
-  }
-  if (f.contains("attn_mask_float")) {
-    bias = f.read<T>("attn_mask_float", {Lq, Lk});
-    opts.mask.bias = xattn::to_rank<4>(xattn::make_view<const T>(bias.data(), {Lq, Lk}));
-  }
+  const xattn_test::torch_masks<T> masks(f, B, Lq, Lk);  // PyTorch's masks in xattn's terms
+  if (masks.pad_view) opts.key_padding_mask = *masks.pad_view;
+  masks.apply(opts.mask);
   const index_t widest = std::max({cfg.model_dim, cfg.context_dim, cfg.value_context_dim});
   const double tol = grad_tol<T>(widest, std::max(Lq, Lk));
   for (auto kernel : {xattn::attention_kernel::tiled, xattn::attention_kernel::naive}) {

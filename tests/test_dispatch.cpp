@@ -205,13 +205,19 @@ TEST(DispatchPaths, PathsAgreeWithEachOtherToRounding) {
     EXPECT_TRUE(xattn_test::all_close(outs[n], outs[0], tol));
 }
 
-TEST(Dispatch, ScratchFollowsThePathsPacketWidth) {
-  // The row path's score buffer is padded to whole packets of the path a call runs on.
-  each_path()([](std::string_view) {
-    const auto s = shape(1, 1, 1, 1000, 64, 64);
-    EXPECT_GT(xattn::tiled_attention_scratch_bytes<float>(s), 0);
-    EXPECT_EQ(xattn::detail::make_tiled_plan<float>(s, {}, false).lanes,
-              xattn::detail::active_kernels<float>().lanes);
+TEST(Dispatch, PlansFollowThePathsPacketWidth) {
+  // A call's plan takes the packet width of the path it runs on: the query count below which
+  // the row path runs, and the row path's score buffer padded to whole packets.
+  each_path()([](std::string_view name) {
+    const index_t want = name == "avx512" ? 16 : name == "avx2" ? 8 : name == "sse2" ? 4 : 0;
+    const auto s = shape(1, 1, 7, 1000, 64, 64);
+    const auto plan = xattn::detail::make_tiled_plan<float>(s, {}, false);
+    if (want > 0) {
+      EXPECT_EQ(plan.lanes, want);
+      EXPECT_EQ(plan.rows, 7 < want);
+    }
+    EXPECT_EQ(plan.lanes, xattn::detail::active_kernels<float>().lanes);
+    EXPECT_EQ(xattn::detail::make_tiled_plan<double>(s, {}, false).lanes * 2, plan.lanes);
   });
 }
 

@@ -6,6 +6,7 @@
 #include "xattn/safetensors.hpp"
 
 #include "test_support.hpp"
+#include "torch_masks.hpp"
 
 #include <gtest/gtest.h>
 
@@ -303,26 +304,9 @@ void check_fixture(const char* name) {
   std::vector<T> weights(std::size_t(B * H * Lq * Lk), T(-7));
   xattn::cross_attention_options<T> opts;
 
-  // PyTorch's masks in xattn's terms: key_padding_mask passes as it is (true = padding); a bool
-  // attn_mask is negated (PyTorch: true = may not attend; xattn: allowed); a float one is a bias.
-  std::unique_ptr<bool[]> pad, allowed;
-  std::vector<T> bias;
-  if (f.contains("key_padding_mask")) {
-    const auto m = f.read<float>("key_padding_mask", {B, Lk});
-    pad.reset(new bool[m.size()]);
-    for (std::size_t n = 0; n < m.size(); ++n) pad[n] = m[n] != 0.0f;
-    opts.key_padding_mask = xattn::make_view<const bool>(pad.get(), {B, Lk});
-  }
-  if (f.contains("attn_mask_bool")) {
-    const auto m = f.read<float>("attn_mask_bool", {Lq, Lk});
-    allowed.reset(new bool[m.size()]);
-    for (std::size_t n = 0; n < m.size(); ++n) allowed[n] = m[n] == 0.0f;
-    opts.mask.allowed = xattn::to_rank<4>(xattn::make_view<const bool>(allowed.get(), {Lq, Lk}));
-  }
-  if (f.contains("attn_mask_float")) {
-    bias = f.read<T>("attn_mask_float", {Lq, Lk});
-    opts.mask.bias = xattn::to_rank<4>(xattn::make_view<const T>(bias.data(), {Lq, Lk}));
-  }
+  const xattn_test::torch_masks<T> masks(f, B, Lq, Lk);  // PyTorch's masks in xattn's terms
+  if (masks.pad_view) opts.key_padding_mask = *masks.pad_view;
+  masks.apply(opts.mask);
   const std::string kind = f.metadata().at("weights");
   if (kind == "per_head") opts.weights_out = xattn::make_view(weights.data(), {B, H, Lq, Lk});
   if (kind == "averaged") opts.average_weights_out = xattn::make_view(weights.data(), {B, Lq, Lk});

@@ -63,23 +63,7 @@ attention_problem check_backward_args(const char* fn, const tensor_view<const T,
                                       const tensor_view<const T, 4>& dout,
                                       const attention_grads<T>& g, const attention_options<T>& opts,
                                       bool need_lse) {
-  attention_shape s;
-  s.batch = q.extent(0);
-  s.num_heads = q.extent(1);
-  s.q_len = q.extent(2);
-  s.head_dim = q.extent(3);
-  s.num_kv_heads = k.extent(1);
-  s.kv_len = k.extent(2);
-  s.value_dim = v.extent(3);
-
-  require_extent(fn, "k", 0, k.extent(0), s.batch);
-  if (s.num_kv_heads == 0 ? s.num_heads != 0 : s.num_heads % s.num_kv_heads != 0)
-    fail_shape(message(fn, ": k.extent(1) is ", s.num_kv_heads,
-                       ", expected a divisor of q.extent(1) = ", s.num_heads));
-  require_extent(fn, "k", 3, k.extent(3), s.head_dim);
-  require_extent(fn, "v", 0, v.extent(0), s.batch);
-  require_extent(fn, "v", 1, v.extent(1), s.num_kv_heads);
-  require_extent(fn, "v", 2, v.extent(2), s.kv_len);
+  const attention_shape s = check_qkv_shapes(fn, q, k, v);
   const auto require_all = [&](const char* name, const auto& x, std::array<index_t, 4> want) {
     for (int r = 0; r < 4; ++r)
       require_extent(fn, name, r, x.extent(std::size_t(r)), want[std::size_t(r)]);
@@ -112,16 +96,10 @@ attention_problem check_backward_args(const char* fn, const tensor_view<const T,
   }
 
   const auto apart = [&](const char* name, const auto& o) {
-    require_no_self_overlap(fn, name, o);
-    require_disjoint(fn, name, o, "q", q);
-    require_disjoint(fn, name, o, "k", k);
-    require_disjoint(fn, name, o, "v", v);
+    require_apart_from_inputs(fn, name, o, q, k, v, m);
     require_disjoint(fn, name, o, "out", out);
     require_disjoint(fn, name, o, "dout", dout);
     if (opts.lse_out) require_disjoint(fn, name, o, "opts.lse_out", *opts.lse_out);
-    if (m.kv_lengths) require_disjoint(fn, name, o, "mask.kv_lengths", *m.kv_lengths);
-    if (m.allowed) require_disjoint(fn, name, o, "mask.allowed", *m.allowed);
-    if (m.bias) require_disjoint(fn, name, o, "mask.bias", *m.bias);
   };
   apart("grads.dq", g.dq);
   apart("grads.dk", g.dk);

@@ -50,6 +50,47 @@ inline void check_shape(const char* fn, const attention_shape& s) {
                        ", expected a divisor of shape.num_heads = ", s.num_heads));
 }
 
+/// The sizes q [B, H, Lq, Dk], k [B, Hkv, Lk, Dk] and v [B, Hkv, Lk, Dv] describe, after
+/// checking that they agree (Hkv divides H); throws shape_error naming `fn`.
+template <class T>
+attention_shape check_qkv_shapes(const char* fn, const tensor_view<const T, 4>& q,
+                                 const tensor_view<const T, 4>& k,
+                                 const tensor_view<const T, 4>& v) {
+  attention_shape s;
+  s.batch = q.extent(0);
+  s.num_heads = q.extent(1);
+  s.q_len = q.extent(2);
+  s.head_dim = q.extent(3);
+  s.num_kv_heads = k.extent(1);
+  s.kv_len = k.extent(2);
+  s.value_dim = v.extent(3);
+
+  require_extent(fn, "k", 0, k.extent(0), s.batch);
+  if (s.num_kv_heads == 0 ? s.num_heads != 0 : s.num_heads % s.num_kv_heads != 0)
+    fail_shape(message(fn, ": k.extent(1) is ", s.num_kv_heads,
+                       ", expected a divisor of q.extent(1) = ", s.num_heads));
+  require_extent(fn, "k", 3, k.extent(3), s.head_dim);
+  require_extent(fn, "v", 0, v.extent(0), s.batch);
+  require_extent(fn, "v", 1, v.extent(1), s.num_kv_heads);
+  require_extent(fn, "v", 2, v.extent(2), s.kv_len);
+  return s;
+}
+
+/// An output `o` named `name` must not overlap itself, q, k, v or any mask of m: the kernels
+/// read inputs after writing outputs, and threads write outputs concurrently.
+template <class T, class Out>
+void require_apart_from_inputs(const char* fn, const char* name, const Out& o,
+                               const tensor_view<const T, 4>& q, const tensor_view<const T, 4>& k,
+                               const tensor_view<const T, 4>& v, const attention_mask<T>& m) {
+  require_no_self_overlap(fn, name, o);
+  require_disjoint(fn, name, o, "q", q);
+  require_disjoint(fn, name, o, "k", k);
+  require_disjoint(fn, name, o, "v", v);
+  if (m.kv_lengths) require_disjoint(fn, name, o, "mask.kv_lengths", *m.kv_lengths);
+  if (m.allowed) require_disjoint(fn, name, o, "mask.allowed", *m.allowed);
+  if (m.bias) require_disjoint(fn, name, o, "mask.bias", *m.bias);
+}
+
 /// Checks opts.scale and opts.mask against the sizes in s (taken from the kernel's q, k and v);
 /// returns the problem they describe. Throws shape_error or value_error naming `fn`.
 template <class T>
@@ -87,23 +128,7 @@ attention_problem check_attention_args(const char* fn, const tensor_view<const T
                                        const tensor_view<const T, 4>& v,
                                        const tensor_view<T, 4>& out,
                                        const attention_options<T>& opts) {
-  attention_shape s;
-  s.batch = q.extent(0);
-  s.num_heads = q.extent(1);
-  s.q_len = q.extent(2);
-  s.head_dim = q.extent(3);
-  s.num_kv_heads = k.extent(1);
-  s.kv_len = k.extent(2);
-  s.value_dim = v.extent(3);
-
-  require_extent(fn, "k", 0, k.extent(0), s.batch);
-  if (s.num_kv_heads == 0 ? s.num_heads != 0 : s.num_heads % s.num_kv_heads != 0)
-    fail_shape(message(fn, ": k.extent(1) is ", s.num_kv_heads,
-                       ", expected a divisor of q.extent(1) = ", s.num_heads));
-  require_extent(fn, "k", 3, k.extent(3), s.head_dim);
-  require_extent(fn, "v", 0, v.extent(0), s.batch);
-  require_extent(fn, "v", 1, v.extent(1), s.num_kv_heads);
-  require_extent(fn, "v", 2, v.extent(2), s.kv_len);
+  const attention_shape s = check_qkv_shapes(fn, q, k, v);
   require_extent(fn, "out", 0, out.extent(0), s.batch);
   require_extent(fn, "out", 1, out.extent(1), s.num_heads);
   require_extent(fn, "out", 2, out.extent(2), s.q_len);
@@ -125,13 +150,7 @@ attention_problem check_attention_args(const char* fn, const tensor_view<const T
   // No output may share memory with an input or another output, nor elements with itself:
   // the kernels read inputs after writing outputs, and threads write outputs concurrently.
   const auto require_output_apart = [&](const char* name, const auto& o) {
-    require_no_self_overlap(fn, name, o);
-    require_disjoint(fn, name, o, "q", q);
-    require_disjoint(fn, name, o, "k", k);
-    require_disjoint(fn, name, o, "v", v);
-    if (m.kv_lengths) require_disjoint(fn, name, o, "mask.kv_lengths", *m.kv_lengths);
-    if (m.allowed) require_disjoint(fn, name, o, "mask.allowed", *m.allowed);
-    if (m.bias) require_disjoint(fn, name, o, "mask.bias", *m.bias);
+    require_apart_from_inputs(fn, name, o, q, k, v, m);
   };
   require_output_apart("out", out);
   if (opts.weights_out) {
