@@ -124,6 +124,10 @@ reference_result reference_attention(const xattn::tensor_view<const T, 4>& q,
     return view(view.extent(0) == 1 ? 0 : b, view.extent(1) == 1 ? 0 : h,
                 view.extent(2) == 1 ? 0 : i, view.extent(3) == 1 ? 0 : j);
   };
+  // Positions in the window's whole sequences (see position_window); without one, the call's.
+  const xattn::position_window w = m.window.value_or(xattn::position_window{});
+  const index_t q_total = w.query_len.value_or(w.query_offset + Lq);
+  const index_t k_total = w.kv_len.value_or(w.key_offset + Lk);
   reference_result r;
   for (index_t b = 0; b < B; ++b)
     for (index_t h = 0; h < H; ++h) {
@@ -138,10 +142,12 @@ reference_result reference_attention(const xattn::tensor_view<const T, 4>& q,
           ld x = scale * dot;
           if (m.bias) x += ld(bcast(*m.bias, b, h, i, j));
           bool ok = !(x == -std::numeric_limits<ld>::infinity());  // a -inf bias masks
-          if (m.kv_lengths && j >= (*m.kv_lengths)(b)) ok = false;
+          const index_t gi = w.query_offset + i, gj = w.key_offset + j;
+          if (m.kv_lengths && gj >= (*m.kv_lengths)(b)) ok = false;
           if (m.allowed && !bcast(*m.allowed, b, h, i, j)) ok = false;
-          if (m.causal == xattn::causal_mask::top_left && j > i) ok = false;
-          if (m.causal == xattn::causal_mask::bottom_right && j > i + Lk - Lq) ok = false;
+          if (m.causal == xattn::causal_mask::top_left && gj > gi) ok = false;
+          if (m.causal == xattn::causal_mask::bottom_right && gj > gi + k_total - q_total)
+            ok = false;
           s[std::size_t(j)] = x;
           keep[std::size_t(j)] = ok;
           if (ok) {

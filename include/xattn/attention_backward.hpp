@@ -219,7 +219,7 @@ void naive_attention_backward(detail::identity_t<tensor_view<const T, 4>> q,
   const T scale = static_cast<T>(p.scale);
 
   for (index_t b = 0; b < s.batch; ++b) {
-    const index_t n = opts.mask.kv_lengths ? (*opts.mask.kv_lengths)(b) : s.kv_len;
+    const index_t n = mask.keys(b);
     for (index_t hkv = 0; hkv < s.kv_heads(); ++hkv) {
       const auto K =
           detail::contiguous_rows(detail::first_rows(k.select(0, b).select(0, hkv), n), k_copy);
@@ -400,10 +400,9 @@ struct backward_job {
   T scale;
   backward_plan plan;
   std::vector<backward_thread_scratch<T>>* team;
-  std::optional<tensor_view<const index_t, 1>> kv_lengths;
 
   /// The keys batch item b has (key padding): later keys are never read.
-  index_t keys(index_t b) const noexcept { return kv_lengths ? (*kv_lengths)(b) : shape.kv_len; }
+  index_t keys(index_t b) const noexcept { return mask.keys(b); }
 };
 
 /// The work of one unit on one thread's scratch. A query tile is loaded once (scaled queries,
@@ -694,8 +693,7 @@ void tiled_attention_backward(
                                     pr.group,
                                     static_cast<T>(pr.scale),
                                     plan,
-                                    &team,
-                                    opts.mask.kv_lengths};
+                                    &team};
   detail::parallel_for(plan.units1, plan.threads_for(plan.units1),
                        [&](index_t u, int thread) { detail::backward_keys(job, thread, u); });
   detail::parallel_for(plan.units2, plan.threads_for(plan.units2),

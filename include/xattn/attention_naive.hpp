@@ -71,7 +71,7 @@ void naive_attention(detail::identity_t<tensor_view<const T, 4>> q,
       const index_t hkv = h / p.group;
       // Only the first n keys can take part (key padding): the others are never read, so the
       // padding may hold anything, even NaN. Their weights are exactly 0.
-      const index_t n = opts.mask.kv_lengths ? (*opts.mask.kv_lengths)(b) : s.kv_len;
+      const index_t n = mask.keys(b);
       const auto K =
           detail::contiguous_rows(detail::first_rows(k.select(0, b).select(0, hkv), n), k_copy);
       const auto V =

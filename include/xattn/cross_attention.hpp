@@ -550,6 +550,12 @@ class multi_head_cross_attention {
   void add_key_padding(const char* fn, const tensor_view<const bool, 2>& pad,
                        const attention_shape& s, attention_mask<T>& mask) {
     const index_t B = s.batch, Lk = s.kv_len;
+    // key_padding_mask marks the call's own keys, folded into kv_lengths that count the
+    // window's key positions: the same only when the window holds every key.
+    if (mask.window && (mask.window->key_offset != 0 || mask.window->kv_len.value_or(Lk) != Lk))
+      detail::fail_value(detail::message(
+          fn, ": key_padding_mask cannot be combined with mask.window over part of the keys; "
+              "give the padding as mask.kv_lengths in the window's positions"));
     if (mask.kv_lengths)
       detail::require_extent(fn, "mask.kv_lengths", 0, mask.kv_lengths->extent(0), B);
     if (mask.allowed) detail::require_broadcastable(fn, "mask.allowed", *mask.allowed, s);

@@ -17,6 +17,19 @@ enum class causal_mask {
   bottom_right,  ///< query i sees keys j <= i + (Lk - Lq): the last query sees every key
 };
 
+/// Where a call's queries and keys sit in longer sequences they were cut from: a shard of a
+/// context split across processes (see distributed.hpp), or one slice of the queries. Query i of
+/// the call is position query_offset + i of query_len queries, key j is position key_offset + j
+/// of kv_len keys. Key padding (kv_lengths) and causal masks count these positions, so each
+/// slice masks exactly the keys the whole call would; allowed and bias stay the call's own
+/// [.., Lq|1, Lk|1]. An unset length is the offset plus the call's own length.
+struct position_window {
+  index_t query_offset = 0;        ///< the call's first query position, >= 0
+  std::optional<index_t> query_len;  ///< queries in all, >= query_offset + Lq
+  index_t key_offset = 0;          ///< the call's first key position, >= 0
+  std::optional<index_t> kv_len;   ///< keys in all, >= key_offset + Lk
+};
+
 /// The masks of one attention call. Each is optional, and they combine: a key takes part in a
 /// query's softmax only when every mask given allows it. A query row whose keys are all masked
 /// gets an output of zeros, weights of zeros and a log-sum-exp of -inf (never NaN).
@@ -34,6 +47,9 @@ struct attention_mask {
   std::optional<tensor_view<const T, 4>> bias;
   /// Causal masking. Its alignment counts all Lk keys, whatever kv_lengths says.
   causal_mask causal = causal_mask::none;
+  /// Set when the call holds a slice of longer sequences: kv_lengths (then each value in
+  /// [0, window's kv_len]) and causal count positions in those sequences; see position_window.
+  std::optional<position_window> window;
 };
 
 /// Options shared by the attention kernels.

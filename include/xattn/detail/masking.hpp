@@ -19,7 +19,12 @@ class mask_plan {
  public:
   /// The masks must already have been checked against the shape (see validate.hpp).
   mask_plan(const attention_mask<T>& m, const attention_shape& s)
-      : kv_lengths_(m.kv_lengths), causal_(m.causal), q_len_(s.q_len), kv_len_(s.kv_len) {
+      : kv_lengths_(m.kv_lengths), causal_(m.causal), kv_len_(s.kv_len) {
+    const position_window w = m.window.value_or(position_window{});
+    q_offset_ = w.query_offset;
+    k_offset_ = w.key_offset;
+    q_total_ = w.query_len.value_or(w.query_offset + s.q_len);
+    k_total_ = w.kv_len.value_or(w.key_offset + s.kv_len);
     if (m.allowed) {
       allowed_ = m.allowed->data();
       allowed_strides_ = broadcast_strides(*m.allowed);
@@ -37,13 +42,20 @@ class mask_plan {
     return has_elementwise() || kv_lengths_.has_value() || causal_ != causal_mask::none;
   }
 
+  /// The keys of batch item b that key padding leaves (the rest are never read). In [0, Lk].
+  index_t keys(index_t b) const noexcept {
+    return local(kv_lengths_ ? (*kv_lengths_)(b) : k_total_);
+  }
+
   /// One past the last key that key padding and causality let query i of batch item b see;
-  /// keys [key_end, Lk) are masked for that row. In [0, Lk].
+  /// keys [key_end, Lk) are masked for that row. In [0, Lk]. Positions count the window's
+  /// whole sequences (see position_window); without one they are the call's own.
   index_t key_end(index_t b, index_t i) const noexcept {
-    index_t end = kv_lengths_ ? (*kv_lengths_)(b) : kv_len_;
-    if (causal_ == causal_mask::top_left) end = std::min(end, i + 1);
-    if (causal_ == causal_mask::bottom_right) end = std::min(end, i + 1 + kv_len_ - q_len_);
-    return std::max<index_t>(end, 0);
+    index_t end = kv_lengths_ ? (*kv_lengths_)(b) : k_total_;
+    const index_t pos = q_offset_ + i;
+    if (causal_ == causal_mask::top_left) end = std::min(end, pos + 1);
+    if (causal_ == causal_mask::bottom_right) end = std::min(end, pos + 1 + k_total_ - q_total_);
+    return local(end);
   }
 
   /// For keys j0 .. j0 + n - 1 of query row (b, h, i): adds the bias to s[(j - j0) * step] and
@@ -87,9 +99,15 @@ class mask_plan {
     return b * s[0] + h * s[1] + i * s[2];
   }
 
+  // A key position of the whole sequence as an end index into the call's keys.
+  index_t local(index_t end) const noexcept {
+    return std::clamp<index_t>(end - k_offset_, 0, kv_len_);
+  }
+
   std::optional<tensor_view<const index_t, 1>> kv_lengths_;
   causal_mask causal_;
-  index_t q_len_, kv_len_;
+  index_t kv_len_;
+  index_t q_offset_ = 0, k_offset_ = 0, q_total_ = 0, k_total_ = 0;
   const bool* allowed_ = nullptr;
   const T* bias_ = nullptr;
   std::array<index_t, 4> allowed_strides_{}, bias_strides_{};

@@ -107,13 +107,30 @@ attention_problem check_scale_and_mask(const char* fn, const attention_shape& s,
                        double(std::numeric_limits<T>::max()), " (the element type's largest)"));
 
   const attention_mask<T>& m = opts.mask;
+  index_t kv_total = s.kv_len;  // key positions kv_lengths counts
+  if (m.window) {
+    const position_window& w = *m.window;
+    const auto check = [&](const char* offset_name, index_t offset, const char* len_name,
+                           const std::optional<index_t>& len, index_t local) {
+      if (offset < 0)
+        fail_value(message(fn, ": mask.window.", offset_name, " is ", offset, ", expected >= 0"));
+      if (offset > std::numeric_limits<index_t>::max() - local)
+        fail_value(message(fn, ": mask.window.", offset_name, " is ", offset, ", too large"));
+      if (len && *len < offset + local)
+        fail_value(message(fn, ": mask.window.", len_name, " is ", *len, ", expected >= ",
+                           offset + local, " (", offset_name, " + the call's ", local, ")"));
+    };
+    check("query_offset", w.query_offset, "query_len", w.query_len, s.q_len);
+    check("key_offset", w.key_offset, "kv_len", w.kv_len, s.kv_len);
+    kv_total = w.kv_len.value_or(w.key_offset + s.kv_len);
+  }
   if (m.kv_lengths) {
     const auto& len = *m.kv_lengths;
     require_extent(fn, "mask.kv_lengths", 0, len.extent(0), s.batch);
     for (index_t b = 0; b < s.batch; ++b)
-      if (len(b) < 0 || len(b) > s.kv_len)
+      if (len(b) < 0 || len(b) > kv_total)
         fail_value(message(fn, ": mask.kv_lengths(", b, ") is ", len(b),
-                           ", expected a value in [0, ", s.kv_len, "]"));
+                           ", expected a value in [0, ", kv_total, "]"));
   }
   if (m.allowed) require_broadcastable(fn, "mask.allowed", *m.allowed, s);
   if (m.bias) require_broadcastable(fn, "mask.bias", *m.bias, s);
