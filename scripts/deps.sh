@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 packages=(cmake ninja-build g++ libeigen3-dev libgtest-dev libbenchmark-dev libstb-dev
-          nlohmann-json3-dev libopenblas-dev)
+          nlohmann-json3-dev libopenblas-dev openmpi-bin libopenmpi-dev)
 for arg in "$@"; do
   case "$arg" in
     --with-clang) packages+=(clang) ;;

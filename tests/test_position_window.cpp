@@ -28,7 +28,7 @@ using xattn_test::tensor;
 
 template <class T>
 class PositionWindow : public ::testing::Test {};
-TYPED_TEST_SUITE(PositionWindow, xattn_test::element_types);
+TYPED_TEST_SUITE(PositionWindow, xattn_test::element_types, );
 
 /// Keys [begin, end) of k or v ([B, Hkv, Lk, D]) as a view of the same memory.
 template <class T>
@@ -87,7 +87,7 @@ struct masks {
       : allowed({1, 1, s.q_len, s.kv_len}), bias_d({s.batch, 1, 1, s.kv_len}) {
     for (index_t b = 0; b < s.batch; ++b) lengths.push_back(std::max<index_t>(0, s.kv_len - 3 * b - 2));
     for (index_t i = 0; i < s.q_len; ++i)
-      for (index_t j = 0; j < s.kv_len; ++j) allowed.data[std::size_t(i * s.kv_len + j)] = (i + 2 * j) % 3 != 0;
+      for (index_t j = 0; j < s.kv_len; ++j) allowed.data.get()[i * s.kv_len + j] = (i + 2 * j) % 3 != 0;
     for (index_t n = 0; n < index_t(bias_d.data.size()); ++n)
       bias_d.data[std::size_t(n)] = n % 5 == 1 ? -std::numeric_limits<double>::infinity() : 0.25 * double(n % 7) - 0.5;
   }
@@ -135,7 +135,7 @@ TYPED_TEST(PositionWindow, SliceMatchesTheReference) {
         allowed = bool_tensor({1, 1, 5, 7});
         for (index_t i = 0; i < 5; ++i)
           for (index_t j = 0; j < 7; ++j)
-            allowed.data[std::size_t(i * 7 + j)] = (*opts.mask.allowed)(0, 0, i + 2, j + 4);
+            allowed.data.get()[i * 7 + j] = (*opts.mask.allowed)(0, 0, i + 2, j + 4);
         opts.mask.allowed = allowed.cview();
       }
       if (opts.mask.bias) opts.mask.bias = key_columns(*opts.mask.bias, 4, 11);

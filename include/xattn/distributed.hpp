@@ -302,6 +302,18 @@ class row_type {
   MPI_Datatype type_ = MPI_DATATYPE_NULL;
 };
 
+/// The buffers a thread's sharded calls use, kept between calls: they only grow, so repeated
+/// calls with the same shapes allocate (and fault in) no memory. About 3·B·H·Lq·(Dv + 1)
+/// numbers after a call.
+template <class T>
+struct shard_buffers {
+  std::vector<T> mine, lse, parts, merged, result;
+  static shard_buffers& get() {
+    thread_local shard_buffers buffers;
+    return buffers;
+  }
+};
+
 /// Rows [begin(c), begin(c + 1)) of `rows` are chunk c of P.
 inline int chunk_begin(index_t rows, int c, int P) {
   return int(std::int64_t(rows) * c / P);
@@ -332,12 +344,14 @@ void reduce_rows(const communicator& comm, const char* fn, const std::vector<T>&
     recv_counts[std::size_t(c)] = my_rows;
     recv_displs[std::size_t(c)] = c * my_rows;
   }
-  std::vector<T> parts(std::size_t(P) * std::size_t(my_rows) * std::size_t(width));
+  std::vector<T>& parts = shard_buffers<T>::get().parts;
+  parts.resize(std::size_t(P) * std::size_t(my_rows) * std::size_t(width));
   check_mpi(MPI_Alltoallv(mine.data(), send_counts.data(), send_displs.data(), row.get(),
                           parts.data(), recv_counts.data(), recv_displs.data(), row.get(),
                           comm.get()),
             fn, "MPI_Alltoallv");
-  std::vector<T> merged(std::size_t(my_rows) * std::size_t(width));
+  std::vector<T>& merged = shard_buffers<T>::get().merged;
+  merged.resize(std::size_t(my_rows) * std::size_t(width));
   const std::size_t stride = std::size_t(my_rows) * std::size_t(width);
   for (int i = 0; i < my_rows; ++i)
     combine(parts.data() + std::size_t(i) * std::size_t(width), P, stride,
@@ -356,8 +370,9 @@ void reduce_rows(const communicator& comm, const char* fn, const std::vector<T>&
 /// The merge of one query row's partial results by their log-sum-exp, in double: each part is
 /// [o_0 .. o_{Dv-1}, lse]. Parts with lse = -inf (no key of the shard visible) weigh 0; a row
 /// no shard sees gets zeros and -inf, a NaN part makes the row NaN (as in one process).
+/// `weights` is scratch of P doubles.
 template <class T>
-void merge_by_lse(const T* parts, int P, std::size_t stride, index_t dv, T* out) {
+void merge_by_lse(const T* parts, int P, std::size_t stride, index_t dv, double* weights, T* out) {
   constexpr double inf = std::numeric_limits<double>::infinity();
   double m = -inf;
   bool nan = false;
@@ -376,14 +391,12 @@ void merge_by_lse(const T* parts, int P, std::size_t stride, index_t dv, T* out)
     return;
   }
   double sum = 0.0;
-  for (int r = 0; r < P; ++r) sum += std::exp(double(parts[std::size_t(r) * stride + std::size_t(dv)]) - m);
+  for (int r = 0; r < P; ++r)
+    sum += weights[r] = std::exp(double(parts[std::size_t(r) * stride + std::size_t(dv)]) - m);
   for (index_t e = 0; e < dv; ++e) {
     double acc = 0.0;
-    for (int r = 0; r < P; ++r) {
-      const T* part = parts + std::size_t(r) * stride;
-      const double w = std::exp(double(part[dv]) - m);
-      if (w > 0.0) acc += w * double(part[e]);  // a part of weight 0 adds nothing, even a NaN
-    }
+    for (int r = 0; r < P; ++r)  // a part of weight 0 adds nothing, even a NaN
+      if (weights[r] > 0.0) acc += weights[r] * double(parts[std::size_t(r) * stride + std::size_t(e)]);
     out[e] = T(acc / sum);
   }
   out[dv] = T(m + std::log(sum));
@@ -408,8 +421,11 @@ void sharded_attention_run(const communicator& comm, const char* fn,
   }
   // This rank's partial O written straight into the rows it sends, [B·H·Lq, Dv + 1], with its
   // log-sum-exp in the last column.
-  std::vector<T> mine(std::size_t(rows) * std::size_t(width));
-  std::vector<T> lse(static_cast<std::size_t>(rows));
+  shard_buffers<T>& buf = shard_buffers<T>::get();
+  std::vector<T>& mine = buf.mine;
+  std::vector<T>& lse = buf.lse;
+  mine.resize(std::size_t(rows) * std::size_t(width));
+  lse.resize(std::size_t(rows));
   attention_options<T> o = opts;
   position_window w;
   w.key_offset = offset;
@@ -423,10 +439,11 @@ void sharded_attention_run(const communicator& comm, const char* fn,
 
   // Weights need the whole context's log-sum-exp on every rank that asked for them.
   const bool everywhere = sh.result == shard_result::all_ranks || opts.weights_out;
-  std::vector<T> result;
+  std::vector<T>& result = buf.result;
+  std::vector<double> weights(static_cast<std::size_t>(comm.size()));
   reduce_rows<T>(comm, fn, mine, rows, width, everywhere ? -1 : sh.root, result,
-                 [Dv](const T* parts, int P, std::size_t stride, T* merged) {
-                   merge_by_lse(parts, P, stride, Dv, merged);
+                 [Dv, &weights](const T* parts, int P, std::size_t stride, T* merged) {
+                   merge_by_lse(parts, P, stride, Dv, weights.data(), merged);
                  });
   const bool receives = sh.result == shard_result::all_ranks || comm.rank() == sh.root;
   for (index_t b = 0; b < B; ++b)
@@ -572,7 +589,8 @@ void sharded_attention_backward(const communicator& comm,
 
   const index_t B = q.extent(0), H = q.extent(1), Lq = q.extent(2), Dk = q.extent(3);
   const index_t rows = B * H * Lq;
-  std::vector<T> dq(std::size_t(rows) * std::size_t(Dk));
+  std::vector<T>& dq = detail::shard_buffers<T>::get().mine;
+  dq.resize(std::size_t(rows) * std::size_t(Dk));
   attention_options<T> o = opts;
   position_window w;
   w.key_offset = offset;
@@ -582,7 +600,7 @@ void sharded_attention_backward(const communicator& comm,
   mine.dq = tensor_view<T, 4>(dq.data(), {B, H, Lq, Dk});
   tiled_attention_backward<T>(q, k, v, out, dout, mine, o, tiles);
 
-  std::vector<T> sum;
+  std::vector<T>& sum = detail::shard_buffers<T>::get().result;
   detail::reduce_rows<T>(comm, fn, dq, rows, Dk, -1, sum,
                          [Dk](const T* parts, int P, std::size_t stride, T* merged) {
                            for (index_t e = 0; e < Dk; ++e) {
@@ -756,7 +774,8 @@ void sharded_forward(const communicator& comm, const multi_head_cross_attention<
 /// multi_head_cross_attention::forward with the queries split across the ranks of comm (query
 /// parallelism, for many queries against a context every rank holds): rank r computes query
 /// positions [Lq·r/P, Lq·(r + 1)/P) of every batch item and the rows are gathered; nothing is
-/// merged, so the result is bit for bit what one process's forward gives on those rows.
+/// merged, so each row is what one process's forward computes for it, up to the rounding of
+/// products blocked differently for fewer rows.
 ///
 ///   query [B, Lq, Dm]   the whole, the same on every rank      cache  the whole context
 ///   out   [B, Lq, Dm]   written on every rank, or on sharding.root only
