@@ -153,6 +153,44 @@ TYPED_TEST(Distributed, ShardedAttentionMatchesOneProcess) {
   }
 }
 
+// Non-finite values cross the shards as in one process: a NaN key makes the rows that see it
+// NaN on every rank, whichever rank holds it; a batch item with no real key anywhere gets zeros
+// and a log-sum-exp of -inf.
+TYPED_TEST(Distributed, NanKeysAndFullyMaskedRowsAsInOneProcess) {
+  using T = TypeParam;
+  const xattn::communicator comm(MPI_COMM_WORLD);
+  const index_t Lk = context_len(), mine = shard_len(comm.rank()), offset = shard_offset(comm.rank());
+  xattn_test::problem<T> p(xattn_test::shape(2, 2, 3, Lk, 4, 4), 23);
+  p.k.data[std::size_t(((0 * 2 + 1) * Lk + (Lk - 1)) * 4 + 2)] = std::numeric_limits<T>::quiet_NaN();
+  std::vector<index_t> lengths = {Lk, 0};  // batch item 1: every key is padding
+  xattn::attention_options<T> opts;
+  opts.mask.kv_lengths = xattn::tensor_view<const index_t, 1>(lengths.data(), {2});
+  opts.lse_out = p.lse.view();
+  xattn::sharded_attention<T>(comm, p.q.cview(), rows_of(p.k, offset, mine), rows_of(p.v, offset, mine),
+                              p.out.view(), opts);
+  tensor<T, 4> one(p.out.extents);
+  tensor<T, 3> one_lse(p.lse.extents);
+  auto whole = opts;
+  whole.lse_out = one_lse.view();
+  xattn::tiled_attention<T>(p.q.cview(), p.k.cview(), p.v.cview(), one.view(), whole);
+  for (std::size_t n = 0; n < one.data.size(); ++n) {
+    const bool b0h1 = n / (3 * 4) == 1;  // batch 0, head 1 reads the NaN key
+    EXPECT_EQ(std::isnan(p.out.data[n]), b0h1) << "element " << n;
+    EXPECT_EQ(std::isnan(one.data[n]), b0h1) << "element " << n;
+    if (n >= 2 * 3 * 4) {
+      EXPECT_EQ(p.out.data[n], T(0)) << "element " << n;
+    }
+  }
+  for (std::size_t r = 6; r < 12; ++r) EXPECT_EQ(p.lse.data[r], -std::numeric_limits<T>::infinity());
+  const double tol = xattn_test::attention_tol<T>(4, Lk, 4.0);  // batch 0, head 0: finite
+  for (std::size_t n = 0; n < 3 * 4; ++n)
+    EXPECT_NEAR(double(p.out.data[n]), double(one.data[n]), tol * (1 + std::abs(double(one.data[n]))))
+        << "element " << n;
+  for (std::size_t r = 0; r < 3; ++r)
+    EXPECT_NEAR(double(p.lse.data[r]), double(one_lse.data[r]), tol * (1 + std::abs(double(one_lse.data[r]))));
+  for (std::size_t r = 3; r < 6; ++r) EXPECT_TRUE(std::isnan(p.lse.data[r])) << "row " << r;
+}
+
 // The same call twice gives the same bytes (the merge order is fixed by rank, not by timing).
 TYPED_TEST(Distributed, ShardedAttentionIsDeterministic) {
   using T = TypeParam;
