@@ -191,6 +191,22 @@ TYPED_TEST(Distributed, NanKeysAndFullyMaskedRowsAsInOneProcess) {
   for (std::size_t r = 3; r < 6; ++r) EXPECT_TRUE(std::isnan(p.lse.data[r])) << "row " << r;
 }
 
+// No queries, or no keys on any rank: nothing to merge, nothing hangs; a context with no keys at
+// all gives zeros and a log-sum-exp of -inf, as in one process.
+TEST(DistributedEdges, NoQueriesOrNoKeysAnywhere) {
+  const xattn::communicator comm(MPI_COMM_WORLD);
+  xattn_test::problem<float> none(xattn_test::shape(1, 2, 0, shard_len(comm.rank()), 4, 4), 1);
+  xattn::attention_options<float> opts;
+  opts.lse_out = none.lse.view();
+  EXPECT_NO_THROW(xattn::sharded_attention<float>(comm, none.q.cview(), none.k.cview(), none.v.cview(),
+                                                  none.out.view(), opts));
+  xattn_test::problem<float> empty(xattn_test::shape(2, 2, 3, 0, 4, 5), 1);
+  opts.lse_out = empty.lse.view();
+  xattn::sharded_attention<float>(comm, empty.q.cview(), empty.k.cview(), empty.v.cview(), empty.out.view(), opts);
+  EXPECT_EQ(empty.out.data, std::vector<float>(empty.out.data.size(), 0.0f));
+  EXPECT_EQ(empty.lse.data, std::vector<float>(empty.lse.data.size(), -std::numeric_limits<float>::infinity()));
+}
+
 // The same call twice gives the same bytes (the merge order is fixed by rank, not by timing).
 TYPED_TEST(Distributed, ShardedAttentionIsDeterministic) {
   using T = TypeParam;
@@ -405,6 +421,11 @@ TEST(DistributedErrors, MasksScaleAndRootAreCheckedOnEveryRank) {
   sh.result = xattn::shard_result::root;
   sh.root = P;
   EXPECT_TRUE(throws_everywhere<xattn::value_error>([&] { call({}, sh); }, "sharding.root is"));
+  xattn::tile_options tiles;  // a bad tile option on one rank only: every rank throws
+  if (me == P - 1) tiles.kv_tile = 0;
+  EXPECT_TRUE(throws_everywhere<xattn::value_error>(
+      [&] { xattn::sharded_attention<double>(comm, p.q.cview(), p.k.cview(), p.v.cview(), p.out.view(), {}, tiles); },
+      "sharded_attention: tiles.kv_tile is 0, expected >= 1 (on rank " + std::to_string(P - 1) + ")"));
   xattn::attention_options<double> windowed;
   windowed.mask.window = xattn::position_window{};
   EXPECT_TRUE(throws_everywhere<xattn::value_error>([&] { call(windowed); }, "mask.window is set"));

@@ -665,14 +665,7 @@ void tiled_attention_backward(
   constexpr const char* fn = "tiled_attention_backward";
   const detail::attention_problem pr =
       detail::check_backward_args<T>(fn, q, k, v, out, dout, grads, opts, true);
-  if (tiles.q_tile && *tiles.q_tile < 1)
-    detail::fail_value(detail::message(fn, ": tiles.q_tile is ", *tiles.q_tile, ", expected >= 1"));
-  if (tiles.kv_tile && *tiles.kv_tile < 1)
-    detail::fail_value(
-        detail::message(fn, ": tiles.kv_tile is ", *tiles.kv_tile, ", expected >= 1"));
-  if (tiles.num_threads && (*tiles.num_threads < 1 || *tiles.num_threads > detail::max_threads))
-    detail::fail_value(detail::message(fn, ": tiles.num_threads is ", *tiles.num_threads,
-                                       ", expected a value in [1, ", detail::max_threads, "]"));
+  detail::check_tile_options(fn, tiles);
   const attention_shape& s = pr.shape;
   std::array<index_t, 4> db_extents{};
   if (grads.dbias)

@@ -485,14 +485,7 @@ void tiled_attention(detail::identity_t<tensor_view<const T, 4>> q,
   static_assert(std::is_floating_point_v<T>, "xattn kernels need a floating-point element type");
   constexpr const char* fn = "tiled_attention";
   const detail::attention_problem pr = detail::check_attention_args<T>(fn, q, k, v, out, opts);
-  if (tiles.q_tile && *tiles.q_tile < 1)
-    detail::fail_value(detail::message(fn, ": tiles.q_tile is ", *tiles.q_tile, ", expected >= 1"));
-  if (tiles.kv_tile && *tiles.kv_tile < 1)
-    detail::fail_value(
-        detail::message(fn, ": tiles.kv_tile is ", *tiles.kv_tile, ", expected >= 1"));
-  if (tiles.num_threads && (*tiles.num_threads < 1 || *tiles.num_threads > detail::max_threads))
-    detail::fail_value(detail::message(fn, ": tiles.num_threads is ", *tiles.num_threads,
-                                       ", expected a value in [1, ", detail::max_threads, "]"));
+  detail::check_tile_options(fn, tiles);
   const attention_shape& s = pr.shape;
   if (s.batch == 0 || s.num_heads == 0 || s.q_len == 0) return;
 

@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -166,6 +167,8 @@ class call_check {
       keep(1, e.what());
     } catch (const value_error& e) {
       keep(2, e.what());
+    } catch (const std::bad_alloc&) {
+      keep(3, "out of memory");
     }
 #else
     checks();  // without exceptions a failed check aborts this rank, and mpiexec the others
@@ -173,7 +176,8 @@ class call_check {
   }
 
   /// Exchanges the reports (MPI_Allgather); throws on every rank when any rank's checks failed
-  /// (the lowest such rank's error) or when the ranks disagree. Returns every rank's own().
+  /// (the lowest such rank's error, std::bad_alloc where it could not allocate) or when the
+  /// ranks disagree. Returns every rank's own().
   std::vector<std::int64_t> exchange(const communicator& comm) const {
     const int P = comm.size();
     std::vector<report> all(static_cast<std::size_t>(P));
@@ -183,8 +187,10 @@ class call_check {
     for (int r = 0; r < P; ++r) {
       const report& rep = all[std::size_t(r)];
       if (rep.error == 0) continue;
-      const std::string what = message(std::string(rep.text, strnlen(rep.text, text_size)),
-                                       " (on rank ", r, ")");
+      if (rep.error == 3) XATTN_THROW(std::bad_alloc());
+      const std::string what =
+          message(std::string(rep.text, std::find(rep.text, rep.text + text_size, '\0')),
+                  " (on rank ", r, ")");
       if (rep.error == 1) fail_shape(what);
       fail_value(what);
     }
@@ -212,7 +218,7 @@ class call_check {
   static constexpr int max_fields = 24;
   static constexpr std::size_t text_size = 480;
   struct report {
-    std::int64_t error = 0;  // 0: the checks passed, 1: shape_error, 2: value_error
+    std::int64_t error = 0;  // 0: the checks passed, 1: shape_error, 2: value_error, 3: bad_alloc
     std::int64_t own = 0;
     std::int64_t fields[max_fields] = {};
     double scale = 0.0;
@@ -311,6 +317,16 @@ struct shard_buffers {
   static shard_buffers& get() {
     thread_local shard_buffers buffers;
     return buffers;
+  }
+  /// Grows every buffer for a merge of [rows, width] over P ranks, before the ranks exchange
+  /// anything: an allocation that fails then fails the checks, on every rank.
+  void reserve(index_t rows, index_t width, int P) {
+    const std::size_t n = std::size_t(rows) * std::size_t(width);
+    const std::size_t chunk = (std::size_t(rows) / std::size_t(P) + 1) * std::size_t(width);
+    for (auto* v : {&mine, &result}) v->reserve(n);
+    lse.reserve(std::size_t(rows));
+    parts.reserve(chunk * std::size_t(P));
+    merged.reserve(chunk);
   }
 };
 
@@ -520,10 +536,13 @@ void sharded_attention(const communicator& comm, detail::identity_t<tensor_view<
     local.mask.kv_lengths.reset();  // counts the whole context: checked after the exchange
     detail::check_lengths_shape(fn, opts.mask, q.extent(0));
     (void)detail::check_attention_args<T>(fn, q, k, v, out, local);
+    detail::check_tile_options(fn, tiles);  // here: the kernel's own check would come too late
     if (detail::checked_mul(fn, detail::checked_mul(fn, q.extent(0), q.extent(1)), q.extent(2)) >
         INT_MAX / 2)
       detail::fail_value(detail::message(fn, ": B·H·Lq is more than ", INT_MAX / 2,
                                          " query rows, the most one call merges"));
+    detail::shard_buffers<T>::get().reserve(q.extent(0) * q.extent(1) * q.extent(2),
+                                            v.extent(3) + 1, comm.size());
   });
   const std::vector<std::int64_t> lens = check.exchange(comm);
   index_t total = 0;
@@ -574,10 +593,13 @@ void sharded_attention_backward(const communicator& comm,
     local.mask.kv_lengths.reset();
     detail::check_lengths_shape(fn, opts.mask, q.extent(0));
     (void)detail::check_backward_args<T>(fn, q, k, v, out, dout, grads, local, true);
+    detail::check_tile_options(fn, tiles);
     if (detail::checked_mul(fn, detail::checked_mul(fn, q.extent(0), q.extent(1)), q.extent(2)) >
         INT_MAX / 2)
       detail::fail_value(detail::message(fn, ": B·H·Lq is more than ", INT_MAX / 2,
                                          " query rows, the most one call merges"));
+    detail::shard_buffers<T>::get().reserve(q.extent(0) * q.extent(1) * q.extent(2),
+                                            q.extent(3), comm.size());
   });
   const std::vector<std::int64_t> lens = check.exchange(comm);
   index_t offset = 0, total = 0;
@@ -646,6 +668,7 @@ void check_sharded_layer(const char* fn, const multi_head_cross_attention<T>& la
                           c.num_kv_heads};
   if (opts.mask.allowed) require_broadcastable(fn, "mask.allowed", *opts.mask.allowed, s);
   if (opts.mask.bias) require_broadcastable(fn, "mask.bias", *opts.mask.bias, s);
+  check_tile_options(fn, opts.tiles);
   const double scale = opts.scale ? *opts.scale : c.scale.value_or(1.0);
   if (!std::isfinite(scale)) fail_value(message(fn, ": scale is ", scale, ", expected a finite number"));
 }
@@ -702,6 +725,7 @@ void sharded_forward(const communicator& comm, const multi_head_cross_attention<
   detail::call_check check(fn);
   detail::agree_on_layer(check, layer, query, opts, sharding);
   check.own(Lk);
+  std::vector<T> q_buf, o_buf, wts;
   check.local([&] {
     detail::check_sharded_layer(fn, layer, query, shard, out, opts);
     if (opts.key_padding_mask)
@@ -727,6 +751,13 @@ void sharded_forward(const communicator& comm, const multi_head_cross_attention<
     if (detail::checked_mul(fn, detail::checked_mul(fn, B, H), Lq) > INT_MAX / 2)
       detail::fail_value(detail::message(fn, ": B·H·Lq is more than ", INT_MAX / 2,
                                          " query rows, the most one call merges"));
+    detail::shard_buffers<T>::get().reserve(B * H * Lq, c.head_dim + 1, comm.size());
+    // Allocated before the exchange, so that a failure is every rank's (see call_check).
+    const index_t n = detail::checked_mul(fn, detail::checked_mul(fn, B, Lq), width);
+    q_buf.resize(std::size_t(n));
+    o_buf.resize(std::size_t(n));
+    if (opts.average_weights_out && !opts.weights_out)
+      wts.resize(std::size_t(detail::checked_mul(fn, B * H * Lq, Lk)));
   });
   const std::vector<std::int64_t> lens = check.exchange(comm);
   index_t total = 0;
@@ -735,7 +766,6 @@ void sharded_forward(const communicator& comm, const multi_head_cross_attention<
 
   // Q = query Wqᵀ + bq on every rank (cheaper than sending it), O merged across the ranks.
   const cross_attention_weights<T>& w = layer.weights();
-  std::vector<T> q_buf(std::size_t(B * Lq * width)), o_buf(std::size_t(B * Lq * width)), wts;
   row_matrix<T> scratch;
   const tensor_view<T, 3> q(q_buf.data(), {B, Lq, width}), o(o_buf.data(), {B, Lq, width});
   w.q_proj.forward(query, q, scratch);
@@ -745,7 +775,6 @@ void sharded_forward(const communicator& comm, const multi_head_cross_attention<
   if (opts.weights_out) {
     ao.weights_out = opts.weights_out;
   } else if (opts.average_weights_out) {
-    wts.resize(std::size_t(B * H * Lq * Lk));
     ao.weights_out = tensor_view<T, 4>(wts.data(), {B, H, Lq, Lk});
   }
   detail::sharded_attention_run<T>(

@@ -24,6 +24,17 @@ namespace xattn::detail {
 /// The most threads tiled_attention accepts in tile_options::num_threads.
 inline constexpr int max_threads = 4096;
 
+/// Checks the set fields of tiles: tile sizes >= 1, a thread count in [1, max_threads].
+inline void check_tile_options(const char* fn, const tile_options& tiles) {
+  if (tiles.q_tile && *tiles.q_tile < 1)
+    fail_value(message(fn, ": tiles.q_tile is ", *tiles.q_tile, ", expected >= 1"));
+  if (tiles.kv_tile && *tiles.kv_tile < 1)
+    fail_value(message(fn, ": tiles.kv_tile is ", *tiles.kv_tile, ", expected >= 1"));
+  if (tiles.num_threads && (*tiles.num_threads < 1 || *tiles.num_threads > max_threads))
+    fail_value(message(fn, ": tiles.num_threads is ", *tiles.num_threads,
+                       ", expected a value in [1, ", max_threads, "]"));
+}
+
 /// The threads a call uses when tile_options::num_threads is unset.
 inline int default_threads() noexcept {
 #ifdef _OPENMP
