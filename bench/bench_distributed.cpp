@@ -57,13 +57,7 @@ void run_sharded(benchmark::State& state) {
     state.SetIterationTime(seconds);
     benchmark::DoNotOptimize(out.data());
   }
-  xattn::attention_shape s;
-  s.batch = B;
-  s.num_heads = H;
-  s.q_len = Lq;
-  s.kv_len = Lk;
-  s.head_dim = D;
-  s.value_dim = D;
+  const xattn::attention_shape s{B, H, Lq, Lk, D, D};
   state.counters["FLOPS"] = benchmark::Counter(xattn::attention_flops(s),
                                                benchmark::Counter::kIsIterationInvariantRate);
   state.counters["ranks"] = P;

@@ -29,18 +29,7 @@ using xattn_test::shape;
 using xattn_test::tensor;
 using xattn_test::throws_with;
 
-// An owned boolean mask (std::vector<bool> has no data()).
-struct bool_mask {
-  std::array<index_t, 4> extents;
-  std::unique_ptr<bool[]> data;
-  bool_mask(const std::array<index_t, 4>& e, bool fill)
-      : extents(e), data(new bool[std::size_t(e[0] * e[1] * e[2] * e[3])]) {
-    std::fill(data.get(), data.get() + size(), fill);
-  }
-  index_t size() const { return extents[0] * extents[1] * extents[2] * extents[3]; }
-  xattn::tensor_view<bool, 4> view() { return {data.get(), extents}; }
-  xattn::tensor_view<const bool, 4> cview() const { return {data.get(), extents}; }
-};
+using xattn_test::bool_mask;
 
 xattn::tile_options tiles(index_t q, index_t kv, int threads = 0) {
   xattn::tile_options t;
@@ -293,15 +282,7 @@ TEST(AttentionBackward, MatchesFiniteDifferencesOnStridedViews) {
   }
 }
 
-// The tolerance of a gradient computed in T against an exact one: the forward's rounding
-// (attention_tol) grows through the backward's products over Lq and Lk, and dk and dv sum the
-// query heads of their group.
-template <class T>
-double backward_tol(const xattn::attention_shape& s, double max_abs_score) {
-  const double group = double(s.num_heads) / double(s.kv_heads());
-  return 4.0 * xattn_test::attention_tol<T>(s.head_dim + s.value_dim, s.kv_len, max_abs_score) *
-         std::sqrt(double(s.q_len) * group);
-}
+using xattn_test::backward_tol;
 
 TEST(AttentionBackward, TiledMatchesNaiveInFloat) {
   for (const auto& s : {shape(2, 4, 70, 90, 40, 24, 2), shape(1, 2, 1, 300, 64, 64),

@@ -47,17 +47,7 @@ xattn::tile_options tiles(index_t q_tile, index_t kv_tile, int threads = 1) {
 // that many threads; without OpenMP every count runs serially, and is still accepted.
 const int thread_counts[] = {1, 2, 3, 4};
 
-// An owned boolean mask (std::vector<bool> has no data()).
-struct bool_mask {
-  std::array<index_t, 4> extents;
-  std::unique_ptr<bool[]> data;
-  bool_mask(const std::array<index_t, 4>& e, bool fill)
-      : extents(e), data(new bool[std::size_t(e[0] * e[1] * e[2] * e[3])]) {
-    std::fill(data.get(), data.get() + size(), fill);
-  }
-  index_t size() const { return extents[0] * extents[1] * extents[2] * extents[3]; }
-  xattn::tensor_view<const bool, 4> cview() const { return {data.get(), extents}; }
-};
+using xattn_test::bool_mask;
 
 // Random q, k, v for one shape, and the check of tiled_attention's outputs (with the given
 // tiles) against the reference.

@@ -80,17 +80,7 @@ composition<T> compose(const xattn::cross_attention_config& cfg,
   return {out.data, r.weights, r.max_abs_score};
 }
 
-// Three roundings in a row: the input projections (dot products over the input width), the
-// attention (attention_tol), the output projection (over H·Dk). Weights are scaled by
-// 1/sqrt(in) so each stage keeps values of order one and the errors add.
-template <class T>
-double module_tol(const xattn::cross_attention_config& cfg, index_t kv_len, double max_score) {
-  const auto c = cfg.resolved();
-  const index_t widest =
-      std::max({c.model_dim, c.context_dim, c.value_context_dim, c.num_heads * c.head_dim});
-  return xattn_test::attention_tol<T>(c.head_dim, kv_len, max_score) +
-         2.0 * xattn_test::attention_tol<T>(widest, 1, 0.0);
-}
+using xattn_test::module_tol;
 
 template <class T>
 struct inputs {

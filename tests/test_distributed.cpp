@@ -48,17 +48,12 @@ index_t shard_offset(int r) {
 }
 index_t context_len() { return shard_offset(world_size()); }
 
-/// Keys [begin, begin + n) of a [B, Hkv, Lk, D] tensor, as a view.
+/// Keys [begin, begin + n) of a [B, Hkv, Lk, D] tensor, read in place.
 template <class T>
 xattn::tensor_view<const T, 4> rows_of(const tensor<T, 4>& x, index_t begin, index_t n) {
-  const auto v = x.cview();
-  return {v.data() + begin * v.stride(2), {v.extent(0), v.extent(1), n, v.extent(3)}, v.strides()};
+  return xattn_test::key_rows(x.cview(), begin, n);
 }
-template <class E>
-xattn::tensor_view<const E, 4> columns_of(const xattn::tensor_view<const E, 4>& m, index_t begin,
-                                          index_t n) {
-  return {m.data() + begin * m.stride(3), {m.extent(0), m.extent(1), m.extent(2), n}, m.strides()};
-}
+using xattn_test::key_columns;
 
 /// True on every rank when cond holds on every rank.
 bool everywhere(bool cond) {
@@ -75,13 +70,7 @@ bool same_on_every_rank(const std::vector<T>& x) {
   return everywhere(std::memcmp(first.data(), x.data(), x.size() * sizeof(T)) == 0);
 }
 
-struct bool_mask {
-  std::array<index_t, 4> extents{};
-  std::shared_ptr<bool[]> data;
-  explicit bool_mask(const std::array<index_t, 4>& e)
-      : extents(e), data(new bool[std::size_t(e[0] * e[1] * e[2] * e[3])]()) {}
-  xattn::tensor_view<const bool, 4> cview() const { return {data.get(), extents}; }
-};
+using xattn_test::bool_mask;
 
 template <class T>
 class Distributed : public ::testing::Test {};
@@ -117,8 +106,8 @@ TYPED_TEST(Distributed, ShardedAttentionMatchesOneProcess) {
 
         xattn_test::problem<T> p(s, 3);
         auto opts = whole;  // this rank's: element masks cut to its columns
-        if (whole.mask.allowed) opts.mask.allowed = columns_of(*whole.mask.allowed, offset, mine);
-        if (whole.mask.bias) opts.mask.bias = columns_of(*whole.mask.bias, offset, mine);
+        if (whole.mask.allowed) opts.mask.allowed = key_columns(*whole.mask.allowed, offset, mine);
+        if (whole.mask.bias) opts.mask.bias = key_columns(*whole.mask.bias, offset, mine);
         tensor<T, 4> weights({s.batch, s.num_heads, s.q_len, mine}, T(-7));
         opts.lse_out = p.lse.view();
         opts.weights_out = weights.view();
@@ -182,7 +171,8 @@ TYPED_TEST(Distributed, NanKeysAndFullyMaskedRowsAsInOneProcess) {
     }
   }
   for (std::size_t r = 6; r < 12; ++r) EXPECT_EQ(p.lse.data[r], -std::numeric_limits<T>::infinity());
-  const double tol = xattn_test::attention_tol<T>(4, Lk, 4.0);  // batch 0, head 0: finite
+  // Inputs in [-1, 1], Dk = 4, scale 1/2: every |score| is at most 2.
+  const double tol = xattn_test::attention_tol<T>(4, Lk, 2.0);  // batch 0, head 0: finite
   for (std::size_t n = 0; n < 3 * 4; ++n)
     EXPECT_NEAR(double(p.out.data[n]), double(one.data[n]), tol * (1 + std::abs(double(one.data[n]))))
         << "element " << n;
@@ -255,7 +245,7 @@ TYPED_TEST(Distributed, ShardedBackwardMatchesOneProcess) {
     xattn::tiled_attention<T>(p.q.cview(), p.k.cview(), p.v.cview(), out.view(), whole);
     xattn::naive_attention_backward<T>(p.q.cview(), p.k.cview(), p.v.cview(), out.cview(), dout.cview(),
                                        {wq.view(), wk.view(), wv.view(), {}}, whole);
-    const double tol = 16 * xattn_test::attention_tol<T>(4, Lk, 4.0);
+    const double tol = xattn_test::backward_tol<T>(s, 2.0);  // |score| <= 1/2 · Dk = 2
     EXPECT_TRUE(xattn_test::all_close(dq.data, wq.data, tol)) << "dq";
     EXPECT_TRUE(xattn_test::all_close(dk.data, xattn_test::elements(rows_of(wk, offset, mine)), tol)) << "dk";
     EXPECT_TRUE(xattn_test::all_close(dv.data, xattn_test::elements(rows_of(wv, offset, mine)), tol)) << "dv";
@@ -277,6 +267,11 @@ struct layer_setup {
     layer = std::make_unique<xattn::multi_head_cross_attention<T>>(cfg, xattn::random_weights<T>(cfg, 7));
     query = xattn_test::random_tensor<T, 3>({B, Lq, 12}, 1);
     context = xattn_test::random_tensor<T, 3>({B, Lk, 10}, 2);
+  }
+  // Inputs in [-1, 1] and weights and biases in ±1/sqrt(in) (random_weights) bound each
+  // projected feature by sqrt(in) + 1, so |score| <= sqrt(Dk) · (sqrt(Dm) + 1) · (sqrt(Dc) + 1).
+  double score_bound() const {
+    return std::sqrt(3.0) * (std::sqrt(12.0) + 1.0) * (std::sqrt(10.0) + 1.0);
   }
   xattn::tensor_view<const T, 3> context_rows(index_t begin, index_t n) const {
     const auto c = context.cview();
@@ -308,7 +303,7 @@ TYPED_TEST(Distributed, ModuleWithShardedContextMatchesOneProcess) {
       xattn::sharded_forward<T>(comm, *set.layer, set.query.cview(), shard, out.view(), o);
       o.average_weights_out = want_avg.view();
       set.layer->forward(set.query.cview(), set.context.cview(), want.view(), o);
-      const double tol = 8 * xattn_test::attention_tol<T>(12, Lk, 4.0);
+      const double tol = xattn_test::module_tol<T>(set.cfg, Lk, set.score_bound());
       EXPECT_TRUE(xattn_test::all_close(out.data, want.data, tol)) << "case " << c;
       std::vector<T> want_cols;
       for (index_t row = 0; row < 14; ++row)
@@ -340,7 +335,8 @@ TYPED_TEST(Distributed, ModuleWithShardedQueriesMatchesOneProcess) {
       xattn::query_sharded_forward<T>(comm, *set.layer, set.query.cview(), cache, out.view(), opts, sh);
       set.layer->forward(set.query.cview(), cache, want.view(), opts);
       if (result == xattn::shard_result::all_ranks || comm.rank() == 0)
-        EXPECT_TRUE(xattn_test::all_close(out.data, want.data, 8 * xattn_test::attention_tol<T>(12, 11, 4.0)))
+        EXPECT_TRUE(xattn_test::all_close(out.data, want.data,
+                                          xattn_test::module_tol<T>(set.cfg, 11, set.score_bound())))
             << "case " << c;
       else
         EXPECT_EQ(out.data, std::vector<T>(out.data.size(), T(-7)));
@@ -451,6 +447,15 @@ TEST(DistributedErrors, ModuleCallsCheckTheirArguments) {
   EXPECT_TRUE(throws_everywhere<xattn::value_error>(
       [&] { xattn::sharded_forward<float>(comm, *set.layer, set.query.cview(), cache, out.view(), padded); },
       "key_padding_mask is per shard"));
+  // The attention's own arguments, checked before the exchange: a bias of the wrong key count
+  // on the last rank only.
+  const int last = comm.size() - 1;
+  tensor<float, 4> bias({1, 1, 1, comm.rank() == last ? 7 : 6});
+  xattn::cross_attention_options<float> biased;
+  biased.mask.bias = bias.cview();
+  EXPECT_TRUE(throws_everywhere<xattn::shape_error>(
+      [&] { xattn::sharded_forward<float>(comm, *set.layer, set.query.cview(), cache, out.view(), biased); },
+      "sharded_forward: mask.bias.extent(3) is 7, expected 1 or 6 (on rank " + std::to_string(last) + ")"));
   const auto wrong_query = xattn_test::random_tensor<float, 3>({1, 4, comm.rank() == 0 ? 11 : 12}, 1);
   EXPECT_TRUE(throws_everywhere<xattn::shape_error>(
       [&] { xattn::sharded_forward<float>(comm, *set.layer, wrong_query.cview(), cache, out.view()); },

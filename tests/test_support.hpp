@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstddef>
 #include <limits>
+#include <memory>
 #include <random>
 #include <sstream>
 #include <string>
@@ -63,6 +64,59 @@ double attention_tol(index_t head_dim, index_t kv_len, double max_abs_score) {
   const double eps = std::numeric_limits<T>::epsilon();
   return 8.0 * eps *  // 8: measured headroom
          (std::sqrt(double(kv_len)) + std::sqrt(double(head_dim)) * (1.0 + max_abs_score));
+}
+
+/// The tolerance of a gradient computed in T against an exact one: the forward's rounding
+/// (attention_tol) grows through the backward's products over Lq and Lk, and dk and dv sum the
+/// query heads of their group.
+template <class T>
+double backward_tol(const xattn::attention_shape& s, double max_abs_score) {
+  const double group = double(s.num_heads) / double(s.kv_heads());
+  return 4.0 * attention_tol<T>(s.head_dim + s.value_dim, s.kv_len, max_abs_score) *
+         std::sqrt(double(s.q_len) * group);
+}
+
+/// The tolerance of multi_head_cross_attention's output (Config: a cross_attention_config):
+/// three roundings in a row, the input projections (dot products over the input width), the
+/// attention (attention_tol), the output projection (over H·Dk). Weights are scaled by
+/// 1/sqrt(in) so each stage keeps values of order one and the errors add.
+template <class T, class Config>
+double module_tol(const Config& cfg, index_t kv_len, double max_score) {
+  const auto c = cfg.resolved();
+  const index_t widest =
+      std::max({c.model_dim, c.context_dim, c.value_context_dim, c.num_heads * c.head_dim});
+  return attention_tol<T>(c.head_dim, kv_len, max_score) + 2.0 * attention_tol<T>(widest, 1, 0.0);
+}
+
+/// An owned boolean mask (std::vector<bool> has no data()).
+struct bool_mask {
+  std::array<index_t, 4> extents;
+  std::unique_ptr<bool[]> data;
+  explicit bool_mask(const std::array<index_t, 4>& e, bool fill = false)
+      : extents(e), data(new bool[std::size_t(e[0] * e[1] * e[2] * e[3])]) {
+    std::fill(data.get(), data.get() + size(), fill);
+  }
+  index_t size() const { return extents[0] * extents[1] * extents[2] * extents[3]; }
+  xattn::tensor_view<bool, 4> view() { return {data.get(), extents}; }
+  xattn::tensor_view<const bool, 4> cview() const { return {data.get(), extents}; }
+};
+
+/// Keys [begin, begin + n) of k or v ([B, Hkv, Lk, D]), read in place.
+template <class T>
+xattn::tensor_view<const T, 4> key_rows(const xattn::tensor_view<const T, 4>& x, index_t begin,
+                                        index_t n) {
+  return {x.data() + begin * x.stride(2), {x.extent(0), x.extent(1), n, x.extent(3)},
+          x.strides()};
+}
+
+/// Key columns [begin, begin + n) of a [B|1, H|1, Lq|1, Lk] mask, read in place; a broadcast key
+/// axis (extent 1) stays as it is.
+template <class E>
+xattn::tensor_view<const E, 4> key_columns(const xattn::tensor_view<const E, 4>& m, index_t begin,
+                                           index_t n) {
+  if (m.extent(3) == 1) return m;
+  return {m.data() + begin * m.stride(3), {m.extent(0), m.extent(1), m.extent(2), n},
+          m.strides()};
 }
 
 /// Compares every element: passes when |got - want| <= tol · (1 + |want|), or both are the same

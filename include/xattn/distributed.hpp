@@ -314,6 +314,7 @@ class row_type {
 template <class T>
 struct shard_buffers {
   std::vector<T> mine, lse, parts, merged, result;
+  std::vector<double> rank_weights;  ///< one per rank, for a row's merge
   static shard_buffers& get() {
     thread_local shard_buffers buffers;
     return buffers;
@@ -327,8 +328,70 @@ struct shard_buffers {
     lse.reserve(std::size_t(rows));
     parts.reserve(chunk * std::size_t(P));
     merged.reserve(chunk);
+    rank_weights.resize(std::size_t(P));
   }
 };
+
+/// Checks that B·H·Lq query rows fit one merge and reserves its buffers for [B·H·Lq, width].
+template <class T>
+void prepare_merge(const char* fn, const communicator& comm, index_t B, index_t H, index_t Lq,
+                   index_t width) {
+  const index_t rows = checked_mul(fn, checked_mul(fn, B, H), Lq);
+  if (rows > INT_MAX / 2)
+    fail_value(message(fn, ": B·H·Lq is ", rows, ", more than ", INT_MAX / 2,
+                       " query rows, the most one call merges"));
+  shard_buffers<T>::get().reserve(rows, width, comm.size());
+}
+
+/// Exchanges the reports of `check` (see call_check::exchange) and returns where this rank's
+/// shard sits in the whole context, shards in rank order: its first key and the context's
+/// length. Key padding is checked against that length here, the same on every rank.
+template <class T>
+position_window exchange_shards(const communicator& comm, const char* fn, const call_check& check,
+                                const attention_mask<T>& mask) {
+  const std::vector<std::int64_t> lens = check.exchange(comm);
+  position_window w;
+  index_t total = 0;
+  for (int r = 0; r < comm.size(); ++r) {
+    if (r == comm.rank()) w.key_offset = total;
+    total += index_t(lens[std::size_t(r)]);
+  }
+  w.kv_len = total;
+  check_lengths_fit(fn, mask, total);
+  return w;
+}
+
+/// What the kernel-level sharded calls (forward and backward) share before the exchange: the
+/// values the ranks must agree on, this rank's shard length, and the local checks, among them
+/// kernel_check(opts without kv_lengths), the kernel's own argument check (kv_lengths count the
+/// whole context and are checked after the exchange). Reserves the merge's buffers for
+/// [B·H·Lq, width] rows.
+template <class T, class KernelCheck>
+void check_kernel_call(call_check& check, const char* fn, const communicator& comm,
+                       const tensor_view<const T, 4>& q, const tensor_view<const T, 4>& k,
+                       const tensor_view<const T, 4>& v, const attention_options<T>& opts,
+                       const tile_options& tiles, index_t width, KernelCheck&& kernel_check) {
+  check.agree("the element type's size", std::int64_t(sizeof(T)));
+  check.agree("q.extent(0) (B)", q.extent(0));
+  check.agree("q.extent(1) (H)", q.extent(1));
+  check.agree("q.extent(2) (Lq)", q.extent(2));
+  check.agree("q.extent(3) (Dk)", q.extent(3));
+  check.agree("k.extent(1) (Hkv)", k.extent(1));
+  check.agree("v.extent(3) (Dv)", v.extent(3));
+  check.agree_scale(opts.scale ? *opts.scale : std::numeric_limits<double>::quiet_NaN());
+  agree_on_mask(check, opts.mask);
+  check.own(k.extent(2));
+  check.local([&] {
+    if (opts.mask.window)
+      fail_value(message(fn, ": mask.window is set; leave it unset, the call sets it from the shards"));
+    check_lengths_shape(fn, opts.mask, q.extent(0));
+    attention_options<T> local = opts;
+    local.mask.kv_lengths.reset();
+    kernel_check(local);
+    check_tile_options(fn, tiles);  // here: the kernel's own check would come after the exchange
+    prepare_merge<T>(fn, comm, q.extent(0), q.extent(1), q.extent(2), width);
+  });
+}
 
 /// Rows [begin(c), begin(c + 1)) of `rows` are chunk c of P.
 inline int chunk_begin(index_t rows, int c, int P) {
@@ -427,14 +490,9 @@ void sharded_attention_run(const communicator& comm, const char* fn,
                            const tensor_view<const T, 4>& q, const tensor_view<const T, 4>& k,
                            const tensor_view<const T, 4>& v, const tensor_view<T, 4>& out,
                            const attention_options<T>& opts, const shard_options& sh,
-                           const std::vector<std::int64_t>& shard_lens, Local&& local) {
+                           const position_window& shard, Local&& local) {
   const index_t B = q.extent(0), H = q.extent(1), Lq = q.extent(2), Dv = v.extent(3);
   const index_t rows = B * H * Lq, width = Dv + 1;
-  index_t offset = 0, total = 0;
-  for (int r = 0; r < comm.size(); ++r) {
-    if (r == comm.rank()) offset = total;
-    total += index_t(shard_lens[std::size_t(r)]);
-  }
   // This rank's partial O written straight into the rows it sends, [B·H·Lq, Dv + 1], with its
   // log-sum-exp in the last column.
   shard_buffers<T>& buf = shard_buffers<T>::get();
@@ -443,10 +501,7 @@ void sharded_attention_run(const communicator& comm, const char* fn,
   mine.resize(std::size_t(rows) * std::size_t(width));
   lse.resize(std::size_t(rows));
   attention_options<T> o = opts;
-  position_window w;
-  w.key_offset = offset;
-  w.kv_len = total;
-  o.mask.window = w;
+  o.mask.window = shard;
   o.lse_out = tensor_view<T, 3>(lse.data(), {B, H, Lq});
   local(q, k, v,
         tensor_view<T, 4>(mine.data(), {B, H, Lq, Dv}, {H * Lq * width, Lq * width, width, 1}),
@@ -456,10 +511,10 @@ void sharded_attention_run(const communicator& comm, const char* fn,
   // Weights need the whole context's log-sum-exp on every rank that asked for them.
   const bool everywhere = sh.result == shard_result::all_ranks || opts.weights_out;
   std::vector<T>& result = buf.result;
-  std::vector<double> weights(static_cast<std::size_t>(comm.size()));
+  double* weights = buf.rank_weights.data();  // sized by reserve() for comm.size() ranks
   reduce_rows<T>(comm, fn, mine, rows, width, everywhere ? -1 : sh.root, result,
-                 [Dv, &weights](const T* parts, int P, std::size_t stride, T* merged) {
-                   merge_by_lse(parts, P, stride, Dv, weights.data(), merged);
+                 [Dv, weights](const T* parts, int P, std::size_t stride, T* merged) {
+                   merge_by_lse(parts, P, stride, Dv, weights, merged);
                  });
   const bool receives = sh.result == shard_result::all_ranks || comm.rank() == sh.root;
   for (index_t b = 0; b < B; ++b)
@@ -505,7 +560,9 @@ void sharded_attention_run(const communicator& comm, const char* fn,
 /// Collective: every rank of comm calls it. Arguments are checked on each rank and the ranks'
 /// shapes, scale and masks compared (one MPI_Allgather) before any data moves; a failure
 /// throws the same shape_error or value_error on every rank. Then each rank sends and receives
-/// about 2·B·H·Lq·(Dv + 1) numbers (MPI_Alltoallv, then MPI_Allgatherv or MPI_Gatherv).
+/// about 2·B·H·Lq·(Dv + 1) numbers (MPI_Alltoallv, then MPI_Allgatherv or MPI_Gatherv). An MPI
+/// failure during that exchange (mpi_error) may leave out, lse_out and weights_out partly
+/// written.
 template <class T>
 void sharded_attention(const communicator& comm, detail::identity_t<tensor_view<const T, 4>> q,
                        detail::identity_t<tensor_view<const T, 4>> k,
@@ -514,42 +571,17 @@ void sharded_attention(const communicator& comm, detail::identity_t<tensor_view<
                        const tile_options& tiles = {}, const shard_options& sharding = {}) {
   constexpr const char* fn = "sharded_attention";
   detail::call_check check(fn);
-  check.agree("the element type's size", std::int64_t(sizeof(T)));
-  check.agree("q.extent(0) (B)", q.extent(0));
-  check.agree("q.extent(1) (H)", q.extent(1));
-  check.agree("q.extent(2) (Lq)", q.extent(2));
-  check.agree("q.extent(3) (Dk)", q.extent(3));
-  check.agree("k.extent(1) (Hkv)", k.extent(1));
-  check.agree("v.extent(3) (Dv)", v.extent(3));
-  check.agree_scale(opts.scale ? *opts.scale : std::numeric_limits<double>::quiet_NaN());
-  detail::agree_on_mask(check, opts.mask);
+  detail::check_kernel_call<T>(check, fn, comm, q, k, v, opts, tiles, v.extent(3) + 1,
+                               [&](const attention_options<T>& local) {
+                                 (void)detail::check_attention_args<T>(fn, q, k, v, out, local);
+                               });
   check.agree("whether weights_out is given", opts.weights_out.has_value(), false);
   check.agree("sharding.result", std::int64_t(sharding.result), false);
   check.agree("sharding.root", sharding.root, false);
-  check.own(k.extent(2));
-  check.local([&] {
-    if (opts.mask.window)
-      detail::fail_value(detail::message(
-          fn, ": mask.window is set; leave it unset, the call sets it from the shards"));
-    detail::check_root(fn, sharding, comm.size());
-    attention_options<T> local = opts;
-    local.mask.kv_lengths.reset();  // counts the whole context: checked after the exchange
-    detail::check_lengths_shape(fn, opts.mask, q.extent(0));
-    (void)detail::check_attention_args<T>(fn, q, k, v, out, local);
-    detail::check_tile_options(fn, tiles);  // here: the kernel's own check would come too late
-    if (detail::checked_mul(fn, detail::checked_mul(fn, q.extent(0), q.extent(1)), q.extent(2)) >
-        INT_MAX / 2)
-      detail::fail_value(detail::message(fn, ": B·H·Lq is more than ", INT_MAX / 2,
-                                         " query rows, the most one call merges"));
-    detail::shard_buffers<T>::get().reserve(q.extent(0) * q.extent(1) * q.extent(2),
-                                            v.extent(3) + 1, comm.size());
-  });
-  const std::vector<std::int64_t> lens = check.exchange(comm);
-  index_t total = 0;
-  for (std::int64_t n : lens) total += index_t(n);
-  detail::check_lengths_fit(fn, opts.mask, total);
+  check.local([&] { detail::check_root(fn, sharding, comm.size()); });
+  const position_window w = detail::exchange_shards(comm, fn, check, opts.mask);
   detail::sharded_attention_run<T>(
-      comm, fn, q, k, v, out, opts, sharding, lens,
+      comm, fn, q, k, v, out, opts, sharding, w,
       [&](auto qq, auto kk, auto vv, auto oo, const auto& o) {
         tiled_attention<T>(qq, kk, vv, oo, o, tiles);
       });
@@ -574,49 +606,18 @@ void sharded_attention_backward(const communicator& comm,
                                 const tile_options& tiles = {}) {
   constexpr const char* fn = "sharded_attention_backward";
   detail::call_check check(fn);
-  check.agree("the element type's size", std::int64_t(sizeof(T)));
-  check.agree("q.extent(0) (B)", q.extent(0));
-  check.agree("q.extent(1) (H)", q.extent(1));
-  check.agree("q.extent(2) (Lq)", q.extent(2));
-  check.agree("q.extent(3) (Dk)", q.extent(3));
-  check.agree("k.extent(1) (Hkv)", k.extent(1));
-  check.agree("v.extent(3) (Dv)", v.extent(3));
-  check.agree_scale(opts.scale ? *opts.scale : std::numeric_limits<double>::quiet_NaN());
-  detail::agree_on_mask(check, opts.mask);
+  detail::check_kernel_call<T>(
+      check, fn, comm, q, k, v, opts, tiles, q.extent(3), [&](const attention_options<T>& local) {
+        (void)detail::check_backward_args<T>(fn, q, k, v, out, dout, grads, local, true);
+      });
   check.agree("whether grads.dbias is given", grads.dbias.has_value(), false);
-  check.own(k.extent(2));
-  check.local([&] {
-    if (opts.mask.window)
-      detail::fail_value(detail::message(
-          fn, ": mask.window is set; leave it unset, the call sets it from the shards"));
-    attention_options<T> local = opts;
-    local.mask.kv_lengths.reset();
-    detail::check_lengths_shape(fn, opts.mask, q.extent(0));
-    (void)detail::check_backward_args<T>(fn, q, k, v, out, dout, grads, local, true);
-    detail::check_tile_options(fn, tiles);
-    if (detail::checked_mul(fn, detail::checked_mul(fn, q.extent(0), q.extent(1)), q.extent(2)) >
-        INT_MAX / 2)
-      detail::fail_value(detail::message(fn, ": B·H·Lq is more than ", INT_MAX / 2,
-                                         " query rows, the most one call merges"));
-    detail::shard_buffers<T>::get().reserve(q.extent(0) * q.extent(1) * q.extent(2),
-                                            q.extent(3), comm.size());
-  });
-  const std::vector<std::int64_t> lens = check.exchange(comm);
-  index_t offset = 0, total = 0;
-  for (int r = 0; r < comm.size(); ++r) {
-    if (r == comm.rank()) offset = total;
-    total += index_t(lens[std::size_t(r)]);
-  }
-  detail::check_lengths_fit(fn, opts.mask, total);
+  const position_window w = detail::exchange_shards(comm, fn, check, opts.mask);
 
   const index_t B = q.extent(0), H = q.extent(1), Lq = q.extent(2), Dk = q.extent(3);
   const index_t rows = B * H * Lq;
   std::vector<T>& dq = detail::shard_buffers<T>::get().mine;
   dq.resize(std::size_t(rows) * std::size_t(Dk));
   attention_options<T> o = opts;
-  position_window w;
-  w.key_offset = offset;
-  w.kv_len = total;
   o.mask.window = w;
   attention_grads<T> mine = grads;
   mine.dq = tensor_view<T, 4>(dq.data(), {B, H, Lq, Dk});
@@ -641,7 +642,8 @@ void sharded_attention_backward(const communicator& comm,
 namespace detail {
 
 /// The argument checks the module-level sharded calls share, run on each rank before the
-/// exchange: the layer, the query and the context against each other, and the output.
+/// exchange: the layer, the query and the context against each other, and the output. The
+/// attention's own arguments (masks, scale, weights) are checked by the callers.
 template <class T>
 void check_sharded_layer(const char* fn, const multi_head_cross_attention<T>& layer,
                          const tensor_view<const T, 3>& query, const context_cache<T>& cache,
@@ -664,13 +666,6 @@ void check_sharded_layer(const char* fn, const multi_head_cross_attention<T>& la
   for (int r = 0; r < 3; ++r) require_extent(fn, "out", r, out.extent(std::size_t(r)), want[r]);
   require_no_self_overlap(fn, "out", out);
   require_disjoint(fn, "out", out, "query", query);
-  const attention_shape s{B, c.num_heads, Lq, cache.kv_len(), c.head_dim, c.head_dim,
-                          c.num_kv_heads};
-  if (opts.mask.allowed) require_broadcastable(fn, "mask.allowed", *opts.mask.allowed, s);
-  if (opts.mask.bias) require_broadcastable(fn, "mask.bias", *opts.mask.bias, s);
-  check_tile_options(fn, opts.tiles);
-  const double scale = opts.scale ? *opts.scale : c.scale.value_or(1.0);
-  if (!std::isfinite(scale)) fail_value(message(fn, ": scale is ", scale, ", expected a finite number"));
 }
 
 template <class T>
@@ -725,7 +720,12 @@ void sharded_forward(const communicator& comm, const multi_head_cross_attention<
   detail::call_check check(fn);
   detail::agree_on_layer(check, layer, query, opts, sharding);
   check.own(Lk);
+  // Q = query Wqᵀ + bq on every rank (cheaper than sending it), O merged across the ranks.
+  // Their buffers, and every check, come before the exchange: a failure is every rank's.
   std::vector<T> q_buf, o_buf, wts;
+  attention_options<T> ao;
+  ao.scale = opts.scale ? opts.scale : c.scale;
+  ao.mask = opts.mask;
   check.local([&] {
     detail::check_sharded_layer(fn, layer, query, shard, out, opts);
     if (opts.key_padding_mask)
@@ -733,14 +733,8 @@ void sharded_forward(const communicator& comm, const multi_head_cross_attention<
           fn, ": key_padding_mask is per shard; give key padding as mask.kv_lengths, counted "
               "in the whole context"));
     detail::check_root(fn, sharding, comm.size());
+    detail::check_tile_options(fn, opts.tiles);
     detail::check_lengths_shape(fn, opts.mask, B);
-    if (opts.weights_out) {
-      const index_t want[4] = {B, H, Lq, Lk};
-      for (int r = 0; r < 4; ++r)
-        detail::require_extent(fn, "weights_out", r, opts.weights_out->extent(std::size_t(r)),
-                               want[r]);
-      detail::require_no_self_overlap(fn, "weights_out", *opts.weights_out);
-    }
     if (opts.average_weights_out) {
       const index_t want[3] = {B, Lq, Lk};
       for (int r = 0; r < 3; ++r)
@@ -748,38 +742,40 @@ void sharded_forward(const communicator& comm, const multi_head_cross_attention<
                                opts.average_weights_out->extent(std::size_t(r)), want[r]);
       detail::require_no_self_overlap(fn, "average_weights_out", *opts.average_weights_out);
     }
-    if (detail::checked_mul(fn, detail::checked_mul(fn, B, H), Lq) > INT_MAX / 2)
-      detail::fail_value(detail::message(fn, ": B·H·Lq is more than ", INT_MAX / 2,
-                                         " query rows, the most one call merges"));
-    detail::shard_buffers<T>::get().reserve(B * H * Lq, c.head_dim + 1, comm.size());
-    // Allocated before the exchange, so that a failure is every rank's (see call_check).
+    if (opts.weights_out) {
+      detail::require_disjoint(fn, "weights_out", *opts.weights_out, "out", out);
+      detail::require_disjoint(fn, "weights_out", *opts.weights_out, "query", query);
+    }
+    if (opts.average_weights_out) {
+      detail::require_disjoint(fn, "average_weights_out", *opts.average_weights_out, "out", out);
+      detail::require_disjoint(fn, "average_weights_out", *opts.average_weights_out, "query", query);
+    }
+    detail::prepare_merge<T>(fn, comm, B, H, Lq, c.head_dim + 1);
     const index_t n = detail::checked_mul(fn, detail::checked_mul(fn, B, Lq), width);
     q_buf.resize(std::size_t(n));
     o_buf.resize(std::size_t(n));
-    if (opts.average_weights_out && !opts.weights_out)
+    if (opts.weights_out) {
+      ao.weights_out = opts.weights_out;
+    } else if (opts.average_weights_out) {
       wts.resize(std::size_t(detail::checked_mul(fn, B * H * Lq, Lk)));
+      ao.weights_out = tensor_view<T, 4>(wts.data(), {B, H, Lq, Lk});
+    }
+    attention_options<T> local = ao;
+    local.mask.kv_lengths.reset();  // counts the whole context: checked after the exchange
+    (void)detail::check_attention_args<T>(
+        fn, split_heads(tensor_view<const T, 3>(q_buf.data(), {B, Lq, width}), H), shard.keys(),
+        shard.values(), split_heads(tensor_view<T, 3>(o_buf.data(), {B, Lq, width}), H), local);
   });
-  const std::vector<std::int64_t> lens = check.exchange(comm);
-  index_t total = 0;
-  for (std::int64_t n : lens) total += index_t(n);
-  detail::check_lengths_fit(fn, opts.mask, total);
+  const position_window window = detail::exchange_shards(comm, fn, check, opts.mask);
 
-  // Q = query Wqᵀ + bq on every rank (cheaper than sending it), O merged across the ranks.
   const cross_attention_weights<T>& w = layer.weights();
   row_matrix<T> scratch;
   const tensor_view<T, 3> q(q_buf.data(), {B, Lq, width}), o(o_buf.data(), {B, Lq, width});
   w.q_proj.forward(query, q, scratch);
-  attention_options<T> ao;
-  ao.scale = opts.scale ? opts.scale : c.scale;
-  ao.mask = opts.mask;
-  if (opts.weights_out) {
-    ao.weights_out = opts.weights_out;
-  } else if (opts.average_weights_out) {
-    ao.weights_out = tensor_view<T, 4>(wts.data(), {B, H, Lq, Lk});
-  }
   detail::sharded_attention_run<T>(
       comm, fn, split_heads(tensor_view<const T, 3>(q), H), shard.keys(), shard.values(),
-      split_heads(o, H), ao, sharding, lens, [&](auto qq, auto kk, auto vv, auto oo, const auto& a) {
+      split_heads(o, H), ao, sharding, window,
+      [&](auto qq, auto kk, auto vv, auto oo, const auto& a) {
         if (opts.kernel == attention_kernel::naive)
           naive_attention<T>(qq, kk, vv, oo, a);
         else
@@ -813,7 +809,8 @@ void sharded_forward(const communicator& comm, const multi_head_cross_attention<
 /// weights_out and average_weights_out, which are not gathered (a value_error). Collective:
 /// each rank checks its arguments and computes its rows, then the ranks compare their shapes,
 /// scale and masks (one MPI_Allgather) before any rows move; a failure throws the same error
-/// on every rank. Each rank sends its B·(Lq/P)·Dm outputs.
+/// on every rank. Each rank sends its B·(Lq/P)·Dm outputs. Allocates per call (a copy of the
+/// layer, which shares its weights, and this rank's rows).
 template <class T>
 void query_sharded_forward(const communicator& comm, const multi_head_cross_attention<T>& layer,
                            tensor_view<const T, 3> query, const context_cache<T>& cache,
