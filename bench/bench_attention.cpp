@@ -50,22 +50,50 @@ int use_threads(benchmark::State& state, std::size_t arg) {
   return threads;
 }
 
-// The memory-efficient kernel. Its scratch is reused from call to call, so only the first
-// (untimed warm-up) call allocates.
+// The memory-efficient kernel on elements of type T (float, or a half type: half.hpp). Its
+// scratch is reused from call to call, so only the first (untimed warm-up) call allocates.
+// FLOPs are counted as for float.
+template <class T>
 void BM_TiledAttention(benchmark::State& state) {
   xattn_bench::label_build(state);
   const xattn::attention_shape s = single_head(state);
   xattn::tile_options tiles;
   tiles.num_threads = use_threads(state, 3);
-  attention_inputs<float> io(s);
+  attention_inputs<T> io(s);
   for (auto _ : state) {
-    xattn::tiled_attention<float>(io.q(), io.k(), io.v(), io.out(), {}, tiles);
+    xattn::tiled_attention<T>(io.q(), io.k(), io.v(), io.out(), {}, tiles);
     benchmark::DoNotOptimize(io.out().data());
     benchmark::ClobberMemory();
   }
   report_flops(state, xattn::attention_flops(s));
   state.counters["scratch_KiB"] =
-      double(xattn::tiled_attention_scratch_bytes<float>(s, tiles)) / 1024.0;
+      double(xattn::tiled_attention_scratch_bytes<T>(s, tiles)) / 1024.0;
+}
+
+// One decoder step over a cached context: Lq = 1, H = 8 heads, D = 64, Lk keys (arguments Lk,
+// threads). KV is the cache's element type; the query and output are float (the mixed call for
+// a half KV). At Lk = 8192 and up K and V (2 to 8 MiB per head group in float) leave the L2
+// cache, and the step is bound by the bytes it reads: kv_bytes counts them per call.
+template <class KV>
+void BM_DecoderStep(benchmark::State& state) {
+  xattn_bench::label_build(state);
+  xattn::attention_shape s;
+  s.num_heads = 8;
+  s.q_len = 1;
+  s.kv_len = state.range(0);
+  s.head_dim = s.value_dim = 64;
+  xattn::tile_options tiles;
+  tiles.num_threads = use_threads(state, 1);
+  attention_inputs<float> queries(s);  // q and out
+  attention_inputs<KV> cache(s);       // k and v
+  for (auto _ : state) {
+    xattn::tiled_attention<float>(queries.q(), cache.k(), cache.v(), queries.out(), {}, tiles);
+    benchmark::DoNotOptimize(queries.out().data());
+    benchmark::ClobberMemory();
+  }
+  report_flops(state, xattn::attention_flops(s));
+  state.counters["kv_bytes"] =
+      double(2 * s.num_heads * s.kv_len * s.head_dim * index_t(sizeof(KV)));
 }
 
 // The reference kernel as users call it, so its per-call [Lq, Lk] score allocation is timed too.
@@ -227,14 +255,29 @@ void attention_cases(benchmark::internal::Benchmark* b) {
   b->Unit(benchmark::kMillisecond)->UseRealTime();
 }
 
+// Decoder steps over a Whisper-sized context (1500) and longer ones that leave the L2 cache.
+void decoder_cases(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"Lk", "threads"});
+  for (int threads : {1, 2})
+    for (index_t lk : {1500, 8192, 32768}) b->Args({lk, threads});
+  b->Unit(benchmark::kMicrosecond)->UseRealTime();
+}
+
 }  // namespace
 
-BENCHMARK(BM_TiledAttention)->Apply(attention_cases);
+BENCHMARK(BM_TiledAttention<float>)->Name("BM_TiledAttention")->Apply(attention_cases);
+BENCHMARK(BM_TiledAttention<Eigen::bfloat16>)
+    ->Name("BM_TiledAttention_bf16")
+    ->Apply(attention_cases);
+BENCHMARK(BM_TiledAttention<Eigen::half>)->Name("BM_TiledAttention_fp16")->Apply(attention_cases);
+BENCHMARK(BM_DecoderStep<float>)->Name("BM_DecoderStep")->Apply(decoder_cases);
+BENCHMARK(BM_DecoderStep<Eigen::bfloat16>)->Name("BM_DecoderStep_bf16")->Apply(decoder_cases);
+BENCHMARK(BM_DecoderStep<Eigen::half>)->Name("BM_DecoderStep_fp16")->Apply(decoder_cases);
 // One long context, Lq = Lk = 65536 (1.1 TFLOP, seconds per call): the tiled kernel's memory
 // stays at its inputs and output plus scratch, where the naive kernel would need a 16 GiB
 // score matrix. Run alone under /usr/bin/time -v to read the peak resident memory:
 //   bench_attention --benchmark_filter=Lq:65536
-BENCHMARK(BM_TiledAttention)
+BENCHMARK(BM_TiledAttention<float>)
     ->Name("BM_TiledAttentionLong")
     ->ArgNames({"Lq", "Lk", "D", "threads"})
     ->Args({65536, 65536, 64, 2})

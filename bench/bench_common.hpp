@@ -5,6 +5,7 @@
 
 #include "xattn/config.hpp"
 #include "xattn/dispatch.hpp"
+#include "xattn/half.hpp"
 #include "xattn/shapes.hpp"
 #include "xattn/tensor_view.hpp"
 
@@ -19,11 +20,13 @@ namespace xattn_bench {
 
 using xattn::index_t;
 
-/// Fills data[0, n) with values drawn uniformly from [-1, 1].
+/// Fills data[0, n) with values drawn uniformly from [-1, 1] (for the half types, drawn in
+/// float and rounded).
 template <class T>
 void fill_uniform(T* data, index_t n, std::mt19937& rng) {
-  std::uniform_real_distribution<T> dist(T(-1), T(1));
-  for (index_t i = 0; i < n; ++i) data[i] = dist(rng);
+  using C = xattn::compute_t<T>;
+  std::uniform_real_distribution<C> dist(C(-1), C(1));
+  for (index_t i = 0; i < n; ++i) data[i] = static_cast<T>(dist(rng));
 }
 
 /// A [rows, cols] row-major matrix of fixed-seed values uniform in [-1, 1].
@@ -103,6 +106,8 @@ inline void add_build_context() {
   // The tiled kernel's instruction-set path (dispatch.hpp): the fastest this CPU runs, or the
   // one XATTN_CPU_PATH names.
   benchmark::AddCustomContext("xattn_cpu_path", std::string(xattn::cpu_path()));
+  benchmark::AddCustomContext("xattn_cpu_path_fp16", xattn::cpu_path_for<Eigen::half>());
+  benchmark::AddCustomContext("xattn_cpu_path_bf16", xattn::cpu_path_for<Eigen::bfloat16>());
 #ifdef NDEBUG
   benchmark::AddCustomContext("xattn_asserts", "off");
 #else

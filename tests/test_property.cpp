@@ -237,18 +237,23 @@ config draw_config(rng& g) {
 }
 
 template <class T>
-constexpr T out_fill = T(-1234.5);
+const T out_fill = T(-1234.5f);
 
-// The outputs of one kernel run, placed in their layouts.
+// The outputs of one kernel run, placed in their layouts: weights and lse in statistic_t<T>
+// (float for the half types).
 template <class T>
 struct run_outputs {
-  placed<T, 4> out, weights;
-  placed<T, 3> lse;
+  placed<T, 4> out;
+  placed<xattn::statistic_t<T>, 4> weights;
+  placed<xattn::statistic_t<T>, 3> lse;
 };
 
-// Runs one case on every kernel; returns "" on success, else what went wrong.
+// Runs one case on every kernel; returns "" on success, else what went wrong. For the half types
+// the output is held to the accuracy rule (check_half_rule), the float statistics to float's
+// tolerance.
 template <class T>
 std::string run_case(std::uint64_t case_seed) {
+  using S = xattn::statistic_t<T>;
   rng g(case_seed);
   const config c = draw_config(g);
   const T nan = std::numeric_limits<T>::quiet_NaN();
@@ -290,7 +295,13 @@ std::string run_case(std::uint64_t case_seed) {
 
   const xattn::tensor_view<const T, 4> qv = q.view, kv = k.view, vv = v.view;
   const auto want = xattn_test::reference_attention<T>(qv, kv, vv, opts);
-  const double tol = xattn_test::attention_tol<T>(c.Dk, c.Lk, want.max_abs_score);
+  const double tol = xattn_test::attention_tol<S>(c.Dk, c.Lk, want.max_abs_score);
+  std::vector<T> q_packed, k_packed, v_packed;  // for the half rule's references
+  if constexpr (xattn::is_half_v<T>) {
+    q_packed = q.elements();
+    k_packed = k.elements();
+    v_packed = v.elements();
+  }
 
   // Padding keys hold NaN from here on (the reference read clean ones): never to be read.
   if (c.kv_lengths)
@@ -303,8 +314,8 @@ std::string run_case(std::uint64_t case_seed) {
 
   const auto run = [&](const xattn_test::kernel<T>& kern) {
     run_outputs<T> r{placed<T, 4>({c.B, c.H, c.Lq, c.Dv}, c.lo, out_fill<T>),
-                     placed<T, 4>({c.B, c.H, c.Lq, c.Lk}, c.lw, out_fill<T>),
-                     placed<T, 3>({c.B, c.H, c.Lq}, c.ll, out_fill<T>)};
+                     placed<S, 4>({c.B, c.H, c.Lq, c.Lk}, c.lw, out_fill<S>),
+                     placed<S, 3>({c.B, c.H, c.Lq}, c.ll, out_fill<S>)};
     xattn::attention_options<T> o = opts;
     if (c.weights) o.weights_out = r.weights.view;
     if (c.lse) o.lse_out = r.lse.view;
@@ -313,22 +324,33 @@ std::string run_case(std::uint64_t case_seed) {
   };
   const auto check = [&](const xattn_test::kernel<T>& kern, const run_outputs<T>& r) {
     std::ostringstream err;
-    if (auto a = xattn_test::all_close(r.out.elements(), want.out, tol); !a)
+    if constexpr (xattn::is_half_v<T>) {
+      const std::array<index_t, 4> eq{c.B, c.H, c.Lq, c.Dk}, ek{c.B, c.Hkv, c.Lk, c.Dk},
+          ev{c.B, c.Hkv, c.Lk, c.Dv};
+      if (auto a = xattn_test::check_half_rule<T>(
+              r.out.elements(), xattn::tensor_view<const T, 4>(q_packed.data(), eq),
+              xattn::tensor_view<const T, 4>(k_packed.data(), ek),
+              xattn::tensor_view<const T, 4>(v_packed.data(), ev), opts);
+          !a)
+        err << kern.name << ": output: " << a.message() << "\n";
+    } else if (auto a = xattn_test::all_close(r.out.elements(), want.out, tol); !a) {
       err << kern.name << ": output: " << a.message() << "\n";
+    }
     if (c.weights)
       if (auto a = xattn_test::all_close(r.weights.elements(), want.weights, tol); !a)
         err << kern.name << ": weights: " << a.message() << "\n";
     if (c.lse)
       if (auto a = xattn_test::all_close(r.lse.elements(), want.lse, tol); !a)
         err << kern.name << ": log-sum-exp: " << a.message() << "\n";
-    if (!r.out.outside_untouched(out_fill<T>) || !r.weights.outside_untouched(out_fill<T>) ||
-        !r.lse.outside_untouched(out_fill<T>))
+    if (!r.out.outside_untouched(out_fill<T>) || !r.weights.outside_untouched(out_fill<S>) ||
+        !r.lse.outside_untouched(out_fill<S>))
       err << kern.name << ": wrote outside an output view\n";
     return err.str();
   };
   const auto same_bits = [](const auto& a, const auto& b) {
     return a.buffer.size() == b.buffer.size() &&
-           std::memcmp(a.buffer.data(), b.buffer.data(), a.buffer.size() * sizeof(T)) == 0;
+           std::memcmp(a.buffer.data(), b.buffer.data(), a.buffer.size() * sizeof(a.buffer[0])) ==
+               0;
   };
 
   std::string failures;
@@ -530,6 +552,18 @@ TYPED_TEST_SUITE(Property, xattn_test::element_types, );
 TYPED_TEST(Property, KernelsMatchTheReferenceOnRandomCases) {
   xattn_test::property::run_cases(run_case<TypeParam>, xattn_test::property::run_seed(), 1,
                                   "cases");
+}
+
+// The half types (half.hpp), forward only: a fifth as many cases as float's, each checked by
+// the accuracy rule, which runs a second reference.
+template <class T>
+class PropertyHalf : public ::testing::Test {};
+using half_types = ::testing::Types<Eigen::half, Eigen::bfloat16>;
+TYPED_TEST_SUITE(PropertyHalf, half_types, );
+
+TYPED_TEST(PropertyHalf, KernelsHoldTheAccuracyRuleOnRandomCases) {
+  xattn_test::property::run_cases(run_case<TypeParam>, xattn_test::property::run_seed() + 0x4a1f, 5,
+                                  "half cases");
 }
 
 // A fifth as many cases as the forward's: each runs the long-double backward too.

@@ -4,6 +4,7 @@
 // quadruple-loop attention in long double that the kernels are checked against.
 #pragma once
 
+#include "xattn/half.hpp"
 #include "xattn/options.hpp"
 #include "xattn/shapes.hpp"
 #include "xattn/tensor_view.hpp"
@@ -105,8 +106,7 @@ struct bool_mask {
 template <class T>
 xattn::tensor_view<const T, 4> key_rows(const xattn::tensor_view<const T, 4>& x, index_t begin,
                                         index_t n) {
-  return {x.data() + begin * x.stride(2), {x.extent(0), x.extent(1), n, x.extent(3)},
-          x.strides()};
+  return {x.data() + begin * x.stride(2), {x.extent(0), x.extent(1), n, x.extent(3)}, x.strides()};
 }
 
 /// Key columns [begin, begin + n) of a [B|1, H|1, Lq|1, Lk] mask, read in place; a broadcast key
@@ -115,8 +115,7 @@ template <class E>
 xattn::tensor_view<const E, 4> key_columns(const xattn::tensor_view<const E, 4>& m, index_t begin,
                                            index_t n) {
   if (m.extent(3) == 1) return m;
-  return {m.data() + begin * m.stride(3), {m.extent(0), m.extent(1), m.extent(2), n},
-          m.strides()};
+  return {m.data() + begin * m.stride(3), {m.extent(0), m.extent(1), m.extent(2), n}, m.strides()};
 }
 
 /// Compares every element: passes when |got - want| <= tol · (1 + |want|), or both are the same
@@ -155,6 +154,45 @@ std::vector<std::remove_const_t<T>> elements(const xattn::tensor_view<T, 4>& v) 
   return out;
 }
 
+/// A value of any element type as long double: the half types exactly, through float.
+template <class T>
+long double to_ld(const T& x) {
+  if constexpr (xattn::is_half_v<T>)
+    return static_cast<long double>(static_cast<float>(x));
+  else
+    return static_cast<long double>(x);
+}
+
+/// Whether the masks of m let query i of (b, h) see key j (the bias aside): key padding, the
+/// boolean mask and both causal alignments, counting the window's positions.
+template <class T>
+bool key_visible(const xattn::attention_mask<T>& m, index_t lq, index_t lk, index_t b, index_t h,
+                 index_t i, index_t j) {
+  const xattn::position_window w = m.window.value_or(xattn::position_window{});
+  const index_t q_total = w.query_len.value_or(w.query_offset + lq);
+  const index_t k_total = w.kv_len.value_or(w.key_offset + lk);
+  const index_t gi = w.query_offset + i, gj = w.key_offset + j;
+  if (m.kv_lengths && gj >= (*m.kv_lengths)(b)) return false;
+  if (m.allowed) {
+    const auto& a = *m.allowed;
+    if (!a(a.extent(0) == 1 ? 0 : b, a.extent(1) == 1 ? 0 : h, a.extent(2) == 1 ? 0 : i,
+           a.extent(3) == 1 ? 0 : j))
+      return false;
+  }
+  if (m.causal == xattn::causal_mask::top_left && gj > gi) return false;
+  if (m.causal == xattn::causal_mask::bottom_right && gj > gi + k_total - q_total) return false;
+  return true;
+}
+
+/// The bias of m for (b, h, i, j), broadcast; 0 without one.
+template <class T>
+long double bias_at(const xattn::attention_mask<T>& m, index_t b, index_t h, index_t i, index_t j) {
+  if (!m.bias) return 0.0L;
+  const auto& x = *m.bias;
+  return to_ld(x(x.extent(0) == 1 ? 0 : b, x.extent(1) == 1 ? 0 : h, x.extent(2) == 1 ? 0 : i,
+                 x.extent(3) == 1 ? 0 : j));
+}
+
 /// What the reference computes: the output, the weights and the log-sum-exp, packed
 /// [B, H, Lq, Dv], [B, H, Lq, Lk] and [B, H, Lq], and the largest |score| seen.
 struct reference_result {
@@ -174,14 +212,6 @@ reference_result reference_attention(const xattn::tensor_view<const T, 4>& q,
   const index_t Hkv = k.extent(1), Lk = k.extent(2), Dv = v.extent(3);
   const ld scale = opts.scale ? ld(*opts.scale) : 1.0L / std::sqrt(ld(Dk));
   const auto& m = opts.mask;
-  auto bcast = [](const auto& view, index_t b, index_t h, index_t i, index_t j) {
-    return view(view.extent(0) == 1 ? 0 : b, view.extent(1) == 1 ? 0 : h,
-                view.extent(2) == 1 ? 0 : i, view.extent(3) == 1 ? 0 : j);
-  };
-  // Positions in the window's whole sequences (see position_window); without one, the call's.
-  const xattn::position_window w = m.window.value_or(xattn::position_window{});
-  const index_t q_total = w.query_len.value_or(w.query_offset + Lq);
-  const index_t k_total = w.kv_len.value_or(w.key_offset + Lk);
   reference_result r;
   for (index_t b = 0; b < B; ++b)
     for (index_t h = 0; h < H; ++h) {
@@ -192,16 +222,11 @@ reference_result reference_attention(const xattn::tensor_view<const T, 4>& q,
         ld mx = -std::numeric_limits<ld>::infinity();
         for (index_t j = 0; j < Lk; ++j) {
           ld dot = 0;
-          for (index_t d = 0; d < Dk; ++d) dot += ld(q(b, h, i, d)) * ld(k(b, hk, j, d));
-          ld x = scale * dot;
-          if (m.bias) x += ld(bcast(*m.bias, b, h, i, j));
-          bool ok = !(x == -std::numeric_limits<ld>::infinity());  // a -inf bias masks
-          const index_t gi = w.query_offset + i, gj = w.key_offset + j;
-          if (m.kv_lengths && gj >= (*m.kv_lengths)(b)) ok = false;
-          if (m.allowed && !bcast(*m.allowed, b, h, i, j)) ok = false;
-          if (m.causal == xattn::causal_mask::top_left && gj > gi) ok = false;
-          if (m.causal == xattn::causal_mask::bottom_right && gj > gi + k_total - q_total)
-            ok = false;
+          for (index_t d = 0; d < Dk; ++d) dot += to_ld(q(b, h, i, d)) * to_ld(k(b, hk, j, d));
+          const ld x = scale * dot + bias_at(m, b, h, i, j);
+          // a -inf bias masks; positions count the window's whole sequences (position_window)
+          const bool ok =
+              !(x == -std::numeric_limits<ld>::infinity()) && key_visible(m, Lq, Lk, b, h, i, j);
           s[std::size_t(j)] = x;
           keep[std::size_t(j)] = ok;
           if (ok) {
@@ -218,7 +243,7 @@ reference_result reference_attention(const xattn::tensor_view<const T, 4>& q,
         }
         for (index_t e = 0; e < Dv; ++e) {
           ld o = 0;
-          for (index_t j = 0; j < Lk; ++j) o += p[std::size_t(j)] * ld(v(b, hk, j, e));
+          for (index_t j = 0; j < Lk; ++j) o += p[std::size_t(j)] * to_ld(v(b, hk, j, e));
           r.out.push_back(o);
         }
         r.weights.insert(r.weights.end(), p.begin(), p.end());
@@ -226,6 +251,94 @@ reference_result reference_attention(const xattn::tensor_view<const T, 4>& q,
       }
     }
   return r;
+}
+
+/// Attention computed plainly in the half type T, rounding where PyTorch's math path on
+/// bf16/fp16 tensors rounds: the scaled queries, each score (a dot product accumulated exactly,
+/// then rounded), the score plus the bias, each softmax weight (computed exactly from the
+/// rounded scores, then rounded) and each output (accumulated exactly from the rounded weights,
+/// then rounded). Masked keys weigh 0, and a row with every key masked gives zeros. The yardstick
+/// of the half-precision accuracy rule (check_half_rule).
+template <class T>
+std::vector<T> plain_half_attention(const xattn::tensor_view<const T, 4>& q,
+                                    const xattn::tensor_view<const T, 4>& k,
+                                    const xattn::tensor_view<const T, 4>& v,
+                                    const xattn::attention_options<T>& opts = {}) {
+  using ld = long double;
+  const auto rnd = [](ld x) { return to_ld(static_cast<T>(static_cast<float>(x))); };
+  const index_t B = q.extent(0), H = q.extent(1), Lq = q.extent(2), Dk = q.extent(3);
+  const index_t Hkv = k.extent(1), Lk = k.extent(2), Dv = v.extent(3);
+  const ld scale = rnd(opts.scale ? ld(*opts.scale) : 1.0L / std::sqrt(ld(Dk)));
+  std::vector<T> out;
+  for (index_t b = 0; b < B; ++b)
+    for (index_t h = 0; h < H; ++h)
+      for (index_t i = 0; i < Lq; ++i) {
+        const index_t hk = h / (H / Hkv);
+        std::vector<ld> s(std::size_t(Lk), -std::numeric_limits<ld>::infinity());
+        ld mx = -std::numeric_limits<ld>::infinity();
+        for (index_t j = 0; j < Lk; ++j) {
+          if (!key_visible(opts.mask, Lq, Lk, b, h, i, j)) continue;
+          ld dot = 0;
+          for (index_t d = 0; d < Dk; ++d)
+            dot += rnd(scale * to_ld(q(b, h, i, d))) * to_ld(k(b, hk, j, d));
+          ld x = rnd(dot);
+          if (opts.mask.bias) x = rnd(x + bias_at(opts.mask, b, h, i, j));
+          s[std::size_t(j)] = x;
+          mx = std::max(mx, x);
+        }
+        std::vector<ld> p(std::size_t(Lk), 0.0L);
+        if (mx > -std::numeric_limits<ld>::infinity()) {
+          ld sum = 0;
+          for (index_t j = 0; j < Lk; ++j) sum += std::exp(s[std::size_t(j)] - mx);
+          for (index_t j = 0; j < Lk; ++j)
+            p[std::size_t(j)] = rnd(std::exp(s[std::size_t(j)] - mx) / sum);
+        }
+        for (index_t e = 0; e < Dv; ++e) {
+          ld o = 0;
+          for (index_t j = 0; j < Lk; ++j) o += p[std::size_t(j)] * to_ld(v(b, hk, j, e));
+          out.push_back(static_cast<T>(static_cast<float>(o)));
+        }
+      }
+  return out;
+}
+
+/// The accuracy rule for a half-precision output `got` of attention(q, k, v, opts), the one
+/// FlashAttention's tests use: its largest error against the exact result (reference_attention,
+/// on the same half inputs) is at most twice that of plain_half_attention, plus half a unit in
+/// the last place of the largest exact output (the one rounding every half output has, which
+/// the plain result may dodge by chance in a tiny case).
+template <class T>
+::testing::AssertionResult check_half_rule(const std::vector<T>& got,
+                                           const xattn::tensor_view<const T, 4>& q,
+                                           const xattn::tensor_view<const T, 4>& k,
+                                           const xattn::tensor_view<const T, 4>& v,
+                                           const xattn::attention_options<T>& opts = {}) {
+  xattn::attention_options<T> plain_opts = opts;  // the statistics are not compared here
+  plain_opts.weights_out.reset();
+  plain_opts.lse_out.reset();
+  const reference_result exact = reference_attention<T>(q, k, v, plain_opts);
+  const std::vector<T> plain = plain_half_attention<T>(q, k, v, plain_opts);
+  if (got.size() != exact.out.size())
+    return ::testing::AssertionFailure()
+           << "sizes differ: " << got.size() << " vs " << exact.out.size();
+  double err = 0.0, plain_err = 0.0, largest = 0.0;
+  std::size_t worst = 0;
+  for (std::size_t n = 0; n < got.size(); ++n) {
+    const double want = double(exact.out[n]);
+    const double e = std::abs(double(to_ld(got[n])) - want);
+    if (!(e <= err)) {  // NaN is the worst
+      err = e;
+      worst = n;
+    }
+    plain_err = std::max(plain_err, std::abs(double(to_ld(plain[n])) - want));
+    largest = std::max(largest, std::abs(want));
+  }
+  const double slack = 0.5 * double(std::numeric_limits<T>::epsilon()) * largest;
+  if (err <= 2.0 * plain_err + slack) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure()
+         << "error " << err << " at element " << worst << " (got " << double(to_ld(got[worst]))
+         << ", exact " << double(exact.out[worst]) << ") > 2 x " << plain_err << " (the plain "
+         << xattn::element_name<T>() << " result's) + " << slack;
 }
 
 /// An attention_shape from its sizes, in the order B, H, Lq, Lk, Dk, Dv (, Hkv).

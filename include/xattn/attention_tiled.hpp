@@ -14,6 +14,7 @@
 #include "xattn/detail/validate.hpp"
 #include "xattn/dispatch.hpp"
 #include "xattn/errors.hpp"
+#include "xattn/half.hpp"
 #include "xattn/options.hpp"
 #include "xattn/shapes.hpp"
 #include "xattn/tensor_view.hpp"
@@ -30,37 +31,65 @@ namespace xattn {
 
 namespace detail {
 
-/// One tiled_attention call with its arguments checked and its work planned.
-template <class T>
+/// One tiled_attention call with its arguments checked and its work planned. T is the element
+/// type of q, out and the options, KV that of k and v; the work is done in C = compute_t<T>
+/// (float for the half types, half.hpp), and compute_t<KV> is the same C.
+template <class T, class KV = T>
 struct tiled_job {
-  tensor_view<const T, 4> q, k, v;
+  using C = compute_t<T>;
+  static_assert(std::is_same_v<C, compute_t<KV>>, "q and k, v must compute in the same type");
+
+  tensor_view<const T, 4> q;
+  tensor_view<const KV, 4> k, v;
   tensor_view<T, 4> out;
   const attention_options<T>& opts;
   mask_plan<T> mask;
   attention_shape shape;
   index_t group;  ///< H / Hkv
-  T scale;
+  C scale;
   tiled_plan plan;
-  const tile_kernels<T>& loops;  ///< the inner loops of the call's instruction-set path
-  team_scratch<T>* team;         ///< sized for plan before the threads start
-  T* partials;                   ///< splits > 1: m, l and an output row per query of every unit
+  const tile_kernels<C>& loops;  ///< the inner loops of the call's instruction-set path
+  team_scratch<C>* team;         ///< sized for plan before the threads start
+  C* partials;                   ///< splits > 1: m, l and an output row per query of every unit
 
-  tile_scratch<T>& scratch(int thread) const { return team->threads[std::size_t(thread)]; }
+  tile_scratch<C>& scratch(int thread) const { return team->threads[std::size_t(thread)]; }
 
   /// A [n, D] tile of keys or values starting at key j0, as a pointer and a row stride: the
-  /// caller's rows in place when each is contiguous, else copied into `copy`.
-  static const T* rows_of(const tensor_view<const T, 2>& x, index_t j0, index_t n,
-                          aligned_vector<T>& copy, index_t& ld) {
-    if (x.stride(1) == 1 || x.extent(1) <= 1) {
-      ld = x.stride(0);
-      return x.data() + j0 * x.stride(0);
+  /// caller's rows in place when each is contiguous and already of type C, else copied into
+  /// `copy` (widened from a half type: once per tile, by the path's conversion loop).
+  const C* rows_of(const tensor_view<const KV, 2>& x, index_t j0, index_t n,
+                   aligned_vector<C>& copy, index_t& ld) const {
+    const bool contiguous = x.stride(1) == 1 || x.extent(1) <= 1;
+    if constexpr (std::is_same_v<KV, C>) {
+      if (contiguous) {
+        ld = x.stride(0);
+        return x.data() + j0 * x.stride(0);
+      }
     }
     const index_t d = x.extent(1);
-    T* dst = at_least(copy, n * d);
-    for (index_t j = 0; j < n; ++j)
-      for (index_t e = 0; e < d; ++e) dst[j * d + e] = x(j0 + j, e);
+    C* dst = at_least(copy, n * d);
     ld = d;
+    if constexpr (!std::is_same_v<KV, C>) {
+      if (contiguous) {
+        const KV* src = x.data() + j0 * x.stride(0);
+        if (x.stride(0) == d || n == 1)  // one run of n·d elements
+          widen(src, n * d, dst);
+        else
+          for (index_t j = 0; j < n; ++j) widen(src + j * x.stride(0), d, dst + j * d);
+        return dst;
+      }
+    }
+    for (index_t j = 0; j < n; ++j)
+      for (index_t e = 0; e < d; ++e) dst[j * d + e] = static_cast<C>(x(j0 + j, e));
     return dst;
+  }
+
+ private:
+  void widen(const KV* x, index_t n, C* y) const {
+    if constexpr (std::is_same_v<KV, Eigen::half>)
+      loops.widen_fp16(x, n, y);
+    else
+      loops.widen_bf16(x, n, y);
   }
 };
 
@@ -106,10 +135,12 @@ T correction(T m_old, T m_new, T shift) noexcept {
 
 // ---- the lanes path: a tile of queries in SIMD lanes ------------------------------------------
 
-template <class T>
+template <class T, class KV>
 class lanes_unit {
+  using C = compute_t<T>;
+
  public:
-  lanes_unit(const tiled_job<T>& job, tile_scratch<T>& ws, index_t b, index_t h, index_t i0,
+  lanes_unit(const tiled_job<T, KV>& job, tile_scratch<C>& ws, index_t b, index_t h, index_t i0,
              index_t mq)
       : job_(job),
         ws_(ws),
@@ -126,9 +157,9 @@ class lanes_unit {
     qt_ = at_least(ws.qt, s.head_dim * w_);
     const auto q = job.q.select(0, b).select(0, h);
     for (index_t d = 0; d < s.head_dim; ++d) {
-      T* row = qt_ + d * w_;
-      for (index_t i = 0; i < mq; ++i) row[i] = job.scale * q(i0 + i, d);
-      std::fill(row + mq, row + w_, T(0));
+      C* row = qt_ + d * w_;
+      for (index_t i = 0; i < mq; ++i) row[i] = job.scale * static_cast<C>(q(i0 + i, d));
+      std::fill(row + mq, row + w_, C(0));
     }
     s_ = at_least(ws.s, job.plan.kv_tile * w_);
     ot_ = at_least(ws.acc, s.value_dim * w_);
@@ -141,18 +172,18 @@ class lanes_unit {
   }
 
   /// Runs keys [kbeg, kend) through the online softmax.
-  unit_state<T> run(index_t kbeg, index_t kend) {
+  unit_state<C> run(index_t kbeg, index_t kend) {
     const attention_shape& s = job_.shape;
-    std::fill(m_, m_ + w_, -std::numeric_limits<T>::infinity());
-    std::fill(l_, l_ + w_, T(0));
-    std::fill(ot_, ot_ + s.value_dim * w_, T(0));
+    std::fill(m_, m_ + w_, -std::numeric_limits<C>::infinity());
+    std::fill(l_, l_ + w_, C(0));
+    std::fill(ot_, ot_ + s.value_dim * w_, C(0));
     kend = std::min(kend, key_limit_);
     for (index_t j0 = kbeg; j0 < kend; j0 += job_.plan.kv_tile) {
       const index_t n = std::min(job_.plan.kv_tile, kend - j0);
       if (!scores(j0, n)) continue;
       job_.loops.online_softmax_tile(s_, w_, n, packets_, m_, l_, corr_);
       index_t ldv = 0;
-      const T* v = tiled_job<T>::rows_of(v_, j0, n, ws_.v_copy, ldv);
+      const C* v = job_.rows_of(v_, j0, n, ws_.v_copy, ldv);
       job_.loops.tile_values(n, packets_, v, ldv, s_, w_, s.value_dim, corr_, ot_, w_);
     }
     return {m_, l_, ot_, 1, w_};
@@ -160,11 +191,11 @@ class lanes_unit {
 
   /// Writes the attention weights of the tile's queries for every key, recomputing the scores
   /// tile by tile: exp(s - m) / l, as naive_attention gives them.
-  void write_weights(const tensor_view<T, 4>& weights) {
+  void write_weights(const tensor_view<C, 4>& weights) {
     const index_t kv_len = job_.shape.kv_len;
     for (index_t i = 0; i < mq_; ++i) {  // shift and 1/l per query, kept in corr
       m_[i] = safe_shift(m_[i]);
-      corr_[i] = l_[i] == T(0) ? T(0) : T(1) / l_[i];
+      corr_[i] = l_[i] == C(0) ? C(0) : C(1) / l_[i];
     }
     for (index_t j0 = 0; j0 < kv_len; j0 += job_.plan.kv_tile) {
       const index_t n = std::min(job_.plan.kv_tile, kv_len - j0);
@@ -175,7 +206,7 @@ class lanes_unit {
       for (index_t i = 0; i < mq_; ++i)
         for (index_t j = 0; j < n; ++j)
           weights(b_, h_, i0_ + i, j0 + j) =
-              (live && j < nk ? exp_flushed(s_[j * w_ + i] - m_[i]) : T(0)) * corr_[i];
+              (live && j < nk ? exp_flushed(s_[j * w_ + i] - m_[i]) : C(0)) * corr_[i];
     }
   }
 
@@ -186,7 +217,7 @@ class lanes_unit {
     const mask_plan<T>& mask = job_.mask;
     if (!mask.allows_any(b_, h_, i0_, mq_, j0, n)) return false;
     index_t ldk = 0;
-    const T* k = tiled_job<T>::rows_of(k_, j0, n, ws_.k_copy, ldk);
+    const C* k = job_.rows_of(k_, j0, n, ws_.k_copy, ldk);
     job_.loops.tile_scores(n, packets_, k, ldk, qt_, w_, job_.shape.head_dim, s_, w_);
     if (mask.has_elementwise()) {
       for (index_t i = 0; i < mq_; ++i) mask.apply(b_, h_, i0_ + i, j0, s_ + i, n, w_);
@@ -194,17 +225,17 @@ class lanes_unit {
       for (index_t i = 0; i < mq_; ++i) {
         const index_t end = mask.key_end(b_, i0_ + i);
         for (index_t j = std::max<index_t>(end - j0, 0); j < n; ++j)
-          s_[j * w_ + i] = -std::numeric_limits<T>::infinity();
+          s_[j * w_ + i] = -std::numeric_limits<C>::infinity();
       }
     }
     return true;
   }
 
-  const tiled_job<T>& job_;
-  tile_scratch<T>& ws_;
+  const tiled_job<T, KV>& job_;
+  tile_scratch<C>& ws_;
   index_t b_, h_, i0_, mq_, w_, packets_;
-  tensor_view<const T, 2> k_, v_;
-  T *qt_, *s_, *ot_, *m_, *l_, *corr_;
+  tensor_view<const KV, 2> k_, v_;
+  C *qt_, *s_, *ot_, *m_, *l_, *corr_;
   index_t key_limit_;
 };
 
@@ -213,10 +244,12 @@ class lanes_unit {
 // idle. Here each query row runs on its own: its scores are one matrix-vector product over the
 // key tile (vectorised along Dk) and its output another (vectorised along Dv).
 
-template <class T>
+template <class T, class KV>
 class row_unit {
+  using C = compute_t<T>;
+
  public:
-  row_unit(const tiled_job<T>& job, tile_scratch<T>& ws, index_t b, index_t h, index_t i0,
+  row_unit(const tiled_job<T, KV>& job, tile_scratch<C>& ws, index_t b, index_t h, index_t i0,
            index_t mq)
       : job_(job),
         ws_(ws),
@@ -230,18 +263,19 @@ class row_unit {
     qs_ = at_least(ws.qt, mq * s.head_dim);
     const auto q = job.q.select(0, b).select(0, h);
     for (index_t i = 0; i < mq; ++i)
-      for (index_t d = 0; d < s.head_dim; ++d) qs_[i * s.head_dim + d] = job.scale * q(i0 + i, d);
+      for (index_t d = 0; d < s.head_dim; ++d)
+        qs_[i * s.head_dim + d] = job.scale * static_cast<C>(q(i0 + i, d));
     s_ = at_least(ws.s, job.plan.kv_tile + job.plan.lanes);  // room for online_softmax_row
     acc_ = at_least(ws.acc, mq * s.value_dim);
     m_ = at_least(ws.stats, 2 * mq);
     l_ = m_ + mq;
   }
 
-  unit_state<T> run(index_t kbeg, index_t kend) {
+  unit_state<C> run(index_t kbeg, index_t kend) {
     const attention_shape& s = job_.shape;
-    std::fill(m_, m_ + mq_, -std::numeric_limits<T>::infinity());
-    std::fill(l_, l_ + mq_, T(0));
-    std::fill(acc_, acc_ + mq_ * s.value_dim, T(0));
+    std::fill(m_, m_ + mq_, -std::numeric_limits<C>::infinity());
+    std::fill(l_, l_ + mq_, C(0));
+    std::fill(acc_, acc_ + mq_ * s.value_dim, C(0));
     // Keys past the last one any row may see (key padding, causal) are never read.
     index_t key_limit = 0;
     for (index_t i = 0; i < mq_; ++i)
@@ -250,15 +284,15 @@ class row_unit {
     for (index_t j0 = kbeg; j0 < kend; j0 += job_.plan.kv_tile) {
       const index_t n = std::min(job_.plan.kv_tile, kend - j0);
       index_t ldk = 0, ldv = 0;
-      const T* k = tiled_job<T>::rows_of(k_, j0, n, ws_.k_copy, ldk);
-      const T* v = tiled_job<T>::rows_of(v_, j0, n, ws_.v_copy, ldv);
+      const C* k = job_.rows_of(k_, j0, n, ws_.k_copy, ldk);
+      const C* v = job_.rows_of(v_, j0, n, ws_.v_copy, ldv);
       for (index_t i = 0; i < mq_; ++i) {
         const index_t ni = std::min(n, job_.mask.key_end(b_, i0_ + i) - j0);  // keys it may see
         if (ni <= 0) continue;
         scores(i, j0, ni, k, ldk);
-        T m_new, sum;
+        C m_new, sum;
         job_.loops.online_softmax_row(s_, ni, m_[i], m_new, sum);
-        const T corr = correction(m_[i], m_new, safe_shift(m_new));
+        const C corr = correction(m_[i], m_new, safe_shift(m_new));
         l_[i] = corr * l_[i] + sum;
         m_[i] = m_new;
         job_.loops.row_values(s_, v, ldv, s.value_dim, ni, corr, acc_ + i * s.value_dim);
@@ -267,7 +301,7 @@ class row_unit {
     return {m_, l_, acc_, s.value_dim, 1};
   }
 
-  void write_weights(const tensor_view<T, 4>& weights) {
+  void write_weights(const tensor_view<C, 4>& weights) {
     const index_t kv_len = job_.shape.kv_len;
     index_t key_limit = 0;
     for (index_t i = 0; i < mq_; ++i)
@@ -276,70 +310,72 @@ class row_unit {
       const index_t n = std::min(job_.plan.kv_tile, kv_len - j0);
       const index_t nk = std::max<index_t>(0, std::min(n, key_limit - j0));  // keys to read
       index_t ldk = 0;
-      const T* k = nk > 0 ? tiled_job<T>::rows_of(k_, j0, nk, ws_.k_copy, ldk) : nullptr;
+      const C* k = nk > 0 ? job_.rows_of(k_, j0, nk, ws_.k_copy, ldk) : nullptr;
       for (index_t i = 0; i < mq_; ++i) {
-        const T shift = safe_shift(m_[i]);
-        const T inv_l = l_[i] == T(0) ? T(0) : T(1) / l_[i];
+        const C shift = safe_shift(m_[i]);
+        const C inv_l = l_[i] == C(0) ? C(0) : C(1) / l_[i];
         // Keys past the row's end (key padding, causal) are not read: weight 0, or NaN in a
         // NaN row (inv_l is NaN there).
         const index_t ni = std::max<index_t>(0, std::min(n, job_.mask.key_end(b_, i0_ + i) - j0));
         if (ni > 0) scores(i, j0, ni, k, ldk);
         for (index_t j = 0; j < ni; ++j)
           weights(b_, h_, i0_ + i, j0 + j) = exp_flushed(s_[j] - shift) * inv_l;
-        for (index_t j = ni; j < n; ++j) weights(b_, h_, i0_ + i, j0 + j) = T(0) * inv_l;
+        for (index_t j = ni; j < n; ++j) weights(b_, h_, i0_ + i, j0 + j) = C(0) * inv_l;
       }
     }
   }
 
  private:
   // One query's scores against keys [j0, j0 + n), masks applied, into s_.
-  void scores(index_t i, index_t j0, index_t n, const T* k, index_t ldk) {
+  void scores(index_t i, index_t j0, index_t n, const C* k, index_t ldk) {
     const index_t dk = job_.shape.head_dim;
     job_.loops.row_scores(qs_ + i * dk, k, ldk, dk, n, s_);
     if (job_.mask.any()) job_.mask.apply(b_, h_, i0_ + i, j0, s_, n);
   }
 
-  const tiled_job<T>& job_;
-  tile_scratch<T>& ws_;
+  const tiled_job<T, KV>& job_;
+  tile_scratch<C>& ws_;
   index_t b_, h_, i0_, mq_;
-  tensor_view<const T, 2> k_, v_;
-  T *qs_, *s_, *acc_, *m_, *l_;
+  tensor_view<const KV, 2> k_, v_;
+  C *qs_, *s_, *acc_, *m_, *l_;
 };
 
 // ---- units, partial results and the merge ------------------------------------------------------
 
 /// out = acc / l and lse = m + log(l) for the unit's queries; a query with l = 0 (every key
-/// masked) gets zeros and -inf.
-template <class T>
-void write_output(const tiled_job<T>& job, index_t b, index_t h, index_t i0, index_t mq,
-                  const unit_state<T>& st) {
+/// masked) gets zeros and -inf. The output is rounded to T here, once.
+template <class T, class KV, class C>
+void write_output(const tiled_job<T, KV>& job, index_t b, index_t h, index_t i0, index_t mq,
+                  const unit_state<C>& st) {
   for (index_t i = 0; i < mq; ++i) {
-    const T l = st.l[i];
-    const T inv_l = l == T(0) ? T(0) : T(1) / l;
-    for (index_t e = 0; e < job.shape.value_dim; ++e) job.out(b, h, i0 + i, e) = st(i, e) * inv_l;
+    const C l = st.l[i];
+    const C inv_l = l == C(0) ? C(0) : C(1) / l;
+    for (index_t e = 0; e < job.shape.value_dim; ++e)
+      job.out(b, h, i0 + i, e) = static_cast<T>(st(i, e) * inv_l);
     if (job.opts.lse_out)
       (*job.opts.lse_out)(b, h, i0 + i) =
-          l == T(0) ? -std::numeric_limits<T>::infinity() : st.m[i] + std::log(l);
+          l == C(0) ? -std::numeric_limits<C>::infinity() : st.m[i] + std::log(l);
   }
 }
 
-template <class T>
-T* partial_block(const tiled_job<T>& job, index_t unit) {
-  return job.partials + unit * partial_stride<T>(job.plan, job.shape);
+template <class T, class KV>
+compute_t<T>* partial_block(const tiled_job<T, KV>& job, index_t unit) {
+  return job.partials + unit * partial_stride<compute_t<T>>(job.plan, job.shape);
 }
 
-template <class T, class Unit>
-void finish_unit(const tiled_job<T>& job, Unit& unit, index_t u, index_t b, index_t h, index_t i0,
-                 index_t mq, index_t split) {
+template <class T, class KV, class Unit>
+void finish_unit(const tiled_job<T, KV>& job, Unit& unit, index_t u, index_t b, index_t h,
+                 index_t i0, index_t mq, index_t split) {
+  using C = compute_t<T>;
   const tiled_plan& p = job.plan;
   const index_t kbeg = split * p.split_len;
-  const unit_state<T> st = unit.run(kbeg, std::min(job.shape.kv_len, kbeg + p.split_len));
+  const unit_state<C> st = unit.run(kbeg, std::min(job.shape.kv_len, kbeg + p.split_len));
   if (p.splits == 1) {
     write_output(job, b, h, i0, mq, st);
     if (job.opts.weights_out) unit.write_weights(*job.opts.weights_out);
     return;
   }
-  T* part = partial_block(job, u);  // m [mq], l [mq], acc [mq, Dv]
+  C* part = partial_block(job, u);  // m [mq], l [mq], acc [mq, Dv]
   const index_t dv = job.shape.value_dim;
   for (index_t i = 0; i < mq; ++i) {
     part[i] = st.m[i];
@@ -350,54 +386,55 @@ void finish_unit(const tiled_job<T>& job, Unit& unit, index_t u, index_t b, inde
 
 /// Splits of one item merged in split order: with M the largest split max,
 ///   l = Σ_s exp(m_s - M) l_s,   acc = Σ_s exp(m_s - M) acc_s,   out = acc / l.
-template <class T>
-void merge_item(const tiled_job<T>& job, int thread, index_t item, index_t b, index_t h, index_t i0,
-                index_t mq) {
+template <class T, class KV>
+void merge_item(const tiled_job<T, KV>& job, int thread, index_t item, index_t b, index_t h,
+                index_t i0, index_t mq) {
+  using C = compute_t<T>;
   const index_t dv = job.shape.value_dim, splits = job.plan.splits;
-  T* acc = job.scratch(thread).acc.data();
+  C* acc = job.scratch(thread).acc.data();
   for (index_t i = 0; i < mq; ++i) {
-    T big = -std::numeric_limits<T>::infinity();
+    C big = -std::numeric_limits<C>::infinity();
     for (index_t sp = 0; sp < splits; ++sp)
       big = max_nan(big, partial_block(job, item * splits + sp)[i]);
-    const T shift = safe_shift(big);
-    T l = 0;
-    std::fill(acc, acc + dv, T(0));
+    const C shift = safe_shift(big);
+    C l = 0;
+    std::fill(acc, acc + dv, C(0));
     for (index_t sp = 0; sp < splits; ++sp) {
-      const T* part = partial_block(job, item * splits + sp);
-      const T w = exp_flushed(part[i] - shift);
+      const C* part = partial_block(job, item * splits + sp);
+      const C w = exp_flushed(part[i] - shift);
       l += w * part[mq + i];
       for (index_t e = 0; e < dv; ++e) acc[e] += w * part[2 * mq + i * dv + e];
     }
-    const T inv_l = l == T(0) ? T(0) : T(1) / l;
-    for (index_t e = 0; e < dv; ++e) job.out(b, h, i0 + i, e) = acc[e] * inv_l;
+    const C inv_l = l == C(0) ? C(0) : C(1) / l;
+    for (index_t e = 0; e < dv; ++e) job.out(b, h, i0 + i, e) = static_cast<T>(acc[e] * inv_l);
     if (job.opts.lse_out)
       (*job.opts.lse_out)(b, h, i0 + i) =
-          l == T(0) ? -std::numeric_limits<T>::infinity() : big + std::log(l);
+          l == C(0) ? -std::numeric_limits<C>::infinity() : big + std::log(l);
   }
 }
 
 /// Work unit u: item u / splits, key range u % splits. Items run batch, then head, then query
 /// tile.
-template <class T>
-void run_unit(const tiled_job<T>& job, int thread, index_t u) {
+template <class T, class KV>
+void run_unit(const tiled_job<T, KV>& job, int thread, index_t u) {
   const tiled_plan& p = job.plan;
   const index_t item = u / p.splits, split = u % p.splits;
   const index_t b = item / (job.shape.num_heads * p.q_tiles);
   const index_t h = item / p.q_tiles % job.shape.num_heads;
   const index_t i0 = item % p.q_tiles * p.q_tile;
   const index_t mq = std::min(p.q_tile, job.shape.q_len - i0);
-  tile_scratch<T>& ws = job.scratch(thread);
+  tile_scratch<compute_t<T>>& ws = job.scratch(thread);
   if (p.rows) {
-    row_unit<T> unit(job, ws, b, h, i0, mq);
+    row_unit<T, KV> unit(job, ws, b, h, i0, mq);
     finish_unit(job, unit, u, b, h, i0, mq, split);
   } else {
-    lanes_unit<T> unit(job, ws, b, h, i0, mq);
+    lanes_unit<T, KV> unit(job, ws, b, h, i0, mq);
     finish_unit(job, unit, u, b, h, i0, mq, split);
   }
 }
 
-template <class T>
-void run_merge(const tiled_job<T>& job, int thread, index_t item) {
+template <class T, class KV>
+void run_merge(const tiled_job<T, KV>& job, int thread, index_t item) {
   const tiled_plan& p = job.plan;
   const index_t b = item / (job.shape.num_heads * p.q_tiles);
   const index_t h = item / p.q_tiles % job.shape.num_heads;
@@ -444,23 +481,66 @@ void parallel_for(index_t n, int threads, const F& f) {
   for (index_t i = 0; i < n; ++i) f(i, 0);
 }
 
+/// Runs one tiled_attention call: T is the element type of q, out and opts, KV that of k and v.
+template <class T, class KV>
+void run_tiled(const char* fn, const tensor_view<const T, 4>& q, const tensor_view<const KV, 4>& k,
+               const tensor_view<const KV, 4>& v, const tensor_view<T, 4>& out,
+               const attention_options<T>& opts, const tile_options& tiles) {
+  using C = compute_t<T>;
+  const attention_problem pr = check_attention_args<T, KV>(fn, q, k, v, out, opts);
+  check_tile_options(fn, tiles);
+  const attention_shape& s = pr.shape;
+  if (s.batch == 0 || s.num_heads == 0 || s.q_len == 0) return;
+
+  const tile_kernels<C>& loops = active_kernels<C>();
+  const tiled_plan plan = make_tiled_plan<C>(s, tiles, opts.weights_out.has_value(), loops.lanes,
+                                             !std::is_same_v<KV, C>);
+  // All scratch is allocated here, on the calling thread, before any thread starts. Keys and
+  // values of another type than C are widened into the copies a tile at a time.
+  constexpr bool widen = !std::is_same_v<KV, C>;
+  const bool copy_k = widen || (k.stride(3) != 1 && s.head_dim > 1);
+  const bool copy_v = widen || (v.stride(3) != 1 && s.value_dim > 1);
+  team_scratch<C>& team = reserve_team_scratch<C>(plan, s, copy_k, copy_v);
+  const tiled_job<T, KV> job{q,
+                             k,
+                             v,
+                             out,
+                             opts,
+                             mask_plan<T>(opts.mask, s),
+                             s,
+                             pr.group,
+                             static_cast<C>(pr.scale),
+                             plan,
+                             loops,
+                             &team,
+                             team.partials.data()};
+  parallel_for(plan.units(), plan.threads,
+               [&](index_t u, int thread) { run_unit(job, thread, u); });
+  if (plan.splits > 1)
+    parallel_for(plan.items, std::min<int>(plan.threads, int(plan.items)),
+                 [&](index_t item, int thread) { run_merge(job, thread, item); });
+}
+
 }  // namespace detail
 
 /// Bytes of scratch tiled_attention<T> keeps for a call of shape s: per thread, the tiles of
-/// Qᵀ, Sᵀ and Oᵀ (and of K and V when their rows are strided), plus the per-split partial
-/// results when the keys are split. It grows with the tile sizes, Dk and Dv, never with Lq or Lk
-/// (splits are bounded, and each partial holds one query tile). The scratch of a call's whole
-/// thread team belongs to the calling thread and is reused by its later calls.
+/// Qᵀ, Sᵀ and Oᵀ (and of K and V when their rows are strided or of a half type), plus the
+/// per-split partial results when the keys are split. It grows with the tile sizes, Dk and Dv,
+/// never with Lq or Lk (splits are bounded, and each partial holds one query tile). The scratch
+/// of a call's whole thread team belongs to the calling thread and is reused by its later
+/// calls. T may be a half type; the scratch is then float.
 template <class T>
 index_t tiled_attention_scratch_bytes(const attention_shape& s, const tile_options& tiles = {},
                                       bool need_weights = false) {
+  using C = compute_t<T>;
   detail::check_shape("tiled_attention_scratch_bytes", s);
-  const detail::tiled_plan p = detail::make_tiled_plan<T>(s, tiles, need_weights);
-  const index_t per_thread = detail::unit_scratch_elements<T>(p, s).total();
+  const detail::tiled_plan p = detail::make_tiled_plan<C>(
+      s, tiles, need_weights, detail::active_kernels<C>().lanes, !std::is_same_v<T, C>);
+  const index_t per_thread = detail::unit_scratch_elements<C>(p, s).total();
   const index_t all =
       detail::checked_mul("tiled_attention_scratch_bytes", index_t(p.threads), per_thread) +
-      detail::partial_elements<T>(p, s);
-  return detail::checked_mul("tiled_attention_scratch_bytes", all, index_t(sizeof(T)));
+      detail::partial_elements<C>(p, s);
+  return detail::checked_mul("tiled_attention_scratch_bytes", all, index_t(sizeof(C)));
 }
 
 /// Scaled dot-product attention with O(tile) scratch; arguments and results as
@@ -475,45 +555,28 @@ index_t tiled_attention_scratch_bytes(const attention_shape& s, const tile_optio
 /// when built with OpenMP. With fewer units than split_target_units the keys are split into
 /// ranges as well, and the ranges merged through their log-sum-exp. The output is the same, bit
 /// for bit, for every thread count. Tiles whose keys are all masked (key padding, causal, a
-/// boolean mask) are skipped.
+/// boolean mask) are skipped. T may be a half type (half.hpp): float arithmetic, the output
+/// rounded once, the log-sum-exp and weights in float.
 template <class T>
 void tiled_attention(detail::identity_t<tensor_view<const T, 4>> q,
                      detail::identity_t<tensor_view<const T, 4>> k,
                      detail::identity_t<tensor_view<const T, 4>> v, tensor_view<T, 4> out,
                      const detail::identity_t<attention_options<T>>& opts = {},
                      const tile_options& tiles = {}) {
-  static_assert(std::is_floating_point_v<T>, "xattn kernels need a floating-point element type");
-  constexpr const char* fn = "tiled_attention";
-  const detail::attention_problem pr = detail::check_attention_args<T>(fn, q, k, v, out, opts);
-  detail::check_tile_options(fn, tiles);
-  const attention_shape& s = pr.shape;
-  if (s.batch == 0 || s.num_heads == 0 || s.q_len == 0) return;
+  static_assert(is_element_v<T>, "xattn kernels need a floating-point or half element type");
+  detail::run_tiled<T, T>("tiled_attention", q, k, v, out, opts, tiles);
+}
 
-  const detail::tile_kernels<T>& loops = detail::active_kernels<T>();
-  const detail::tiled_plan plan =
-      detail::make_tiled_plan<T>(s, tiles, opts.weights_out.has_value(), loops.lanes);
-  // All scratch is allocated here, on the calling thread, before any thread starts.
-  const bool copy_k = k.stride(3) != 1 && s.head_dim > 1;
-  const bool copy_v = v.stride(3) != 1 && s.value_dim > 1;
-  detail::team_scratch<T>& team = detail::reserve_team_scratch<T>(plan, s, copy_k, copy_v);
-  const detail::tiled_job<T> job{q,
-                                 k,
-                                 v,
-                                 out,
-                                 opts,
-                                 detail::mask_plan<T>(opts.mask, s),
-                                 s,
-                                 pr.group,
-                                 static_cast<T>(pr.scale),
-                                 plan,
-                                 loops,
-                                 &team,
-                                 team.partials.data()};
-  detail::parallel_for(plan.units(), plan.threads,
-                       [&](index_t u, int thread) { detail::run_unit(job, thread, u); });
-  if (plan.splits > 1)
-    detail::parallel_for(plan.items, std::min<int>(plan.threads, int(plan.items)),
-                         [&](index_t item, int thread) { detail::run_merge(job, thread, item); });
+/// The mixed call: float queries and output against keys and values stored in a half type KV
+/// (Eigen::half or Eigen::bfloat16), as a decoder's float activations read a context cache
+/// kept in half. Each tile of K and V is widened to float once; everything else is the float
+/// call's, so the result equals tiled_attention<float> on the widened k and v.
+template <class T, class KV, std::enable_if_t<std::is_same_v<T, float> && is_half_v<KV>, int> = 0>
+void tiled_attention(detail::identity_t<tensor_view<const T, 4>> q, tensor_view<const KV, 4> k,
+                     tensor_view<const KV, 4> v, tensor_view<T, 4> out,
+                     const detail::identity_t<attention_options<T>>& opts = {},
+                     const tile_options& tiles = {}) {
+  detail::run_tiled<T, KV>("tiled_attention", q, k, v, out, opts, tiles);
 }
 
 }  // namespace xattn

@@ -240,8 +240,17 @@ class multi_head_cross_attention;
 /// Made by multi_head_cross_attention::encode_context; reusing one keeps its memory. A copy is
 /// a deep copy (its own keys and values). A cache is read-only during forward, so any number of
 /// threads may run forward against one cache at once (each with its own module).
-template <class T>
+///
+/// S is the type the keys and values are stored in: T, or for a float module a half type
+/// (Eigen::half or Eigen::bfloat16, half.hpp), which halves the cache's memory and the bytes a
+/// decoder step reads. The projections are computed in float and rounded once into the cache;
+/// the attention then reads them through the kernels' mixed call (float queries, half keys and
+/// values).
+template <class T, class S = T>
 class context_cache {
+  static_assert(std::is_same_v<S, T> || (std::is_same_v<T, float> && is_half_v<S>),
+                "a context cache stores T, or Eigen::half or Eigen::bfloat16 for a float module");
+
  public:
   context_cache() = default;
 
@@ -256,9 +265,13 @@ class context_cache {
   bool usable() const noexcept { return usable_; }
 
   /// Projected keys, heads read in place from the [B, Lk, Hkv·Dk] buffer: [B, Hkv, Lk, Dk]
-  tensor_view<const T, 4> keys() const { return heads_of(k_); }
+  tensor_view<const S, 4> keys() const { return heads_of(k_); }
   /// Projected values: [B, Hkv, Lk, Dk]
-  tensor_view<const T, 4> values() const { return heads_of(v_); }
+  tensor_view<const S, 4> values() const { return heads_of(v_); }
+  /// Bytes of the keys and values the cache holds now (its buffers may hold more).
+  index_t bytes() const noexcept {
+    return 2 * batch_ * kv_len_ * num_kv_heads_ * head_dim_ * index_t(sizeof(S));
+  }
 
   /// How many times a buffer of this cache had to grow.
   index_t allocations() const noexcept { return allocations_; }
@@ -266,15 +279,15 @@ class context_cache {
  private:
   friend class multi_head_cross_attention<T>;
 
-  tensor_view<T, 3> packed(const detail::growing_buffer<T>& buf) const {
-    return tensor_view<T, 3>(buf.data(), {batch_, kv_len_, num_kv_heads_ * head_dim_});
+  tensor_view<S, 3> packed(const detail::growing_buffer<S>& buf) const {
+    return tensor_view<S, 3>(buf.data(), {batch_, kv_len_, num_kv_heads_ * head_dim_});
   }
-  tensor_view<const T, 4> heads_of(const detail::growing_buffer<T>& buf) const {
-    return split_heads(tensor_view<const T, 3>(packed(buf)), num_kv_heads_ > 0 ? num_kv_heads_ : 1);
+  tensor_view<const S, 4> heads_of(const detail::growing_buffer<S>& buf) const {
+    return split_heads(tensor_view<const S, 3>(packed(buf)), num_kv_heads_ > 0 ? num_kv_heads_ : 1);
   }
 
   index_t batch_ = 0, kv_len_ = 0, num_kv_heads_ = 0, head_dim_ = 0;
-  detail::growing_buffer<T> k_, v_;
+  detail::growing_buffer<S> k_, v_;
   index_t allocations_ = 0;
   bool usable_ = true;
 };
@@ -341,22 +354,27 @@ class multi_head_cross_attention {
   ///   context [B, Lk, Dc]    values [B, Lk, Dcv]
   ///
   /// When the call fails before writing (a bad shape, or the cache could not grow) the cache is
-  /// left as it was; see context_cache::usable for a failure while writing.
+  /// left as it was; see context_cache::usable for a failure while writing. A cache of a half
+  /// type S gets the float projections rounded once.
+  template <class S>
   void encode_context(tensor_view<const T, 3> context, tensor_view<const T, 3> values,
-                      context_cache<T>& cache) const {
+                      context_cache<T, S>& cache) const {
     encode_into("multi_head_cross_attention::encode_context", context, values, cache,
                 cache.allocations_);
   }
-  /// As above, returning a new cache.
-  context_cache<T> encode_context(tensor_view<const T, 3> context,
-                                  tensor_view<const T, 3> values) const {
-    context_cache<T> cache;
+  /// As above, returning a new cache; encode_context<Eigen::bfloat16>(context, values) stores
+  /// it in bf16.
+  template <class S = T>
+  context_cache<T, S> encode_context(tensor_view<const T, 3> context,
+                                     tensor_view<const T, 3> values) const {
+    context_cache<T, S> cache;
     encode_context(context, values, cache);
     return cache;
   }
   /// Keys and values from the same context [B, Lk, Dc] (needs Dcv = Dc).
-  context_cache<T> encode_context(tensor_view<const T, 3> context) const {
-    return encode_context(context, context);
+  template <class S = T>
+  context_cache<T, S> encode_context(tensor_view<const T, 3> context) const {
+    return encode_context<S>(context, context);
   }
 
   /// out = cross-attention of query over a context:
@@ -381,8 +399,11 @@ class multi_head_cross_attention {
   /// Against a context projected earlier by encode_context: no key/value projection at all.
   ///
   ///   query [B, Lq, Dm]   cache of B contexts   out [B, Lq, Dm] (written)
-  void forward(tensor_view<const T, 3> query, const context_cache<T>& cache, tensor_view<T, 3> out,
-               const cross_attention_options<T>& opts = {}) {
+  ///
+  /// The cache may be stored in a half type (see context_cache).
+  template <class S>
+  void forward(tensor_view<const T, 3> query, const context_cache<T, S>& cache,
+               tensor_view<T, 3> out, const cross_attention_options<T>& opts = {}) {
     constexpr const char* fn = "multi_head_cross_attention::forward";
     if (!cache.usable())
       detail::fail_value(detail::message(
@@ -447,8 +468,9 @@ class multi_head_cross_attention {
   // Strong guarantee: every check and every allocation comes before the cache changes. Should
   // a projection still fail while writing (an allocation inside Eigen), the cache is marked
   // unusable rather than left half written.
+  template <class S>
   void encode_into(const char* fn, const tensor_view<const T, 3>& context,
-                   const tensor_view<const T, 3>& values, context_cache<T>& cache,
+                   const tensor_view<const T, 3>& values, context_cache<T, S>& cache,
                    index_t& allocations) const {
     const auto& c = config_;
     detail::require_extent(fn, "context", 2, context.extent(2), c.context_dim);
@@ -459,10 +481,15 @@ class multi_head_cross_attention {
     const index_t n = detail::checked_mul(fn, detail::checked_mul(fn, batch, kv_len),
                                           c.num_kv_heads * c.head_dim);
     for (const auto* buf : {&cache.k_, &cache.v_}) {  // a context read from the cache itself
-      const tensor_view<const T, 1> held(buf->data(), {buf->capacity()});
+      const tensor_view<const S, 1> held(buf->data(), {buf->capacity()});
       detail::require_disjoint(fn, "the cache", held, "context", context);
       detail::require_disjoint(fn, "the cache", held, "values", values);
     }
+    // A half cache: the float projections of up to `chunk` context rows at a time, rounded.
+    constexpr index_t chunk = 256;
+    const index_t width = c.num_kv_heads * c.head_dim;
+    row_matrix<T> rows;  // the outputs are packed, so linear::forward needs no other scratch
+    if constexpr (!std::is_same_v<S, T>) rows.resize(std::min(kv_len, chunk), width);
     cache.k_.ensure(n, allocations);
     cache.v_.ensure(n, allocations);
     cache.batch_ = batch;
@@ -470,13 +497,31 @@ class multi_head_cross_attention {
     cache.num_kv_heads_ = c.num_kv_heads;
     cache.head_dim_ = c.head_dim;
     cache.usable_ = false;  // until both projections are written
-    row_matrix<T> unused;   // the outputs are packed, so linear::forward never needs scratch
-    weights_->k_proj.forward(context, cache.packed(cache.k_), unused);
-    weights_->v_proj.forward(values, cache.packed(cache.v_), unused);
+    if constexpr (std::is_same_v<S, T>) {
+      weights_->k_proj.forward(context, cache.packed(cache.k_), rows);
+      weights_->v_proj.forward(values, cache.packed(cache.v_), rows);
+    } else {
+      const auto project = [&](const linear<T>& proj, const tensor_view<const T, 3>& x,
+                               const tensor_view<S, 3>& dst) {
+        for (index_t b = 0; b < batch; ++b)
+          for (index_t j0 = 0; j0 < kv_len; j0 += chunk) {
+            const index_t m = std::min(chunk, kv_len - j0);
+            const tensor_view<const T, 3> part(x.data() + b * x.stride(0) + j0 * x.stride(1),
+                                               {1, m, x.extent(2)}, x.strides());
+            row_matrix<T> unused;
+            proj.forward(part, tensor_view<T, 3>(rows.data(), {1, m, width}), unused);
+            for (index_t r = 0; r < m; ++r)
+              for (index_t e = 0; e < width; ++e) dst(b, j0 + r, e) = static_cast<S>(rows(r, e));
+          }
+      };
+      project(weights_->k_proj, context, cache.packed(cache.k_));
+      project(weights_->v_proj, values, cache.packed(cache.v_));
+    }
     cache.usable_ = true;
   }
 
-  void run(const char* fn, const tensor_view<const T, 3>& query, const context_cache<T>& cache,
+  template <class S>
+  void run(const char* fn, const tensor_view<const T, 3>& query, const context_cache<T, S>& cache,
            const tensor_view<T, 3>& out, const cross_attention_options<T>& opts) {
     const auto& c = config_;
     const cross_attention_weights<T>& w = *weights_;
@@ -524,7 +569,7 @@ class multi_head_cross_attention {
     if (opts.kernel == attention_kernel::naive)
       naive_attention<T>(qh, cache.keys(), cache.values(), oh, ao);
     else
-      tiled_attention<T>(qh, cache.keys(), cache.values(), oh, ao, opts.tiles);
+      tiled_attention<T>(qh, cache.keys(), cache.values(), oh, ao, opts.tiles);  // S: mixed
 
     // need_weights with averaging: the mean over heads, as PyTorch's average_attn_weights.
     if (opts.average_weights_out) {
@@ -554,8 +599,9 @@ class multi_head_cross_attention {
     // window's key positions: the same only when the window holds every key.
     if (mask.window && (mask.window->key_offset != 0 || mask.window->kv_len.value_or(Lk) != Lk))
       detail::fail_value(detail::message(
-          fn, ": key_padding_mask cannot be combined with mask.window over part of the keys; "
-              "give the padding as mask.kv_lengths in the window's positions"));
+          fn,
+          ": key_padding_mask cannot be combined with mask.window over part of the keys; "
+          "give the padding as mask.kv_lengths in the window's positions"));
     if (mask.kv_lengths)
       detail::require_extent(fn, "mask.kv_lengths", 0, mask.kv_lengths->extent(0), B);
     if (mask.allowed) detail::require_broadcastable(fn, "mask.allowed", *mask.allowed, s);

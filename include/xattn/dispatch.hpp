@@ -20,12 +20,29 @@
 #include <iterator>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 namespace xattn {
 
 /// The path tiled_attention calls starting now run on: "avx512", "avx2", "sse2" or "eigen".
 inline std::string_view cpu_path() noexcept { return detail::level_name(detail::active_level()); }
+
+/// The path tiled_attention calls on element type T starting now run on: cpu_path() for float
+/// and double; for the half types, cpu_path() and how each tile of keys and values is widened
+/// to float (half.hpp): "+f16c" (vcvtph2ps) or "+scalar" for fp16, "+shift" (a bf16 is the high
+/// half of a float: 16-bit shifts, or interleaving on sse2) or "+scalar" for bf16. The mixed call
+/// (float queries, half keys and values) runs on the path of its half type.
+template <class T>
+std::string cpu_path_for() {
+  const detail::cpu_level l = detail::active_level();
+  std::string name = detail::level_name(l);
+  if constexpr (std::is_same_v<T, Eigen::half>)
+    name += l == detail::cpu_level::avx2 || l == detail::cpu_level::avx512 ? "+f16c" : "+scalar";
+  else if constexpr (std::is_same_v<T, Eigen::bfloat16>)
+    name += l == detail::cpu_level::eigen ? "+scalar" : "+shift";
+  return name;
+}
 
 /// The paths this build has and this CPU runs, fastest first.
 inline std::vector<std::string_view> cpu_paths() {

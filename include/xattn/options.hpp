@@ -4,6 +4,7 @@
 #pragma once
 
 #include "xattn/config.hpp"
+#include "xattn/half.hpp"
 #include "xattn/tensor_view.hpp"
 
 #include <optional>
@@ -24,10 +25,10 @@ enum class causal_mask {
 /// slice masks exactly the keys the whole call would; allowed and bias stay the call's own
 /// [.., Lq|1, Lk|1]. An unset length is the offset plus the call's own length.
 struct position_window {
-  index_t query_offset = 0;        ///< the call's first query position, >= 0
+  index_t query_offset = 0;          ///< the call's first query position, >= 0
   std::optional<index_t> query_len;  ///< queries in all, >= query_offset + Lq
-  index_t key_offset = 0;          ///< the call's first key position, >= 0
-  std::optional<index_t> kv_len;   ///< keys in all, >= key_offset + Lk
+  index_t key_offset = 0;            ///< the call's first key position, >= 0
+  std::optional<index_t> kv_len;     ///< keys in all, >= key_offset + Lk
 };
 
 /// The masks of one attention call. Each is optional, and they combine: a key takes part in a
@@ -68,17 +69,20 @@ struct attention_mask {
 template <class T>
 struct attention_options {
   /// Multiplies Q Kᵀ. Unset: 1/sqrt(Dk). Every kernel applies it to the queries first: a score
-  /// is (scale · q, rounded to T) · k, computed in T. So scale · q must fit in T even where the
+  /// is (scale · q, rounded to T) · k, computed in T (float for the half types, which widen q
+  /// and k first: see half.hpp). So scale · q must fit in T even where the
   /// score would (scale 1e30 on q = 1e10 overflows float to inf, and the row becomes NaN by the
   /// policy above), while q · k alone may exceed T's range (scale 1e-30 on q = k = 1e30 gives
   /// scores of 1e30). The same queries, keys and scale give the same scores in every kernel.
   std::optional<double> scale;
   /// Which keys each query may attend; see attention_mask.
   attention_mask<T> mask;
-  /// If set, receives the attention weights P (rows sum to 1). [B, H, Lq, Lk]
-  std::optional<tensor_view<T, 4>> weights_out;
-  /// If set, receives each row's log-sum-exp of the scaled, masked scores. [B, H, Lq]
-  std::optional<tensor_view<T, 3>> lse_out;
+  /// If set, receives the attention weights P (rows sum to 1). [B, H, Lq, Lk]. In float for
+  /// the half types (statistic_t, half.hpp).
+  std::optional<tensor_view<statistic_t<T>, 4>> weights_out;
+  /// If set, receives each row's log-sum-exp of the scaled, masked scores. [B, H, Lq]. In
+  /// float for the half types.
+  std::optional<tensor_view<statistic_t<T>, 3>> lse_out;
 };
 
 /// How tiled_attention cuts its work. Unset fields are chosen by the kernel: tile sizes from Dk,

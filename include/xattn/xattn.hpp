@@ -12,6 +12,7 @@
 #include "xattn/cross_attention_backward.hpp"
 #include "xattn/dispatch.hpp"
 #include "xattn/errors.hpp"
+#include "xattn/half.hpp"
 #include "xattn/heatmap.hpp"
 #include "xattn/options.hpp"
 #include "xattn/projection.hpp"

@@ -24,6 +24,7 @@
 // also reaches templates and lambdas). Standard and Eigen headers must be included before a
 // region opens, or their functions would be compiled for it too.
 #if XATTN_DISPATCH
+#  include <cpuid.h>
 #  include <immintrin.h>
 #  define XATTN_DETAIL_STRINGIFY(x) #  x
 #  if defined(__clang__)
@@ -43,8 +44,8 @@
 #  endif
 // The extensions of each level, as target strings.
 #  define XATTN_DETAIL_TARGET_SSE2 "sse2"
-#  define XATTN_DETAIL_TARGET_AVX2 "avx2,fma"
-#  define XATTN_DETAIL_TARGET_AVX512 "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"
+#  define XATTN_DETAIL_TARGET_AVX2 "avx2,fma,f16c"
+#  define XATTN_DETAIL_TARGET_AVX512 "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c"
 #endif
 
 namespace xattn::detail {
@@ -66,6 +67,16 @@ inline constexpr const char* level_name(cpu_level l) noexcept {
   }
 }
 
+#if XATTN_DISPATCH
+/// F16C (vcvtph2ps, the fp16 conversion of the avx2 and avx512 levels), from CPUID leaf 1:
+/// every CPU with AVX2 has it, but a virtual machine may hide it. Read directly because not
+/// every compiler's __builtin_cpu_supports knows the name.
+inline bool cpu_has_f16c() noexcept {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  return __get_cpuid(1, &a, &b, &c, &d) != 0 && (c & bit_F16C) != 0;
+}
+#endif
+
 /// Whether this build has the level's loops and this CPU (and its operating system, which must
 /// save the wider registers) can run them.
 inline bool level_available(cpu_level l) noexcept {
@@ -75,11 +86,11 @@ inline bool level_available(cpu_level l) noexcept {
     case cpu_level::sse2:
       return true;  // part of x86-64
     case cpu_level::avx2:
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
     case cpu_level::avx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-             __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+             __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
     default:
       return false;
   }

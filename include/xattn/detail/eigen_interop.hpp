@@ -67,11 +67,28 @@ matrix_map<const T> contiguous_rows(const tensor_view<const T, 2>& v, row_matrix
                              Eigen::OuterStride<>(scratch.cols()));
 }
 
+/// v widened to C as a GEMM-ready matrix: contiguous_rows when C is v's own type, else a
+/// converted copy in scratch (half-precision inputs computed in float).
+template <class C, class S>
+matrix_map<const C> compute_rows(const tensor_view<const S, 2>& v, row_matrix<C>& scratch) {
+  if constexpr (std::is_same_v<C, S>) {
+    return contiguous_rows(v, scratch);
+  } else {
+    scratch = as_strided_matrix(v).template cast<C>();
+    return matrix_map<const C>(scratch.data(), scratch.rows(), scratch.cols(),
+                               Eigen::OuterStride<>(scratch.cols()));
+  }
+}
+
 /// dst = src for any layout of dst; src is evaluated into scratch first when dst's rows are
-/// not contiguous (so a product still runs as one GEMM).
-template <class T, class Expr>
-void assign_rows(const tensor_view<T, 2>& dst, const Expr& src, row_matrix<T>& scratch) {
-  if (has_contiguous_rows(dst)) {
+/// not contiguous (so a product still runs as one GEMM), or when dst's element type T is not
+/// the expression's C (a float result rounded once into a half-precision output).
+template <class T, class Expr, class C>
+void assign_rows(const tensor_view<T, 2>& dst, const Expr& src, row_matrix<C>& scratch) {
+  if constexpr (!std::is_same_v<T, C>) {
+    scratch.noalias() = src;
+    as_strided_matrix(dst) = scratch.template cast<T>();
+  } else if (has_contiguous_rows(dst)) {
     as_matrix(dst).noalias() = src;
   } else {
     scratch.noalias() = src;

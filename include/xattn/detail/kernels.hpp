@@ -38,6 +38,9 @@ struct tile_kernels {
   void (*row_values)(const T* p, const T* v, index_t ldv, index_t value_dim, index_t n, T corr,
                      T* acc);
   void (*exp_flushed)(const T* x, index_t n, T* y);
+  /// y = x widened to T, for the half types' tiles of keys and values (half.hpp)
+  void (*widen_fp16)(const Eigen::half* x, index_t n, T* y);
+  void (*widen_bf16)(const Eigen::bfloat16* x, index_t n, T* y);
 };
 
 }  // namespace xattn::detail

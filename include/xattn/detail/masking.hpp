@@ -4,6 +4,7 @@
 #pragma once
 
 #include "xattn/config.hpp"
+#include "xattn/half.hpp"
 #include "xattn/options.hpp"
 #include "xattn/shapes.hpp"
 
@@ -14,9 +15,12 @@
 
 namespace xattn::detail {
 
+/// T is the element type of the bias; scores are compute_t<T> (float for the half types).
 template <class T>
 class mask_plan {
  public:
+  using C = compute_t<T>;
+
   /// The masks must already have been checked against the shape (see validate.hpp).
   mask_plan(const attention_mask<T>& m, const attention_shape& s)
       : kv_lengths_(m.kv_lengths), causal_(m.causal), kv_len_(s.kv_len) {
@@ -60,16 +64,16 @@ class mask_plan {
 
   /// For keys j0 .. j0 + n - 1 of query row (b, h, i): adds the bias to s[(j - j0) * step] and
   /// sets the score of every masked key to -inf, so its exp is exactly 0.
-  void apply(index_t b, index_t h, index_t i, index_t j0, T* s, index_t n,
+  void apply(index_t b, index_t h, index_t i, index_t j0, C* s, index_t n,
              index_t step = 1) const noexcept {
-    constexpr T neg_inf = -std::numeric_limits<T>::infinity();
+    constexpr C neg_inf = -std::numeric_limits<C>::infinity();
     const index_t end = key_end(b, i);
     const T* bias_row = bias_ ? bias_ + offset(bias_strides_, b, h, i) : nullptr;
     const bool* allowed_row = allowed_ ? allowed_ + offset(allowed_strides_, b, h, i) : nullptr;
     for (index_t t = 0; t < n; ++t) {
       const index_t j = j0 + t;
-      T& x = s[t * step];
-      if (bias_row) x += bias_row[j * bias_strides_[3]];
+      C& x = s[t * step];
+      if (bias_row) x += static_cast<C>(bias_row[j * bias_strides_[3]]);
       if (j >= end || (allowed_row && !allowed_row[j * allowed_strides_[3]])) x = neg_inf;
     }
   }

@@ -304,6 +304,14 @@ void exp_flushed_array(const T* x, index_t n, T* y) {
     simd::store(y + i, simd::exp_flushed<T>(simd::load(x + i)));
 }
 
+/// y = x widened to T: the level's vector conversion for floats, then element by element.
+template <class T, class S>
+void widen_array(const S* x, index_t n, T* y) {
+  index_t i = 0;
+  if constexpr (std::is_same_v<T, float>) i = simd::widen(x, n, y);
+  for (; i < n; ++i) y[i] = static_cast<T>(x[i]);
+}
+
 /// The loops above, compiled for this level, as detail::tile_kernels (detail/kernels.hpp).
 template <class T>
 inline constexpr tile_kernels<T> kernels{level,
@@ -314,4 +322,6 @@ inline constexpr tile_kernels<T> kernels{level,
                                          &row_scores<T>,
                                          &online_softmax_row<T>,
                                          &row_values<T>,
-                                         &exp_flushed_array<T>};
+                                         &exp_flushed_array<T>,
+                                         &widen_array<T, Eigen::half>,
+                                         &widen_array<T, Eigen::bfloat16>};

@@ -11,6 +11,7 @@
 //   reduce_add, reduce_max       over the lanes of one packet
 //   reduce_add4(a, out)          out[r] = reduce_add(a[r]) for four packets at once
 //   exp_flushed<T>(x)            exp lane by lane, 0 below the smallest normal number
+//   widen(x, n, y)               fp16 or bf16 x to float y for a prefix of n; returns its length
 //
 // The x86-64 levels are written with intrinsics (detail/simd_sse2.hpp, simd_avx2.hpp,
 // simd_avx512.hpp) and share one exp (detail/simd_exp.inl). This file has the level of a build
@@ -106,6 +107,13 @@ EIGEN_STRONG_INLINE packet<T> exp_flushed(const packet<T>& x) {
   using namespace Eigen::internal;
   const packet<T> e = pexp(x);
   return pandnot(e, pcmp_lt(e, pset1<packet<T>>(std::numeric_limits<T>::min())));
+}
+
+/// Widens a prefix of x to float in y and returns its length: none here, the caller converts
+/// every element with Eigen's conversion (F16C's when the build targets it).
+template <class S>
+EIGEN_STRONG_INLINE index_t widen(const S*, index_t, float*) {
+  return 0;
 }
 
 }  // namespace xattn::detail::cpu_eigen::simd

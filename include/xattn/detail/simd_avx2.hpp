@@ -6,6 +6,8 @@
 #include "xattn/config.hpp"
 #include "xattn/detail/cpu.hpp"
 
+#include <Eigen/Core>
+
 #include <limits>
 #include <type_traits>
 
@@ -158,6 +160,25 @@ XATTN_DETAIL_SIMD_INLINE __m256d times_pow2(__m256d y, __m256d m) {
   const __m256d pb = _mm256_castsi256_pd(
       _mm256_slli_epi64(_mm256_add_epi64(_mm256_castpd_si256(_mm256_add_pd(b, magic)), bias), 52));
   return _mm256_mul_pd(_mm256_mul_pd(y, pa), pb);
+}
+
+/// Widens the first n - n mod 8 elements of x to float in y and returns that count (the caller
+/// converts the rest): F16C's vcvtph2ps for fp16, a 16-bit shift for bf16 (a bf16 is the high
+/// half of a float).
+XATTN_DETAIL_SIMD_INLINE index_t widen(const Eigen::half* x, index_t n, float* y) {
+  index_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i,
+                     _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i))));
+  return i;
+}
+XATTN_DETAIL_SIMD_INLINE index_t widen(const Eigen::bfloat16* x, index_t n, float* y) {
+  index_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i));
+    _mm256_storeu_ps(y + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+  }
+  return i;
 }
 
 #  include "xattn/detail/simd_exp.inl"

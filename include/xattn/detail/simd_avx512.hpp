@@ -7,6 +7,8 @@
 #include "xattn/config.hpp"
 #include "xattn/detail/cpu.hpp"
 
+#include <Eigen/Core>
+
 #include <limits>
 #include <type_traits>
 
@@ -135,6 +137,24 @@ XATTN_DETAIL_SIMD_INLINE __m512d round_even(__m512d x) {
 /// y · 2^m in one instruction (vscalef), which also overflows to inf and underflows to 0.
 XATTN_DETAIL_SIMD_INLINE __m512 times_pow2(__m512 y, __m512 m) { return _mm512_scalef_ps(y, m); }
 XATTN_DETAIL_SIMD_INLINE __m512d times_pow2(__m512d y, __m512d m) { return _mm512_scalef_pd(y, m); }
+
+/// Widens the first n - n mod 16 elements of x to float in y and returns that count (the
+/// caller converts the rest): vcvtph2ps for fp16, a 16-bit shift for bf16.
+XATTN_DETAIL_SIMD_INLINE index_t widen(const Eigen::half* x, index_t n, float* y) {
+  index_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(y + i,
+                     _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i))));
+  return i;
+}
+XATTN_DETAIL_SIMD_INLINE index_t widen(const Eigen::bfloat16* x, index_t n, float* y) {
+  index_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
+    _mm512_storeu_ps(y + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+  }
+  return i;
+}
 
 #  include "xattn/detail/simd_exp.inl"
 

@@ -7,6 +7,8 @@
 #include "xattn/config.hpp"
 #include "xattn/detail/cpu.hpp"
 
+#include <Eigen/Core>
+
 #include <limits>
 #include <type_traits>
 
@@ -146,6 +148,19 @@ XATTN_DETAIL_SIMD_INLINE __m128d times_pow2(__m128d y, __m128d m) {
   const __m128d pb = _mm_castsi128_pd(
       _mm_slli_epi64(_mm_add_epi64(_mm_castpd_si128(_mm_add_pd(b, magic)), bias), 52));
   return _mm_mul_pd(_mm_mul_pd(y, pa), pb);
+}
+
+/// Widens the first n - n mod 4 elements of x to float in y and returns that count (the caller
+/// converts the rest): bf16 by interleaving zeros below each element (a bf16 is the high half
+/// of a float); fp16 has no SSE2 conversion, so none here.
+XATTN_DETAIL_SIMD_INLINE index_t widen(const Eigen::half*, index_t, float*) { return 0; }
+XATTN_DETAIL_SIMD_INLINE index_t widen(const Eigen::bfloat16* x, index_t n, float* y) {
+  index_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(x + i));
+    _mm_storeu_ps(y + i, _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), h)));
+  }
+  return i;
 }
 
 #  include "xattn/detail/simd_exp.inl"

@@ -5,6 +5,7 @@
 #include "xattn/config.hpp"
 #include "xattn/detail/overlap.hpp"
 #include "xattn/errors.hpp"
+#include "xattn/half.hpp"
 #include "xattn/options.hpp"
 #include "xattn/shapes.hpp"
 #include "xattn/tensor_view.hpp"
@@ -52,10 +53,10 @@ inline void check_shape(const char* fn, const attention_shape& s) {
 
 /// The sizes q [B, H, Lq, Dk], k [B, Hkv, Lk, Dk] and v [B, Hkv, Lk, Dv] describe, after
 /// checking that they agree (Hkv divides H); throws shape_error naming `fn`.
-template <class T>
-attention_shape check_qkv_shapes(const char* fn, const tensor_view<const T, 4>& q,
-                                 const tensor_view<const T, 4>& k,
-                                 const tensor_view<const T, 4>& v) {
+template <class Q, class KV>
+attention_shape check_qkv_shapes(const char* fn, const tensor_view<const Q, 4>& q,
+                                 const tensor_view<const KV, 4>& k,
+                                 const tensor_view<const KV, 4>& v) {
   attention_shape s;
   s.batch = q.extent(0);
   s.num_heads = q.extent(1);
@@ -78,10 +79,10 @@ attention_shape check_qkv_shapes(const char* fn, const tensor_view<const T, 4>& 
 
 /// An output `o` named `name` must not overlap itself, q, k, v or any mask of m: the kernels
 /// read inputs after writing outputs, and threads write outputs concurrently.
-template <class T, class Out>
+template <class T, class KV, class Out>
 void require_apart_from_inputs(const char* fn, const char* name, const Out& o,
-                               const tensor_view<const T, 4>& q, const tensor_view<const T, 4>& k,
-                               const tensor_view<const T, 4>& v, const attention_mask<T>& m) {
+                               const tensor_view<const T, 4>& q, const tensor_view<const KV, 4>& k,
+                               const tensor_view<const KV, 4>& v, const attention_mask<T>& m) {
   require_no_self_overlap(fn, name, o);
   require_disjoint(fn, name, o, "q", q);
   require_disjoint(fn, name, o, "k", k);
@@ -102,9 +103,10 @@ attention_problem check_scale_and_mask(const char* fn, const attention_shape& s,
   p.scale = opts.scale ? *opts.scale : (s.head_dim > 0 ? 1.0 / std::sqrt(double(s.head_dim)) : 1.0);
   if (!std::isfinite(p.scale))
     fail_value(message(fn, ": scale is ", p.scale, ", expected a finite number"));
-  if (std::abs(p.scale) > double(std::numeric_limits<T>::max()))
+  using C = compute_t<T>;  // the scale multiplies the queries in the compute type
+  if (std::abs(p.scale) > double(std::numeric_limits<C>::max()))
     fail_value(message(fn, ": scale is ", p.scale, ", expected a magnitude of at most ",
-                       double(std::numeric_limits<T>::max()), " (the element type's largest)"));
+                       double(std::numeric_limits<C>::max()), " (the compute type's largest)"));
 
   const attention_mask<T>& m = opts.mask;
   index_t kv_total = s.kv_len;  // key positions kv_lengths counts
@@ -139,10 +141,11 @@ attention_problem check_scale_and_mask(const char* fn, const attention_shape& s,
 
 /// Checks q [B, H, Lq, Dk], k [B, Hkv, Lk, Dk], v [B, Hkv, Lk, Dv], out [B, H, Lq, Dv] (Hkv
 /// divides H) and every option against them; throws shape_error or value_error naming `fn`.
-template <class T>
+/// KV, the element type of k and v, differs from T only in tiled_attention's mixed call.
+template <class T, class KV = T>
 attention_problem check_attention_args(const char* fn, const tensor_view<const T, 4>& q,
-                                       const tensor_view<const T, 4>& k,
-                                       const tensor_view<const T, 4>& v,
+                                       const tensor_view<const KV, 4>& k,
+                                       const tensor_view<const KV, 4>& v,
                                        const tensor_view<T, 4>& out,
                                        const attention_options<T>& opts) {
   const attention_shape s = check_qkv_shapes(fn, q, k, v);

@@ -1,0 +1,486 @@
+// SPDX-License-Identifier: MIT
+// half.hpp: naive_attention and tiled_attention on Eigen::half and Eigen::bfloat16, and
+// tiled_attention's mixed call (float queries, half keys and values). Each result is held to
+// the half-precision accuracy rule (check_half_rule, test_support.hpp) against the long-double
+// reference on the same half inputs, on odd shapes, every mask kind and every CPU path this
+// machine runs; and, bit for bit, to the float call on the widened inputs rounded once, which
+// is what half.hpp promises.
+
+#include "xattn/half.hpp"
+
+#include "xattn/attention_naive.hpp"
+#include "xattn/attention_tiled.hpp"
+#include "xattn/cross_attention.hpp"
+#include "xattn/dispatch.hpp"
+
+#include "kernels.hpp"
+#include "test_support.hpp"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace {
+
+using xattn::index_t;
+using xattn_test::check_half_rule;
+using xattn_test::random_tensor;
+using xattn_test::shape;
+using xattn_test::tensor;
+using xattn_test::throws_with;
+
+template <class T>
+class Half : public ::testing::Test {};
+using half_types = ::testing::Types<Eigen::half, Eigen::bfloat16>;
+TYPED_TEST_SUITE(Half, half_types, );
+
+// Forces each path in turn and restores the automatic choice afterwards, also on failure.
+struct each_path {
+  ~each_path() { xattn::reset_cpu_path(); }
+  template <class F>
+  void operator()(F&& f) const {
+    for (std::string_view name : xattn::cpu_paths()) {
+      SCOPED_TRACE(std::string("path ") + std::string(name));
+      xattn::set_cpu_path(name);
+      f(name);
+    }
+  }
+};
+
+xattn::tile_options tiles(index_t q_tile, index_t kv_tile, int threads = 1) {
+  xattn::tile_options t;
+  if (q_tile > 0) t.q_tile = q_tile;
+  if (kv_tile > 0) t.kv_tile = kv_tile;
+  t.num_threads = threads;
+  return t;
+}
+
+template <class T, std::size_t R>
+tensor<float, R> widened(const tensor<T, R>& x) {
+  tensor<float, R> w(x.extents);
+  for (std::size_t n = 0; n < x.data.size(); ++n) w.data[n] = static_cast<float>(x.data[n]);
+  return w;
+}
+
+template <class T>
+std::vector<T> rounded(const std::vector<float>& x) {
+  std::vector<T> r;
+  for (float f : x) r.push_back(static_cast<T>(f));
+  return r;
+}
+
+template <class T>
+bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
+
+// Random half q, k, v for one shape, with outputs pre-filled with a sentinel.
+template <class T>
+struct half_problem {
+  xattn::attention_shape s;
+  tensor<T, 4> q, k, v, out;
+  tensor<float, 4> weights;
+  tensor<float, 3> lse;
+
+  explicit half_problem(const xattn::attention_shape& shape, unsigned seed = 1, double amp = 1.0)
+      : s(shape),
+        q(random_tensor<T, 4>({s.batch, s.num_heads, s.q_len, s.head_dim}, seed, -amp, amp)),
+        k(random_tensor<T, 4>({s.batch, s.kv_heads(), s.kv_len, s.head_dim}, seed + 1, -amp, amp)),
+        v(random_tensor<T, 4>({s.batch, s.kv_heads(), s.kv_len, s.value_dim}, seed + 2)),
+        out({s.batch, s.num_heads, s.q_len, s.value_dim}, T(-7.0f)),
+        weights({s.batch, s.num_heads, s.q_len, s.kv_len}, -7.0f),
+        lse({s.batch, s.num_heads, s.q_len}, -7.0f) {}
+};
+
+// The kernels under test, called like naive_attention on T.
+template <class T>
+std::vector<xattn_test::kernel<T>> half_kernels() {
+  std::vector<xattn_test::kernel<T>> ks = {xattn_test::naive_kernel<T>(),
+                                           xattn_test::tiled_kernel<T>({})};
+  for (const auto& [qt, kt] : {std::pair<index_t, index_t>{1, 1}, {3, 5}, {64, 128}, {13, 7}})
+    for (int t : xattn_test::thread_counts(2))
+      ks.push_back(xattn_test::tiled_kernel<T>(tiles(qt, kt, t)));
+  return ks;
+}
+
+// Runs every kernel on p with opts (asking for the statistics too) and checks the output by the
+// accuracy rule and the statistics, in float, against the reference.
+template <class T>
+void check_all_kernels(half_problem<T>& p, xattn::attention_options<T> opts) {
+  opts.weights_out = p.weights.view();
+  opts.lse_out = p.lse.view();
+  const auto exact =
+      xattn_test::reference_attention<T>(p.q.cview(), p.k.cview(), p.v.cview(), opts);
+  const double stat_tol =
+      xattn_test::attention_tol<float>(p.s.head_dim, p.s.kv_len, exact.max_abs_score);
+  for (const auto& kern : half_kernels<T>()) {
+    SCOPED_TRACE(kern.name);
+    std::fill(p.out.data.begin(), p.out.data.end(), T(-7.0f));
+    std::fill(p.lse.data.begin(), p.lse.data.end(), -7.0f);
+    std::fill(p.weights.data.begin(), p.weights.data.end(), -7.0f);
+    kern.run(p.q.cview(), p.k.cview(), p.v.cview(), p.out.view(), opts);
+    EXPECT_TRUE(check_half_rule<T>(p.out.data, p.q.cview(), p.k.cview(), p.v.cview(), opts));
+    EXPECT_TRUE(xattn_test::all_close(p.lse.data, exact.lse, stat_tol)) << "log-sum-exp";
+    EXPECT_TRUE(xattn_test::all_close(p.weights.data, exact.weights, stat_tol)) << "weights";
+  }
+}
+
+TYPED_TEST(Half, EveryKernelAndPathHoldsTheAccuracyRuleOnOddShapes) {
+  using T = TypeParam;
+  each_path()([](std::string_view) {
+    // Lq != Lk, Lq = 1, Lk = 1, Dk != Dv, lengths no tile or packet divides, GQA and MQA, query
+    // counts on both sides of each path's packet width (the row and the lanes path).
+    for (const auto& s :
+         {shape(1, 1, 1, 1, 1, 1), shape(2, 4, 1, 77, 40, 24, 2), shape(1, 2, 3, 129, 7, 9),
+          shape(1, 2, 5, 31, 64, 64), shape(2, 2, 9, 150, 33, 17, 1), shape(1, 3, 17, 1, 8, 8),
+          shape(1, 1, 70, 130, 64, 40)}) {
+      SCOPED_TRACE(::testing::Message() << "Lq " << s.q_len << " Lk " << s.kv_len << " Dk "
+                                        << s.head_dim << " Dv " << s.value_dim);
+      half_problem<T> p(s, 11);
+      check_all_kernels<T>(p, {});
+    }
+  });
+}
+
+TYPED_TEST(Half, EveryKernelAppliesEveryMaskKind) {
+  using T = TypeParam;
+  each_path()([](std::string_view) {
+    for (index_t lq : {1, 3, 20}) {
+      const index_t lk = 53;
+      const auto s = shape(2, 2, lq, lk, 8, 6);
+      SCOPED_TRACE(::testing::Message() << "Lq " << lq);
+      const std::vector<index_t> lengths = {17, lk};
+      xattn_test::bool_mask allowed({1, 2, lq, lk});
+      for (index_t n = 0; n < allowed.size(); ++n) allowed.data[std::size_t(n)] = (n * 7 % 5) != 0;
+      auto bias = random_tensor<T, 4>({2, 1, 1, lk}, 9, -2.0, 2.0);
+      bias.data[4] = T(-std::numeric_limits<float>::infinity());
+      for (int kind = 0; kind < 7; ++kind) {
+        xattn::attention_options<T> opts;
+        if (kind == 0 || kind == 5) opts.mask.kv_lengths = xattn::make_view(lengths.data(), {2});
+        if (kind == 1 || kind == 5) opts.mask.allowed = allowed.cview();
+        if (kind == 2 || kind == 5) opts.mask.bias = bias.cview();
+        if (kind == 3) opts.mask.causal = xattn::causal_mask::top_left;
+        if (kind == 4 || kind == 5) opts.mask.causal = xattn::causal_mask::bottom_right;
+        if (kind == 6) {  // a slice of longer sequences, causal over the whole
+          opts.mask.causal = xattn::causal_mask::bottom_right;
+          opts.mask.window = xattn::position_window{4, lq + 10, 30, lk + 40};
+        }
+        SCOPED_TRACE(::testing::Message() << "mask kind " << kind);
+        half_problem<T> p(s, unsigned(kind + 1));
+        check_all_kernels<T>(p, opts);
+      }
+    }
+  });
+}
+
+TYPED_TEST(Half, TheResultIsTheFloatCallOnTheWidenedInputsRoundedOnce) {
+  // half.hpp's promise, bit for bit: the same float arithmetic as the float call with the same
+  // tiles (a default tile of keys differs: the row path widens shorter tiles), then one
+  // rounding. Also the statistics, which are float.
+  using T = TypeParam;
+  each_path()([](std::string_view) {
+    for (const auto& s : {shape(2, 4, 1, 300, 40, 24, 2), shape(1, 2, 70, 130, 64, 40)}) {
+      half_problem<T> p(s, 3);
+      auto bias = random_tensor<T, 4>({1, 1, s.q_len, s.kv_len}, 4, -1.0, 1.0);
+      const tensor<float, 4> q = widened(p.q), k = widened(p.k), v = widened(p.v),
+                             fbias = widened(bias);
+      for (const auto& t : {tiles(0, 100), tiles(13, 7, 2)}) {
+        xattn::attention_options<T> opts;
+        opts.mask.bias = bias.cview();
+        opts.lse_out = p.lse.view();
+        tensor<float, 3> flse(p.lse.extents);
+        tensor<float, 4> fout(p.out.extents);
+        xattn::attention_options<float> fopts;
+        fopts.mask.bias = fbias.cview();
+        fopts.lse_out = flse.view();
+        xattn::tiled_attention<T>(p.q.cview(), p.k.cview(), p.v.cview(), p.out.view(), opts, t);
+        xattn::tiled_attention<float>(q.cview(), k.cview(), v.cview(), fout.view(), fopts, t);
+        EXPECT_TRUE(same_bits(p.out.data, rounded<T>(fout.data))) << "tiled";
+        EXPECT_TRUE(same_bits(p.lse.data, flse.data)) << "tiled log-sum-exp";
+      }
+      xattn::attention_options<T> opts;
+      xattn::naive_attention<T>(p.q.cview(), p.k.cview(), p.v.cview(), p.out.view(), opts);
+      tensor<float, 4> fout(p.out.extents);
+      xattn::naive_attention<float>(q.cview(), k.cview(), v.cview(), fout.view());
+      EXPECT_TRUE(same_bits(p.out.data, rounded<T>(fout.data))) << "naive";
+    }
+  });
+}
+
+TYPED_TEST(Half, MixedFloatQueriesReadHalfKeysAndValues) {
+  // A decoder's float activations against a cache kept in half: exactly the float call with the
+  // same tiles on the widened keys and values, on every path, and within float's tolerance of
+  // the reference.
+  using T = TypeParam;
+  each_path()([](std::string_view) {
+    for (const auto& s : {shape(1, 8, 1, 1500, 64, 64), shape(2, 4, 3, 77, 40, 24, 2),
+                          shape(1, 2, 40, 129, 33, 17), shape(1, 1, 1, 1, 1, 1)}) {
+      SCOPED_TRACE(::testing::Message() << "Lq " << s.q_len << " Lk " << s.kv_len);
+      const auto q = random_tensor<float, 4>({s.batch, s.num_heads, s.q_len, s.head_dim}, 7);
+      const auto k = random_tensor<T, 4>({s.batch, s.kv_heads(), s.kv_len, s.head_dim}, 8);
+      const auto v = random_tensor<T, 4>({s.batch, s.kv_heads(), s.kv_len, s.value_dim}, 9);
+      const tensor<float, 4> kw = widened(k), vw = widened(v);
+      const std::vector<index_t> lengths(std::size_t(s.batch), std::max<index_t>(1, s.kv_len - 5));
+      for (bool masked : {false, true}) {
+        xattn::attention_options<float> opts;
+        if (masked) opts.mask.kv_lengths = xattn::make_view(lengths.data(), {s.batch});
+        tensor<float, 3> lse({s.batch, s.num_heads, s.q_len}, -7.0f), lse_f = lse;
+        opts.lse_out = lse.view();
+        for (const auto& t : {tiles(0, 128), tiles(5, 64, 2)}) {
+          tensor<float, 4> out({s.batch, s.num_heads, s.q_len, s.value_dim}, -7.0f), want = out;
+          xattn::tiled_attention<float>(q.cview(), k.cview(), v.cview(), out.view(), opts, t);
+          xattn::attention_options<float> fopts = opts;
+          fopts.lse_out = lse_f.view();
+          xattn::tiled_attention<float>(q.cview(), kw.cview(), vw.cview(), want.view(), fopts, t);
+          EXPECT_TRUE(same_bits(out.data, want.data));
+          EXPECT_TRUE(same_bits(lse.data, lse_f.data));
+          xattn::naive_attention<float>(q.cview(), k.cview(), v.cview(), out.view(), opts);
+          xattn::naive_attention<float>(q.cview(), kw.cview(), vw.cview(), want.view(), fopts);
+          EXPECT_TRUE(same_bits(out.data, want.data)) << "naive";
+          const auto exact =
+              xattn_test::reference_attention<float>(q.cview(), kw.cview(), vw.cview(), opts);
+          EXPECT_TRUE(xattn_test::all_close(
+              out.data, exact.out,
+              xattn_test::attention_tol<float>(s.head_dim, s.kv_len, exact.max_abs_score)));
+        }
+      }
+    }
+  });
+}
+
+TYPED_TEST(Half, FullyMaskedRowsGiveZerosAndNaNFollowsThePolicy) {
+  using T = TypeParam;
+  half_problem<T> p(shape(1, 1, 4, 40, 8, 8), 5);
+  xattn_test::bool_mask allowed({1, 1, 4, 40}, true);
+  for (index_t j = 0; j < 40; ++j)
+    allowed.data[std::size_t(1 * 40 + j)] = false;  // row 1 sees nothing
+  p.q.data[std::size_t(2 * 8 + 3)] = T(std::numeric_limits<float>::quiet_NaN());  // row 2 is NaN
+  xattn::attention_options<T> opts;
+  opts.mask.allowed = allowed.cview();
+  opts.lse_out = p.lse.view();
+  for (const auto& kern : half_kernels<T>()) {
+    SCOPED_TRACE(kern.name);
+    kern.run(p.q.cview(), p.k.cview(), p.v.cview(), p.out.view(), opts);
+    for (index_t e = 0; e < 8; ++e) {
+      EXPECT_EQ(float(p.out.data[std::size_t(1 * 8 + e)]), 0.0f);
+      EXPECT_TRUE(std::isnan(float(p.out.data[std::size_t(2 * 8 + e)])));
+      EXPECT_TRUE(std::isfinite(float(p.out.data[std::size_t(0 * 8 + e)])));
+    }
+    EXPECT_EQ(p.lse.data[1], -std::numeric_limits<float>::infinity());
+    EXPECT_TRUE(std::isnan(p.lse.data[2]));
+  }
+}
+
+TYPED_TEST(Half, StridedViewsGiveThePackedResult) {
+  // q, k, v stored [B, L, H, D] (as projections write them) and out written into every other
+  // column of a wider buffer: the same bits as packed views.
+  using T = TypeParam;
+  const index_t B = 2, H = 3, Lq = 9, Lk = 40, D = 16;
+  half_problem<T> p(shape(B, H, Lq, Lk, D, D), 8);
+  const auto relayout = [](const tensor<T, 4>& x) {  // [B, H, L, D] -> storage [B, L, H, D]
+    const auto& e = x.extents;
+    std::vector<T> s(x.data.size());
+    for (index_t b = 0; b < e[0]; ++b)
+      for (index_t h = 0; h < e[1]; ++h)
+        for (index_t l = 0; l < e[2]; ++l)
+          for (index_t d = 0; d < e[3]; ++d)
+            s[std::size_t(((b * e[2] + l) * e[1] + h) * e[3] + d)] = x.view()(b, h, l, d);
+    return s;
+  };
+  const std::vector<T> qs = relayout(p.q), ks = relayout(p.k), vs = relayout(p.v);
+  const auto view = [](const std::vector<T>& s, index_t h, index_t l, index_t d, index_t b) {
+    return xattn::tensor_view<const T, 4>(s.data(), {b, h, l, d}, {l * h * d, d, h * d, 1});
+  };
+  for (const auto& kern : half_kernels<T>()) {
+    SCOPED_TRACE(kern.name);
+    kern.run(p.q.cview(), p.k.cview(), p.v.cview(), p.out.view(), {});
+    std::vector<T> wide(std::size_t(B * H * Lq * D * 2), T(-7.0f));
+    const xattn::tensor_view<T, 4> out(wide.data(), {B, H, Lq, D},
+                                       {H * Lq * D * 2, Lq * D * 2, D * 2, 2});
+    kern.run(view(qs, H, Lq, D, B), view(ks, H, Lk, D, B), view(vs, H, Lk, D, B), out, {});
+    EXPECT_TRUE(same_bits(xattn_test::elements(xattn::tensor_view<const T, 4>(out)), p.out.data));
+  }
+}
+
+TYPED_TEST(Half, BitwiseDeterministicAcrossThreadCounts) {
+  using T = TypeParam;
+  each_path()([](std::string_view) {
+    for (const auto& s : {shape(1, 1, 1, 9000, 64, 64), shape(2, 3, 50, 200, 24, 16)}) {
+      half_problem<T> p(s, 5);
+      std::vector<T> first;
+      for (int threads = 1; threads <= 4; ++threads) {
+        xattn::tiled_attention<T>(p.q.cview(), p.k.cview(), p.v.cview(), p.out.view(), {},
+                                  tiles(0, 0, threads));
+        if (threads == 1)
+          first = p.out.data;
+        else
+          EXPECT_TRUE(same_bits(first, p.out.data)) << threads << " threads";
+      }
+    }
+  });
+}
+
+TYPED_TEST(Half, BadArgumentsAreNamedErrorsAndWriteNothing) {
+  using T = TypeParam;
+  half_problem<T> p(shape(1, 2, 3, 10, 8, 8), 2);
+  const std::vector<T> sentinel = p.out.data;
+  tensor<T, 4> short_k({1, 2, 9, 8});
+  tensor<float, 3> bad_lse({1, 2, 4});
+  for (const auto& kern : half_kernels<T>()) {
+    SCOPED_TRACE(kern.name);
+    EXPECT_TRUE(throws_with<xattn::shape_error>(
+        [&] { kern.run(p.q.cview(), short_k.cview(), p.v.cview(), p.out.view(), {}); },
+        {"v", "extent(2)"}));
+    xattn::attention_options<T> opts;
+    opts.lse_out = bad_lse.view();
+    EXPECT_TRUE(throws_with<xattn::shape_error>(
+        [&] { kern.run(p.q.cview(), p.k.cview(), p.v.cview(), p.out.view(), opts); }, {"lse_out"}));
+    xattn::attention_options<T> big;
+    big.scale = 1e300;  // beyond float, the compute type
+    EXPECT_TRUE(throws_with<xattn::value_error>(
+        [&] { kern.run(p.q.cview(), p.k.cview(), p.v.cview(), p.out.view(), big); }, {"scale"}));
+    EXPECT_TRUE(throws_with<xattn::shape_error>(
+        [&] {
+          kern.run(p.q.cview(), p.k.cview(), p.v.cview(),
+                   xattn::tensor_view<T, 4>(p.k.data.data(), {1, 2, 3, 8}), {});
+        },
+        {"out overlaps k"}));
+    EXPECT_TRUE(same_bits(p.out.data, sentinel));
+  }
+  // The mixed call checks the same way.
+  const auto q = random_tensor<float, 4>({1, 2, 3, 8}, 1);
+  tensor<float, 4> out({1, 2, 3, 8}, -7.0f);
+  EXPECT_TRUE(throws_with<xattn::shape_error>(
+      [&] { xattn::tiled_attention<float>(q.cview(), short_k.cview(), p.v.cview(), out.view()); },
+      {"tiled_attention", "v", "extent(2)"}));
+  xattn::tile_options zero;
+  zero.kv_tile = 0;
+  EXPECT_TRUE(throws_with<xattn::value_error>(
+      [&] {
+        xattn::tiled_attention<float>(q.cview(), p.k.cview(), p.v.cview(), out.view(), {}, zero);
+      },
+      {"kv_tile"}));
+  for (float x : out.data) EXPECT_EQ(x, -7.0f);
+}
+
+TYPED_TEST(Half, EveryPathWidensEveryValueExactly) {
+  // Each path's conversion loop against Eigen's scalar conversion on all 65536 bit patterns
+  // (NaNs stay NaN), at lengths that leave a scalar tail.
+  using T = TypeParam;
+  std::vector<T> all(65536 + 5);
+  for (std::size_t n = 0; n < all.size(); ++n) {
+    // every pattern, in a scrambled order
+    all[n] = Eigen::numext::bit_cast<T>(std::uint16_t(n * 40503u));
+  }
+  for (xattn::detail::cpu_level l : xattn::detail::built_levels) {
+    if (!xattn::detail::level_available(l)) continue;
+    SCOPED_TRACE(xattn::detail::level_name(l));
+    const auto& loops = xattn::detail::kernels_for<float>(l);
+    std::vector<float> got(all.size(), -1.0f);
+    if constexpr (std::is_same_v<T, Eigen::half>)
+      loops.widen_fp16(all.data(), index_t(all.size()), got.data());
+    else
+      loops.widen_bf16(all.data(), index_t(all.size()), got.data());
+    std::size_t wrong = 0;
+    for (std::size_t n = 0; n < all.size(); ++n) {
+      const float want = static_cast<float>(all[n]);
+      if (std::isnan(want) ? !std::isnan(got[n]) : std::memcmp(&want, &got[n], sizeof want) != 0)
+        ++wrong;
+    }
+    EXPECT_EQ(wrong, 0u);
+  }
+}
+
+TYPED_TEST(Half, AContextCacheInHalfHoldsTheRoundedProjectionsAndHalvesItsBytes) {
+  // A float module encoding into a half cache: the keys and values are the float cache's
+  // rounded once, the cache takes half the bytes, and forward against it is the module's
+  // projections around the kernels' mixed call, bit for bit (tiled and naive).
+  using S = TypeParam;
+  xattn::cross_attention_config cfg;
+  cfg.model_dim = 48;
+  cfg.num_heads = 4;
+  cfg.num_kv_heads = 2;
+  cfg.head_dim = 16;
+  cfg.context_dim = 40;
+  const auto w = xattn::random_weights<float>(cfg, 3);
+  xattn::multi_head_cross_attention<float> mha(cfg, w);
+  const index_t B = 2, Lq = 3, Lk = 300;  // Lk spans two of the encoder's 256-row chunks
+  const auto query = random_tensor<float, 3>({B, Lq, 48}, 1);
+  tensor<float, 3> context({B, Lk + 1, 40});  // rows strided by one extra row's worth
+  const auto fill = random_tensor<float, 3>({B, Lk + 1, 40}, 2);
+  context.data = fill.data;
+  const xattn::tensor_view<const float, 3> ctx(context.data.data(), {B, Lk, 40},
+                                               {(Lk + 1) * 40, 40, 1});
+  const auto full = mha.encode_context(ctx);
+  const auto half = mha.template encode_context<S>(ctx);
+  EXPECT_EQ(half.bytes() * 2, full.bytes());
+  EXPECT_EQ(full.bytes(), index_t(2 * B * Lk * 2 * 16 * sizeof(float)));
+  const std::vector<float> fk = xattn_test::elements(full.keys()),
+                           fv = xattn_test::elements(full.values());
+  EXPECT_TRUE(same_bits(xattn_test::elements(half.keys()), rounded<S>(fk)));
+  EXPECT_TRUE(same_bits(xattn_test::elements(half.values()), rounded<S>(fv)));
+
+  for (auto kernel : {xattn::attention_kernel::tiled, xattn::attention_kernel::naive}) {
+    xattn::cross_attention_options<float> opts;
+    opts.kernel = kernel;
+    tensor<float, 3> out({B, Lq, 48}, -7.0f);
+    mha.forward(query.cview(), half, out.view(), opts);
+    // The same by hand: Q projected, the mixed kernel, the output projection.
+    tensor<float, 3> qp({B, Lq, 64}), o({B, Lq, 64}), want({B, Lq, 48});
+    w.q_proj.forward(query.cview(), qp.view());
+    const auto qh = xattn::split_heads(qp.cview(), 4);
+    const auto oh = xattn::split_heads(o.view(), 4);
+    if (kernel == xattn::attention_kernel::naive)
+      xattn::naive_attention<float>(qh, half.keys(), half.values(), oh);
+    else
+      xattn::tiled_attention<float>(qh, half.keys(), half.values(), oh, {}, opts.tiles);
+    w.out_proj.forward(o.cview(), want.view());
+    EXPECT_TRUE(same_bits(out.data, want.data));
+    // and within the rounding of K and V of the float cache's result
+    tensor<float, 3> ref({B, Lq, 48});
+    mha.forward(query.cview(), full, ref.view(), opts);
+    EXPECT_TRUE(
+        xattn_test::all_close(out.data, ref.data, 8.0 * double(Eigen::NumTraits<S>::epsilon())));
+  }
+
+  // A bad context leaves the cache as it was.
+  auto kept = half;
+  const auto narrow = random_tensor<float, 3>({B, Lk, 39}, 4);
+  EXPECT_TRUE(throws_with<xattn::shape_error>(
+      [&] { mha.encode_context(narrow.cview(), narrow.cview(), kept); }, {"context"}));
+  EXPECT_TRUE(same_bits(xattn_test::elements(kept.keys()), xattn_test::elements(half.keys())));
+  EXPECT_EQ(kept.kv_len(), Lk);
+}
+
+TEST(HalfCache, AWhisperBaseContextInBf16IsHalfTheFloatOne) {
+  // Whisper base: Dm = 512, 8 heads of 64, 1500 audio frames, 6 decoder layers, each with its
+  // own cross-attention cache.
+  xattn::cross_attention_config cfg;
+  cfg.model_dim = 512;
+  cfg.num_heads = 8;
+  const auto w = xattn::random_weights<float>(cfg, 1);
+  xattn::multi_head_cross_attention<float> mha(cfg, w);
+  const auto audio = random_tensor<float, 3>({1, 1500, 512}, 2);
+  const index_t f = mha.encode_context(audio.cview()).bytes();
+  const index_t b = mha.encode_context<Eigen::bfloat16>(audio.cview()).bytes();
+  EXPECT_EQ(f, index_t(2 * 1500 * 512 * 4));  // 6,144,000 bytes a layer in float
+  EXPECT_EQ(6 * b * 2, 6 * f);                // 36.9 MB for 6 layers in float, 18.4 MB in bf16
+}
+
+TEST(HalfTraits, TheComputeAndStatisticTypes) {
+  static_assert(std::is_same_v<xattn::compute_t<Eigen::half>, float>);
+  static_assert(std::is_same_v<xattn::compute_t<Eigen::bfloat16>, float>);
+  static_assert(std::is_same_v<xattn::compute_t<double>, double>);
+  static_assert(std::is_same_v<xattn::statistic_t<Eigen::bfloat16>, float>);
+  static_assert(xattn::is_element_v<Eigen::half> && !xattn::is_element_v<int>);
+  EXPECT_STREQ(xattn::element_name<Eigen::bfloat16>(), "bf16");
+  EXPECT_STREQ(xattn::element_name<Eigen::half>(), "fp16");
+}
+
+}  // namespace
