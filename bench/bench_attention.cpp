@@ -1,10 +1,13 @@
 // SPDX-License-Identifier: MIT
-// Attention benchmarks: tiled_attention, naive_attention, their backward passes, the two Eigen
-// GEMMs they are built on with nothing else, and one large Eigen SGEMM as the machine's ceiling,
-// each at 1 and 2 threads. Run a Release build with -march=native (the bench preset), e.g.
+// Attention benchmarks: tiled_attention (in float, bf16 and fp16: BM_TiledAttention_bf16, _fp16),
+// one decoder step against a float, bf16 or fp16 context (BM_DecoderStep[_bf16|_fp16]),
+// naive_attention, the backward passes, the two Eigen GEMMs they are built on with nothing else,
+// and one large Eigen SGEMM as the machine's ceiling, each at 1 and 2 threads. Run a Release
+// build with -march=native (the bench preset), e.g.
 //   bench_attention --benchmark_filter='/Lq:4096/Lk:4096/D:64/'
-// Every case is named <kernel>/Lq:<Lq>/Lk:<Lk>/D:<Dk = Dv>/threads:<n> (the SGEMM n/threads),
-// and reports FLOPS (a rate) and a num_threads counter. The helpers are in bench_common.hpp.
+// Every case is named <kernel>/Lq:<Lq>/Lk:<Lk>/D:<Dk = Dv>/threads:<n> (the SGEMM n/threads,
+// a decoder step Lk:<Lk>/threads:<n>), and reports FLOPS (a rate, counted as for float whatever
+// the element type) and a num_threads counter. The helpers are in bench_common.hpp.
 
 #include "bench_common.hpp"
 

@@ -84,6 +84,57 @@ struct tiled_job {
     return dst;
   }
 
+  /// y[0, m) = x[0, m) widened to C, for x a row (or part of one) of q: the path's vector
+  /// conversion when the row is contiguous.
+  template <class E>
+  void widen_row(const tensor_view<const E, 2>& x, index_t row, index_t e0, index_t m, C* y) const {
+    if (x.stride(1) == 1 || m == 1) {
+      const E* src = x.data() + row * x.stride(0) + e0 * x.stride(1);
+      if constexpr (std::is_same_v<E, Eigen::half>)
+        loops.widen_fp16(src, m, y);
+      else if constexpr (std::is_same_v<E, Eigen::bfloat16>)
+        loops.widen_bf16(src, m, y);
+      else
+        for (index_t e = 0; e < m; ++e) y[e] = static_cast<C>(src[e]);
+    } else {
+      for (index_t e = 0; e < m; ++e) y[e] = static_cast<C>(x(row, e0 + e));
+    }
+  }
+
+  /// out(b, h, i, e0 .. e0 + m - 1) = x[0, m) rounded to T (a half type), by the path's
+  /// vector conversion when out's rows are contiguous: each output is rounded once, here.
+  void store_out(index_t b, index_t h, index_t i, index_t e0, const C* x, index_t m) const {
+    if (out.stride(3) == 1 || m == 1) {
+      T* dst = &out(b, h, i, e0);
+      if constexpr (std::is_same_v<T, Eigen::half>)
+        loops.narrow_fp16(x, m, dst);
+      else
+        loops.narrow_bf16(x, m, dst);
+    } else {
+      for (index_t e = 0; e < m; ++e) out(b, h, i, e0 + e) = static_cast<T>(x[e]);
+    }
+  }
+
+  /// The row path's products on keys or values of type E: C, or KV read in place.
+  template <class E>
+  void row_scores(const C* q, const E* k, index_t ldk, index_t n, C* s) const {
+    if constexpr (std::is_same_v<E, C>)
+      loops.row_scores(q, k, ldk, shape.head_dim, n, s);
+    else if constexpr (std::is_same_v<E, Eigen::half>)
+      loops.row_scores_fp16(q, k, ldk, shape.head_dim, n, s);
+    else
+      loops.row_scores_bf16(q, k, ldk, shape.head_dim, n, s);
+  }
+  template <class E>
+  void row_values(const C* p, const E* v, index_t ldv, index_t n, C corr, C* acc) const {
+    if constexpr (std::is_same_v<E, C>)
+      loops.row_values(p, v, ldv, shape.value_dim, n, corr, acc);
+    else if constexpr (std::is_same_v<E, Eigen::half>)
+      loops.row_values_fp16(p, v, ldv, shape.value_dim, n, corr, acc);
+    else
+      loops.row_values_bf16(p, v, ldv, shape.value_dim, n, corr, acc);
+  }
+
  private:
   void widen(const KV* x, index_t n, C* y) const {
     if constexpr (std::is_same_v<KV, Eigen::half>)
@@ -133,6 +184,9 @@ T correction(T m_old, T m_new, T shift) noexcept {
   return exp_flushed(m_old - shift);
 }
 
+/// Elements of a query or output row a half-precision call converts at a time, on the stack.
+inline constexpr index_t half_chunk = 64;
+
 // ---- the lanes path: a tile of queries in SIMD lanes ------------------------------------------
 
 template <class T, class KV>
@@ -156,11 +210,21 @@ class lanes_unit {
     // Qᵀ [Dk, W] with the scale folded in; lanes past the tile's last query stay 0.
     qt_ = at_least(ws.qt, s.head_dim * w_);
     const auto q = job.q.select(0, b).select(0, h);
-    for (index_t d = 0; d < s.head_dim; ++d) {
-      C* row = qt_ + d * w_;
-      for (index_t i = 0; i < mq; ++i) row[i] = job.scale * static_cast<C>(q(i0 + i, d));
-      std::fill(row + mq, row + w_, C(0));
+    if constexpr (std::is_same_v<T, C>) {
+      for (index_t d = 0; d < s.head_dim; ++d) {
+        C* row = qt_ + d * w_;
+        for (index_t i = 0; i < mq; ++i) row[i] = job.scale * q(i0 + i, d);
+      }
+    } else {  // half queries: each row widened by the path's conversion, a chunk at a time
+      C buf[half_chunk];
+      for (index_t i = 0; i < mq; ++i)
+        for (index_t d0 = 0; d0 < s.head_dim; d0 += half_chunk) {
+          const index_t m = std::min(half_chunk, s.head_dim - d0);
+          job.widen_row(q, i0 + i, d0, m, buf);
+          for (index_t d = 0; d < m; ++d) qt_[(d0 + d) * w_ + i] = job.scale * buf[d];
+        }
     }
+    for (index_t d = 0; d < s.head_dim; ++d) std::fill(qt_ + d * w_ + mq, qt_ + (d + 1) * w_, C(0));
     s_ = at_least(ws.s, job.plan.kv_tile * w_);
     ot_ = at_least(ws.acc, s.value_dim * w_);
     m_ = at_least(ws.stats, 3 * w_);
@@ -262,13 +326,20 @@ class row_unit {
     const attention_shape& s = job.shape;
     qs_ = at_least(ws.qt, mq * s.head_dim);
     const auto q = job.q.select(0, b).select(0, h);
-    for (index_t i = 0; i < mq; ++i)
-      for (index_t d = 0; d < s.head_dim; ++d)
-        qs_[i * s.head_dim + d] = job.scale * static_cast<C>(q(i0 + i, d));
+    for (index_t i = 0; i < mq; ++i) {
+      C* row = qs_ + i * s.head_dim;
+      job.widen_row(q, i0 + i, 0, s.head_dim, row);
+      for (index_t d = 0; d < s.head_dim; ++d) row[d] *= job.scale;
+    }
     s_ = at_least(ws.s, job.plan.kv_tile + job.plan.lanes);  // room for online_softmax_row
     acc_ = at_least(ws.acc, mq * s.value_dim);
     m_ = at_least(ws.stats, 2 * mq);
     l_ = m_ + mq;
+    // Keys and values of a half type with contiguous rows are read in place, each load
+    // widened in registers: a decoder step reads half the bytes of float and copies nothing.
+    if constexpr (!std::is_same_v<KV, C>)
+      in_place_ =
+          (k_.stride(1) == 1 || k_.extent(1) <= 1) && (v_.stride(1) == 1 || v_.extent(1) <= 1);
   }
 
   unit_state<C> run(index_t kbeg, index_t kend) {
@@ -283,19 +354,14 @@ class row_unit {
     kend = std::min(kend, key_limit);
     for (index_t j0 = kbeg; j0 < kend; j0 += job_.plan.kv_tile) {
       const index_t n = std::min(job_.plan.kv_tile, kend - j0);
-      index_t ldk = 0, ldv = 0;
-      const C* k = job_.rows_of(k_, j0, n, ws_.k_copy, ldk);
-      const C* v = job_.rows_of(v_, j0, n, ws_.v_copy, ldv);
-      for (index_t i = 0; i < mq_; ++i) {
-        const index_t ni = std::min(n, job_.mask.key_end(b_, i0_ + i) - j0);  // keys it may see
-        if (ni <= 0) continue;
-        scores(i, j0, ni, k, ldk);
-        C m_new, sum;
-        job_.loops.online_softmax_row(s_, ni, m_[i], m_new, sum);
-        const C corr = correction(m_[i], m_new, safe_shift(m_new));
-        l_[i] = corr * l_[i] + sum;
-        m_[i] = m_new;
-        job_.loops.row_values(s_, v, ldv, s.value_dim, ni, corr, acc_ + i * s.value_dim);
+      if (in_place_) {
+        tile(j0, n, k_.data() + j0 * k_.stride(0), k_.stride(0), v_.data() + j0 * v_.stride(0),
+             v_.stride(0));
+      } else {
+        index_t ldk = 0, ldv = 0;
+        const C* k = job_.rows_of(k_, j0, n, ws_.k_copy, ldk);
+        const C* v = job_.rows_of(v_, j0, n, ws_.v_copy, ldv);
+        tile(j0, n, k, ldk, v, ldv);
       }
     }
     return {m_, l_, acc_, s.value_dim, 1};
@@ -310,14 +376,17 @@ class row_unit {
       const index_t n = std::min(job_.plan.kv_tile, kv_len - j0);
       const index_t nk = std::max<index_t>(0, std::min(n, key_limit - j0));  // keys to read
       index_t ldk = 0;
-      const C* k = nk > 0 ? job_.rows_of(k_, j0, nk, ws_.k_copy, ldk) : nullptr;
+      const C* k = nk > 0 && !in_place_ ? job_.rows_of(k_, j0, nk, ws_.k_copy, ldk) : nullptr;
       for (index_t i = 0; i < mq_; ++i) {
         const C shift = safe_shift(m_[i]);
         const C inv_l = l_[i] == C(0) ? C(0) : C(1) / l_[i];
         // Keys past the row's end (key padding, causal) are not read: weight 0, or NaN in a
         // NaN row (inv_l is NaN there).
         const index_t ni = std::max<index_t>(0, std::min(n, job_.mask.key_end(b_, i0_ + i) - j0));
-        if (ni > 0) scores(i, j0, ni, k, ldk);
+        if (ni > 0 && in_place_)
+          scores(i, j0, ni, k_.data() + j0 * k_.stride(0), k_.stride(0));
+        else if (ni > 0)
+          scores(i, j0, ni, k, ldk);
         for (index_t j = 0; j < ni; ++j)
           weights(b_, h_, i0_ + i, j0 + j) = exp_flushed(s_[j] - shift) * inv_l;
         for (index_t j = ni; j < n; ++j) weights(b_, h_, i0_ + i, j0 + j) = C(0) * inv_l;
@@ -326,10 +395,28 @@ class row_unit {
   }
 
  private:
+  // Keys and values [j0, j0 + n) (of type E: C, or KV read in place) through each query row's
+  // online softmax.
+  template <class E>
+  void tile(index_t j0, index_t n, const E* k, index_t ldk, const E* v, index_t ldv) {
+    const index_t dv = job_.shape.value_dim;
+    for (index_t i = 0; i < mq_; ++i) {
+      const index_t ni = std::min(n, job_.mask.key_end(b_, i0_ + i) - j0);  // keys it may see
+      if (ni <= 0) continue;
+      scores(i, j0, ni, k, ldk);
+      C m_new, sum;
+      job_.loops.online_softmax_row(s_, ni, m_[i], m_new, sum);
+      const C corr = correction(m_[i], m_new, safe_shift(m_new));
+      l_[i] = corr * l_[i] + sum;
+      m_[i] = m_new;
+      job_.row_values(s_, v, ldv, ni, corr, acc_ + i * dv);
+    }
+  }
+
   // One query's scores against keys [j0, j0 + n), masks applied, into s_.
-  void scores(index_t i, index_t j0, index_t n, const C* k, index_t ldk) {
-    const index_t dk = job_.shape.head_dim;
-    job_.loops.row_scores(qs_ + i * dk, k, ldk, dk, n, s_);
+  template <class E>
+  void scores(index_t i, index_t j0, index_t n, const E* k, index_t ldk) {
+    job_.row_scores(qs_ + i * job_.shape.head_dim, k, ldk, n, s_);
     if (job_.mask.any()) job_.mask.apply(b_, h_, i0_ + i, j0, s_, n);
   }
 
@@ -338,6 +425,7 @@ class row_unit {
   index_t b_, h_, i0_, mq_;
   tensor_view<const KV, 2> k_, v_;
   C *qs_, *s_, *acc_, *m_, *l_;
+  bool in_place_ = false;  // for C, rows_of reads contiguous rows in place itself
 };
 
 // ---- units, partial results and the merge ------------------------------------------------------
@@ -350,8 +438,17 @@ void write_output(const tiled_job<T, KV>& job, index_t b, index_t h, index_t i0,
   for (index_t i = 0; i < mq; ++i) {
     const C l = st.l[i];
     const C inv_l = l == C(0) ? C(0) : C(1) / l;
-    for (index_t e = 0; e < job.shape.value_dim; ++e)
-      job.out(b, h, i0 + i, e) = static_cast<T>(st(i, e) * inv_l);
+    const index_t dv = job.shape.value_dim;
+    if constexpr (std::is_same_v<T, C>) {
+      for (index_t e = 0; e < dv; ++e) job.out(b, h, i0 + i, e) = st(i, e) * inv_l;
+    } else {
+      C buf[half_chunk];
+      for (index_t e0 = 0; e0 < dv; e0 += half_chunk) {
+        const index_t m = std::min(half_chunk, dv - e0);
+        for (index_t e = 0; e < m; ++e) buf[e] = st(i, e0 + e) * inv_l;
+        job.store_out(b, h, i0 + i, e0, buf, m);
+      }
+    }
     if (job.opts.lse_out)
       (*job.opts.lse_out)(b, h, i0 + i) =
           l == C(0) ? -std::numeric_limits<C>::infinity() : st.m[i] + std::log(l);
@@ -406,7 +503,12 @@ void merge_item(const tiled_job<T, KV>& job, int thread, index_t item, index_t b
       for (index_t e = 0; e < dv; ++e) acc[e] += w * part[2 * mq + i * dv + e];
     }
     const C inv_l = l == C(0) ? C(0) : C(1) / l;
-    for (index_t e = 0; e < dv; ++e) job.out(b, h, i0 + i, e) = static_cast<T>(acc[e] * inv_l);
+    if constexpr (std::is_same_v<T, C>) {
+      for (index_t e = 0; e < dv; ++e) job.out(b, h, i0 + i, e) = acc[e] * inv_l;
+    } else {
+      for (index_t e = 0; e < dv; ++e) acc[e] *= inv_l;
+      job.store_out(b, h, i0 + i, 0, acc, dv);
+    }
     if (job.opts.lse_out)
       (*job.opts.lse_out)(b, h, i0 + i) =
           l == C(0) ? -std::numeric_limits<C>::infinity() : big + std::log(l);
@@ -493,13 +595,16 @@ void run_tiled(const char* fn, const tensor_view<const T, 4>& q, const tensor_vi
   if (s.batch == 0 || s.num_heads == 0 || s.q_len == 0) return;
 
   const tile_kernels<C>& loops = active_kernels<C>();
-  const tiled_plan plan = make_tiled_plan<C>(s, tiles, opts.weights_out.has_value(), loops.lanes,
-                                             !std::is_same_v<KV, C>);
+  const tiled_plan plan = make_tiled_plan<C>(s, tiles, opts.weights_out.has_value(), loops.lanes);
   // All scratch is allocated here, on the calling thread, before any thread starts. Keys and
-  // values of another type than C are widened into the copies a tile at a time.
+  // values of another type than C are widened into the copies a tile at a time (the lanes
+  // path, and the row path on strided rows).
   constexpr bool widen = !std::is_same_v<KV, C>;
-  const bool copy_k = widen || (k.stride(3) != 1 && s.head_dim > 1);
-  const bool copy_v = widen || (v.stride(3) != 1 && s.value_dim > 1);
+  const bool strided_k = k.stride(3) != 1 && s.head_dim > 1;
+  const bool strided_v = v.stride(3) != 1 && s.value_dim > 1;
+  const bool rows_in_place = plan.rows && !strided_k && !strided_v;  // see row_unit
+  const bool copy_k = strided_k || (widen && !rows_in_place);
+  const bool copy_v = strided_v || (widen && !rows_in_place);
   team_scratch<C>& team = reserve_team_scratch<C>(plan, s, copy_k, copy_v);
   const tiled_job<T, KV> job{q,
                              k,
@@ -534,8 +639,7 @@ index_t tiled_attention_scratch_bytes(const attention_shape& s, const tile_optio
                                       bool need_weights = false) {
   using C = compute_t<T>;
   detail::check_shape("tiled_attention_scratch_bytes", s);
-  const detail::tiled_plan p = detail::make_tiled_plan<C>(
-      s, tiles, need_weights, detail::active_kernels<C>().lanes, !std::is_same_v<T, C>);
+  const detail::tiled_plan p = detail::make_tiled_plan<C>(s, tiles, need_weights);
   const index_t per_thread = detail::unit_scratch_elements<C>(p, s).total();
   const index_t all =
       detail::checked_mul("tiled_attention_scratch_bytes", index_t(p.threads), per_thread) +
@@ -569,8 +673,9 @@ void tiled_attention(detail::identity_t<tensor_view<const T, 4>> q,
 
 /// The mixed call: float queries and output against keys and values stored in a half type KV
 /// (Eigen::half or Eigen::bfloat16), as a decoder's float activations read a context cache
-/// kept in half. Each tile of K and V is widened to float once; everything else is the float
-/// call's, so the result equals tiled_attention<float> on the widened k and v.
+/// kept in half. K and V are widened to float a tile at a time (the row path of a decoder step
+/// reads them in place, widening each load in registers); the arithmetic is the float call's,
+/// so the result equals tiled_attention<float> on the widened k and v.
 template <class T, class KV, std::enable_if_t<std::is_same_v<T, float> && is_half_v<KV>, int> = 0>
 void tiled_attention(detail::identity_t<tensor_view<const T, 4>> q, tensor_view<const KV, 4> k,
                      tensor_view<const KV, 4> v, tensor_view<T, 4> out,

@@ -41,6 +41,19 @@ struct tile_kernels {
   /// y = x widened to T, for the half types' tiles of keys and values (half.hpp)
   void (*widen_fp16)(const Eigen::half* x, index_t n, T* y);
   void (*widen_bf16)(const Eigen::bfloat16* x, index_t n, T* y);
+  /// y = x rounded to nearest even, for the half types' outputs
+  void (*narrow_fp16)(const T* x, index_t n, Eigen::half* y);
+  void (*narrow_bf16)(const T* x, index_t n, Eigen::bfloat16* y);
+  /// row_scores and row_values reading fp16 or bf16 keys and values in place (T = float only;
+  /// null otherwise)
+  void (*row_scores_fp16)(const T* q, const Eigen::half* k, index_t ldk, index_t head_dim,
+                          index_t n, T* s);
+  void (*row_scores_bf16)(const T* q, const Eigen::bfloat16* k, index_t ldk, index_t head_dim,
+                          index_t n, T* s);
+  void (*row_values_fp16)(const T* p, const Eigen::half* v, index_t ldv, index_t value_dim,
+                          index_t n, T corr, T* acc);
+  void (*row_values_bf16)(const T* p, const Eigen::bfloat16* v, index_t ldv, index_t value_dim,
+                          index_t n, T corr, T* acc);
 };
 
 }  // namespace xattn::detail

@@ -125,16 +125,17 @@ void tile_values(index_t n, index_t packets, const T* v, index_t ldv, const T* p
 
 /// s[j] = Σ_d q[d] · K[j][d] for j < n: vectorised along Dk, eight keys at a time so that
 /// eight independent chains of FMAs keep both FMA pipes busy, and their horizontal sums taken
-/// four at a time (reduce_add4).
-template <class T>
-void row_scores(const T* q, const T* k, index_t ldk, index_t head_dim, index_t n, T* s) {
+/// four at a time (reduce_add4). K, the keys' type, is T or (T = float) a half type that each
+/// load widens in registers: a decoder step reads half the bytes and converts nothing twice.
+template <class T, class K = T>
+void row_scores(const T* q, const K* k, index_t ldk, index_t head_dim, index_t n, T* s) {
   using P = simd::packet<T>;
   constexpr index_t L = simd::lanes<T>;
   constexpr int keys = 8;
   const index_t full = head_dim / L * L;
   index_t j = 0;
   for (; j + keys <= n; j += keys) {
-    const T* kj = k + j * ldk;
+    const K* kj = k + j * ldk;
     P a[keys];
     for (int r = 0; r < keys; ++r) a[r] = simd::zero<T>();
     for (index_t d = 0; d < full; d += L) {
@@ -144,23 +145,24 @@ void row_scores(const T* q, const T* k, index_t ldk, index_t head_dim, index_t n
     simd::reduce_add4(a, s + j);
     simd::reduce_add4(a + 4, s + j + 4);
     for (index_t d = full; d < head_dim; ++d)
-      for (int r = 0; r < keys; ++r) s[j + r] += q[d] * kj[r * ldk + d];
+      for (int r = 0; r < keys; ++r) s[j + r] += q[d] * static_cast<T>(kj[r * ldk + d]);
   }
   for (; j < n; ++j) {
-    const T* kj = k + j * ldk;
+    const K* kj = k + j * ldk;
     P a = simd::zero<T>();
     for (index_t d = 0; d < full; d += L) a = simd::fma(simd::load(kj + d), simd::load(q + d), a);
     T r = simd::reduce_add(a);
-    for (index_t d = full; d < head_dim; ++d) r += q[d] * kj[d];
+    for (index_t d = full; d < head_dim; ++d) r += q[d] * static_cast<T>(kj[d]);
     s[j] = r;
   }
 }
 
 /// acc[e] = corr · acc[e] + Σ_j p[j] · V[j][e] for e < Dv: vectorised along Dv, four packets of
 /// acc at a time, with even and odd keys in two sets of accumulators (eight independent FMA
-/// chains), added at the end.
-template <class T>
-void row_values(const T* p, const T* v, index_t ldv, index_t value_dim, index_t n, T corr, T* acc) {
+/// chains), added at the end. V, the values' type, is T or (T = float) a half type, as in
+/// row_scores.
+template <class T, class V = T>
+void row_values(const T* p, const V* v, index_t ldv, index_t value_dim, index_t n, T corr, T* acc) {
   using P = simd::packet<T>;
   constexpr index_t L = simd::lanes<T>;
   const P cf = simd::broadcast(corr);
@@ -173,7 +175,7 @@ void row_values(const T* p, const T* v, index_t ldv, index_t value_dim, index_t 
     }
     index_t j = 0;
     for (; j + 2 <= n; j += 2) {
-      const T* vj = v + j * ldv + e;
+      const V* vj = v + j * ldv + e;
       const P p0 = simd::broadcast(p[j]), p1 = simd::broadcast(p[j + 1]);
       for (int r = 0; r < 4; ++r) a[r] = simd::fma(p0, simd::load(vj + r * L), a[r]);
       for (int r = 0; r < 4; ++r) b[r] = simd::fma(p1, simd::load(vj + ldv + r * L), b[r]);
@@ -192,7 +194,7 @@ void row_values(const T* p, const T* v, index_t ldv, index_t value_dim, index_t 
   }
   for (; e < value_dim; ++e) {
     T a = corr * acc[e];
-    for (index_t j = 0; j < n; ++j) a += p[j] * v[j * ldv + e];
+    for (index_t j = 0; j < n; ++j) a += p[j] * static_cast<T>(v[j * ldv + e]);
     acc[e] = a;
   }
 }
@@ -312,6 +314,31 @@ void widen_array(const S* x, index_t n, T* y) {
   for (; i < n; ++i) y[i] = static_cast<T>(x[i]);
 }
 
+/// y = x rounded to the half type S (T = float; element by element for other T).
+template <class T, class S>
+void narrow_array(const T* x, index_t n, S* y) {
+  index_t i = 0;
+  if constexpr (std::is_same_v<T, float>) i = simd::narrow(x, n, y);
+  for (; i < n; ++i) y[i] = static_cast<S>(x[i]);
+}
+
+/// The row path's products on keys and values of the half type S, for T = float (null for
+/// other T: no kernel computes in them).
+template <class T, class S>
+constexpr auto half_row_scores() {
+  if constexpr (std::is_same_v<T, float>)
+    return &row_scores<T, S>;
+  else
+    return static_cast<void (*)(const T*, const S*, index_t, index_t, index_t, T*)>(nullptr);
+}
+template <class T, class S>
+constexpr auto half_row_values() {
+  if constexpr (std::is_same_v<T, float>)
+    return &row_values<T, S>;
+  else
+    return static_cast<void (*)(const T*, const S*, index_t, index_t, index_t, T, T*)>(nullptr);
+}
+
 /// The loops above, compiled for this level, as detail::tile_kernels (detail/kernels.hpp).
 template <class T>
 inline constexpr tile_kernels<T> kernels{level,
@@ -324,4 +351,10 @@ inline constexpr tile_kernels<T> kernels{level,
                                          &row_values<T>,
                                          &exp_flushed_array<T>,
                                          &widen_array<T, Eigen::half>,
-                                         &widen_array<T, Eigen::bfloat16>};
+                                         &widen_array<T, Eigen::bfloat16>,
+                                         &narrow_array<T, Eigen::half>,
+                                         &narrow_array<T, Eigen::bfloat16>,
+                                         half_row_scores<T, Eigen::half>(),
+                                         half_row_scores<T, Eigen::bfloat16>(),
+                                         half_row_values<T, Eigen::half>(),
+                                         half_row_values<T, Eigen::bfloat16>()};

@@ -4,7 +4,7 @@
 //
 //   packet<T>, lanes<T>          the vector of T and its number of lanes
 //   block_rows, block_cols       register blocking of the micro-kernels (rows x cols packets)
-//   load, store, broadcast, zero<T>
+//   load, store, broadcast, zero<T>  (load also widens fp16 or bf16 elements to floats)
 //   in_register(x)               x, kept in a register (not re-read from memory by each use)
 //   add, sub, mul, max, fma(a, b, c) = a·b + c
 //   finite_shift(m)              m, with 0 where m = -inf (the online softmax's shift)
@@ -12,6 +12,7 @@
 //   reduce_add4(a, out)          out[r] = reduce_add(a[r]) for four packets at once
 //   exp_flushed<T>(x)            exp lane by lane, 0 below the smallest normal number
 //   widen(x, n, y)               fp16 or bf16 x to float y for a prefix of n; returns its length
+//   narrow(x, n, y)              float x rounded to fp16 or bf16 y, likewise
 //
 // The x86-64 levels are written with intrinsics (detail/simd_sse2.hpp, simd_avx2.hpp,
 // simd_avx512.hpp) and share one exp (detail/simd_exp.inl). This file has the level of a build
@@ -21,6 +22,7 @@
 
 #include "xattn/config.hpp"
 #include "xattn/detail/cpu.hpp"
+#include "xattn/half.hpp"
 
 #include <Eigen/Core>
 
@@ -41,9 +43,16 @@ inline constexpr index_t lanes = Eigen::internal::unpacket_traits<packet<T>>::si
 inline constexpr int block_rows = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32 ? 6 : 4;
 inline constexpr int block_cols = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32 ? 4 : 2;
 
-template <class T>
+template <class T, std::enable_if_t<!xattn::is_half_v<T>, int> = 0>
 EIGEN_STRONG_INLINE packet<T> load(const T* p) {
   return Eigen::internal::ploadu<packet<T>>(p);
+}
+/// A packet of floats from lanes<float> fp16 or bf16 elements, converted one by one.
+template <class S, std::enable_if_t<xattn::is_half_v<S>, int> = 0>
+EIGEN_STRONG_INLINE packet<float> load(const S* p) {
+  EIGEN_ALIGN_MAX float f[lanes<float>];
+  for (index_t i = 0; i < lanes<float>; ++i) f[i] = static_cast<float>(p[i]);
+  return Eigen::internal::pload<packet<float>>(f);
 }
 template <class T>
 EIGEN_STRONG_INLINE void store(T* p, const packet<T>& x) {
@@ -113,6 +122,12 @@ EIGEN_STRONG_INLINE packet<T> exp_flushed(const packet<T>& x) {
 /// every element with Eigen's conversion (F16C's when the build targets it).
 template <class S>
 EIGEN_STRONG_INLINE index_t widen(const S*, index_t, float*) {
+  return 0;
+}
+
+/// Rounds a prefix of x into y and returns its length: none here, as widen.
+template <class S>
+EIGEN_STRONG_INLINE index_t narrow(const float*, index_t, S*) {
   return 0;
 }
 

@@ -40,6 +40,14 @@ inline constexpr int block_rows = 6;  // 6 x 2 accumulators of the 16 registers
 inline constexpr int block_cols = 2;
 
 XATTN_DETAIL_SIMD_INLINE __m256 load(const float* p) { return _mm256_loadu_ps(p); }
+/// A packet of floats from 8 fp16 (vcvtph2ps) or bf16 (a 16-bit shift each) elements.
+XATTN_DETAIL_SIMD_INLINE __m256 load(const Eigen::half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+XATTN_DETAIL_SIMD_INLINE __m256 load(const Eigen::bfloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
 XATTN_DETAIL_SIMD_INLINE __m256d load(const double* p) { return _mm256_loadu_pd(p); }
 XATTN_DETAIL_SIMD_INLINE void store(float* p, __m256 x) { _mm256_storeu_ps(p, x); }
 XATTN_DETAIL_SIMD_INLINE void store(double* p, __m256d x) { _mm256_storeu_pd(p, x); }
@@ -177,6 +185,36 @@ XATTN_DETAIL_SIMD_INLINE index_t widen(const Eigen::bfloat16* x, index_t n, floa
   for (; i + 8 <= n; i += 8) {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i));
     _mm256_storeu_ps(y + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+  }
+  return i;
+}
+
+/// Rounds the first n - n mod 8 floats of x to nearest even in y and returns that count (the
+/// caller rounds the rest): vcvtps2ph for fp16; for bf16 the rounding bias 0x7fff plus the
+/// kept part's lowest bit, then the high halves, and NaN as the quiet NaN of its sign.
+XATTN_DETAIL_SIMD_INLINE index_t narrow(const float* x, index_t n, Eigen::half* y) {
+  index_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+  return i;
+}
+XATTN_DETAIL_SIMD_INLINE index_t narrow(const float* x, index_t n, Eigen::bfloat16* y) {
+  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff);
+  const __m256i sign = _mm256_set1_epi32(0x8000), quiet = _mm256_set1_epi32(0x7fc0);
+  index_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 f = _mm256_loadu_ps(x + i);
+    const __m256i b = _mm256_castps_si256(f);
+    const __m256i high = _mm256_srli_epi32(b, 16);
+    const __m256i rounded = _mm256_srli_epi32(
+        _mm256_add_epi32(b, _mm256_add_epi32(bias, _mm256_and_si256(high, one))), 16);
+    const __m256i nan = _mm256_or_si256(_mm256_and_si256(high, sign), quiet);
+    const __m256i r = _mm256_castps_si256(_mm256_blendv_ps(
+        _mm256_castsi256_ps(rounded), _mm256_castsi256_ps(nan), _mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
+    // 8 x 32 -> 8 x 16 bits: pack within each 128-bit lane, then gather the two lanes' halves
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i), _mm256_castsi256_si128(packed));
   }
   return i;
 }

@@ -41,6 +41,14 @@ inline constexpr int block_rows = 6;  // 6 x 4 accumulators of the 32 registers
 inline constexpr int block_cols = 4;
 
 XATTN_DETAIL_SIMD_INLINE __m512 load(const float* p) { return _mm512_loadu_ps(p); }
+/// A packet of floats from 16 fp16 (vcvtph2ps) or bf16 (a 16-bit shift each) elements.
+XATTN_DETAIL_SIMD_INLINE __m512 load(const Eigen::half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+XATTN_DETAIL_SIMD_INLINE __m512 load(const Eigen::bfloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
 XATTN_DETAIL_SIMD_INLINE __m512d load(const double* p) { return _mm512_loadu_pd(p); }
 XATTN_DETAIL_SIMD_INLINE void store(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
 XATTN_DETAIL_SIMD_INLINE void store(double* p, __m512d x) { _mm512_storeu_pd(p, x); }
@@ -152,6 +160,32 @@ XATTN_DETAIL_SIMD_INLINE index_t widen(const Eigen::bfloat16* x, index_t n, floa
   for (; i + 16 <= n; i += 16) {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
     _mm512_storeu_ps(y + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+  }
+  return i;
+}
+
+/// Rounds the first n - n mod 16 floats of x to nearest even in y and returns that count:
+/// vcvtps2ph for fp16; for bf16 as the avx2 level does, NaN as the quiet NaN of its sign.
+XATTN_DETAIL_SIMD_INLINE index_t narrow(const float* x, index_t n, Eigen::half* y) {
+  index_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+  return i;
+}
+XATTN_DETAIL_SIMD_INLINE index_t narrow(const float* x, index_t n, Eigen::bfloat16* y) {
+  const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
+  const __m512i sign = _mm512_set1_epi32(0x8000), quiet = _mm512_set1_epi32(0x7fc0);
+  index_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 f = _mm512_loadu_ps(x + i);
+    const __m512i b = _mm512_castps_si512(f);
+    const __m512i high = _mm512_srli_epi32(b, 16);
+    const __m512i rounded = _mm512_srli_epi32(
+        _mm512_add_epi32(b, _mm512_add_epi32(bias, _mm512_and_si512(high, one))), 16);
+    const __m512i nan = _mm512_or_si512(_mm512_and_si512(high, sign), quiet);
+    const __m512i r = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), nan);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), _mm512_cvtepi32_epi16(r));
   }
   return i;
 }

@@ -41,6 +41,16 @@ inline constexpr int block_rows = 4;  // 4 x 2 accumulators of the 16 registers
 inline constexpr int block_cols = 2;
 
 XATTN_DETAIL_SIMD_INLINE __m128 load(const float* p) { return _mm_loadu_ps(p); }
+/// A packet of floats from 4 fp16 (converted one by one: SSE2 has no fp16 conversion) or bf16
+/// (zeros interleaved below each: a bf16 is the high half of a float) elements.
+XATTN_DETAIL_SIMD_INLINE __m128 load(const Eigen::half* p) {
+  return _mm_setr_ps(static_cast<float>(p[0]), static_cast<float>(p[1]), static_cast<float>(p[2]),
+                     static_cast<float>(p[3]));
+}
+XATTN_DETAIL_SIMD_INLINE __m128 load(const Eigen::bfloat16* p) {
+  const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), h));
+}
 XATTN_DETAIL_SIMD_INLINE __m128d load(const double* p) { return _mm_loadu_pd(p); }
 XATTN_DETAIL_SIMD_INLINE void store(float* p, __m128 x) { _mm_storeu_ps(p, x); }
 XATTN_DETAIL_SIMD_INLINE void store(double* p, __m128d x) { _mm_storeu_pd(p, x); }
@@ -159,6 +169,29 @@ XATTN_DETAIL_SIMD_INLINE index_t widen(const Eigen::bfloat16* x, index_t n, floa
   for (; i + 4 <= n; i += 4) {
     const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(x + i));
     _mm_storeu_ps(y + i, _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), h)));
+  }
+  return i;
+}
+
+/// Rounds the first n - n mod 4 floats of x to nearest even in y and returns that count: bf16
+/// as the avx2 level does (the 16-bit results sign-extended so that a signed pack keeps them);
+/// fp16 has no SSE2 conversion, so none here.
+XATTN_DETAIL_SIMD_INLINE index_t narrow(const float*, index_t, Eigen::half*) { return 0; }
+XATTN_DETAIL_SIMD_INLINE index_t narrow(const float* x, index_t n, Eigen::bfloat16* y) {
+  const __m128i one = _mm_set1_epi32(1), bias = _mm_set1_epi32(0x7fff);
+  const __m128i sign = _mm_set1_epi32(0x8000), quiet = _mm_set1_epi32(0x7fc0);
+  index_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const __m128 f = _mm_loadu_ps(x + i);
+    const __m128i b = _mm_castps_si128(f);
+    const __m128i high = _mm_srli_epi32(b, 16);
+    const __m128i rounded =
+        _mm_srli_epi32(_mm_add_epi32(b, _mm_add_epi32(bias, _mm_and_si128(high, one))), 16);
+    const __m128i nan = _mm_or_si128(_mm_and_si128(high, sign), quiet);
+    const __m128i is_nan = _mm_castps_si128(_mm_cmpunord_ps(f, f));
+    const __m128i r = _mm_or_si128(_mm_and_si128(is_nan, nan), _mm_andnot_si128(is_nan, rounded));
+    const __m128i r16 = _mm_srai_epi32(_mm_slli_epi32(r, 16), 16);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(y + i), _mm_packs_epi32(r16, r16));
   }
   return i;
 }

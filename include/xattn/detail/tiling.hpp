@@ -80,16 +80,12 @@ inline constexpr double min_flops_per_thread = 1 << 20;
 inline constexpr index_t default_q_tile = 64;
 inline constexpr index_t default_kv_tile = 128;
 inline constexpr index_t default_row_kv_tile = 512;
-/// The row path with keys and values of a half type widens each tile into scratch, which the
-/// scores and outputs then read: a shorter tile keeps that copy in L1 and L2.
-inline constexpr index_t default_widened_row_kv_tile = 128;
 
 /// The plan of a call of shape s on a path whose packets have `lanes` lanes of T (by default,
-/// the path a call starting now takes); `widened`: keys and values of a half type, widened
-/// to T a tile at a time.
+/// the path a call starting now takes).
 template <class T>
 tiled_plan make_tiled_plan(const attention_shape& s, const tile_options& t, bool need_weights,
-                           index_t lanes = active_kernels<T>().lanes, bool widened = false) {
+                           index_t lanes = active_kernels<T>().lanes) {
   const index_t L = lanes;
   tiled_plan p;
   p.lanes = L;
@@ -97,11 +93,9 @@ tiled_plan make_tiled_plan(const attention_shape& s, const tile_options& t, bool
   const index_t q_want = t.q_tile ? *t.q_tile : (p.rows ? s.q_len : default_q_tile);
   p.q_tile = std::max<index_t>(1, std::min(q_want, s.q_len));
   p.width = (p.q_tile + L - 1) / L * L;
-  p.kv_tile = std::max<index_t>(1, std::min(t.kv_tile ? *t.kv_tile
-                                            : !p.rows ? default_kv_tile
-                                            : widened ? default_widened_row_kv_tile
-                                                      : default_row_kv_tile,
-                                            s.kv_len));
+  p.kv_tile = std::max<index_t>(
+      1, std::min(t.kv_tile ? *t.kv_tile : (p.rows ? default_row_kv_tile : default_kv_tile),
+                  s.kv_len));
   p.q_tiles = (s.q_len + p.q_tile - 1) / p.q_tile;
   p.items = s.batch * s.num_heads * p.q_tiles;
   const double flops = 2.0 * double(s.batch) * double(s.num_heads) * double(s.q_len) *
