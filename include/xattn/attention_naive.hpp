@@ -117,8 +117,8 @@ void naive_attention(detail::identity_t<tensor_view<const T, 4>> q,
 }
 
 /// The mixed call: float queries and output against keys and values stored in a half type KV,
-/// as tiled_attention's (attention_tiled.hpp); equal to naive_attention<float> on the widened
-/// k and v.
+/// as tiled_attention's (attention_tiled.hpp): naive_attention<float>'s arithmetic on the
+/// widened k and v.
 template <class T, class KV, std::enable_if_t<std::is_same_v<T, float> && is_half_v<KV>, int> = 0>
 void naive_attention(detail::identity_t<tensor_view<const T, 4>> q, tensor_view<const KV, 4> k,
                      tensor_view<const KV, 4> v, tensor_view<T, 4> out,
