@@ -9,6 +9,7 @@ call that interpreter explicitly if another python3 comes first on PATH):
 
     /usr/bin/python3 tests/make_fixtures.py              # writes tests/fixtures/*.safetensors
     /usr/bin/python3 tests/make_fixtures.py --gradients  # only the grad_*.safetensors files
+    /usr/bin/python3 tests/make_fixtures.py --half       # only the half_*.safetensors files
 
 Each file holds one case:
   - the layer's weights under the prefix "attn.", named as the case's model would name them
@@ -516,6 +517,63 @@ def grad_kernel_case(name, *, b, heads, kv_heads, lq, lk, d, dv, lengths=None, b
     write_safetensors(os.path.join(OUT, name + ".safetensors"), tensors, meta)
 
 
+# Files half_kernel_*.safetensors, written by main_half() (`make_fixtures.py --half` writes only
+# these): scaled dot-product attention computed by PyTorch in bfloat16 as its math path does,
+# every step rounded to bf16 (q · scale, Q Kᵀ, + bias or masked_fill -inf, softmax, P V). Stored,
+# all in BF16: "q" [B, H, Lq, D], "k", "v" [B, Hkv, Lk, D|Dv], the masks ("kv_lengths" as float,
+# "attn_mask_bool" 1 = may attend, "attn_mask_float" [Lq, Lk]), and torch's "output". Metadata:
+# "causal" (none, top_left, bottom_right). (PyTorch 1.13 on the CPU multiplies no fp16
+# matrices, so there are no fp16 files.)
+
+def half_kernel_case(name, *, b, heads, kv_heads, lq, lk, d, dv, lengths=None, bool_mask=False,
+                     float_mask=False, causal="none", seed):
+    gen = torch.Generator().manual_seed(seed)
+    dt = torch.bfloat16
+    q = torch.empty(b, heads, lq, d).uniform_(-2, 2, generator=gen).to(dt)
+    k = torch.empty(b, kv_heads, lk, d).uniform_(-2, 2, generator=gen).to(dt)
+    v = torch.empty(b, kv_heads, lk, dv).uniform_(-1, 1, generator=gen).to(dt)
+    tensors = {"q": q, "k": k, "v": v}
+    allowed = torch.ones(b, 1, lq, lk, dtype=torch.bool)
+    if lengths is not None:
+        allowed &= (torch.arange(lk)[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :]
+        tensors["kv_lengths"] = torch.tensor(lengths, dtype=torch.float32).to(dt)
+    if causal != "none":
+        shift = 0 if causal == "top_left" else lk - lq
+        allowed &= (torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + shift)[None, None]
+    if bool_mask:
+        m = torch.rand(lq, lk, generator=gen) < 0.7
+        m[:, 0] = True  # every row keeps a key: PyTorch's fully masked rows are NaN
+        allowed &= m[None, None]
+        tensors["attn_mask_bool"] = m.float().to(dt)
+    group = heads // kv_heads
+    kk = k.repeat_interleave(group, dim=1)
+    vv = v.repeat_interleave(group, dim=1)
+    scores = (q * torch.tensor(d ** -0.5, dtype=dt)) @ kk.transpose(-2, -1)
+    if float_mask:
+        m = torch.empty(lq, lk).uniform_(-2, 2, generator=gen).to(dt)
+        scores = scores + m
+        tensors["attn_mask_float"] = m
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ vv
+    assert out.dtype == dt and not torch.isnan(out).any()
+    tensors["output"] = out
+    write_safetensors(os.path.join(OUT, name + ".safetensors"), tensors, {"causal": causal})
+
+
+def main_half():
+    os.makedirs(OUT, exist_ok=True)
+    half_kernel_case("half_kernel_plain", b=2, heads=4, kv_heads=4, lq=7, lk=77, d=40, dv=40,
+                     seed=41)
+    half_kernel_case("half_kernel_decoder_gqa", b=1, heads=8, kv_heads=2, lq=1, lk=300, d=64,
+                     dv=64, lengths=[250], seed=42)
+    half_kernel_case("half_kernel_masks", b=2, heads=2, kv_heads=1, lq=20, lk=33, d=16, dv=8,
+                     lengths=[33, 20], bool_mask=True, float_mask=True, causal="bottom_right",
+                     seed=43)
+    for f in sorted(os.listdir(OUT)):
+        if f.startswith("half_"):
+            print(f, os.path.getsize(os.path.join(OUT, f)), "bytes")
+
+
 def main_gradients():
     os.makedirs(OUT, exist_ok=True)
     grad_mha_case("grad_mha_kdim_vdim", embed=8, heads=2, kdim=6, vdim=5, bias=True, b=2, lq=3,
@@ -569,6 +627,9 @@ if __name__ == "__main__":
     import sys
     if "--gradients" in sys.argv:
         main_gradients()
+    elif "--half" in sys.argv:
+        main_half()
     else:
         main()
         main_gradients()
+        main_half()

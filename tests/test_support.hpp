@@ -304,24 +304,23 @@ std::vector<T> plain_half_attention(const xattn::tensor_view<const T, 4>& q,
 
 /// The accuracy rule for a half-precision output `got` of attention(q, k, v, opts), the one
 /// FlashAttention's tests use: its largest error against the exact result (reference_attention,
-/// on the same half inputs) is at most twice that of plain_half_attention, plus half a unit in
-/// the last place of the largest exact output (the one rounding every half output has, which
-/// the plain result may dodge by chance in a tiny case).
+/// on the same half inputs) is at most twice that of a yardstick computed in the half type
+/// (plain_half_attention, or PyTorch's own bf16 result), plus half a unit in the last place of
+/// the largest exact output (the one rounding every half output has, which the yardstick may
+/// dodge by chance in a tiny case).
 template <class T>
-::testing::AssertionResult check_half_rule(const std::vector<T>& got,
-                                           const xattn::tensor_view<const T, 4>& q,
-                                           const xattn::tensor_view<const T, 4>& k,
-                                           const xattn::tensor_view<const T, 4>& v,
-                                           const xattn::attention_options<T>& opts = {}) {
+::testing::AssertionResult check_half_rule_against(
+    const std::vector<T>& got, const std::vector<T>& yardstick, const char* yardstick_name,
+    const xattn::tensor_view<const T, 4>& q, const xattn::tensor_view<const T, 4>& k,
+    const xattn::tensor_view<const T, 4>& v, const xattn::attention_options<T>& opts) {
   xattn::attention_options<T> plain_opts = opts;  // the statistics are not compared here
   plain_opts.weights_out.reset();
   plain_opts.lse_out.reset();
   const reference_result exact = reference_attention<T>(q, k, v, plain_opts);
-  const std::vector<T> plain = plain_half_attention<T>(q, k, v, plain_opts);
-  if (got.size() != exact.out.size())
-    return ::testing::AssertionFailure()
-           << "sizes differ: " << got.size() << " vs " << exact.out.size();
-  double err = 0.0, plain_err = 0.0, largest = 0.0;
+  if (got.size() != exact.out.size() || yardstick.size() != exact.out.size())
+    return ::testing::AssertionFailure() << "sizes differ: " << got.size() << " and "
+                                         << yardstick.size() << " vs " << exact.out.size();
+  double err = 0.0, yard_err = 0.0, largest = 0.0;
   std::size_t worst = 0;
   for (std::size_t n = 0; n < got.size(); ++n) {
     const double want = double(exact.out[n]);
@@ -330,15 +329,29 @@ template <class T>
       err = e;
       worst = n;
     }
-    plain_err = std::max(plain_err, std::abs(double(to_ld(plain[n])) - want));
+    yard_err = std::max(yard_err, std::abs(double(to_ld(yardstick[n])) - want));
     largest = std::max(largest, std::abs(want));
   }
   const double slack = 0.5 * double(std::numeric_limits<T>::epsilon()) * largest;
-  if (err <= 2.0 * plain_err + slack) return ::testing::AssertionSuccess();
+  if (err <= 2.0 * yard_err + slack) return ::testing::AssertionSuccess();
   return ::testing::AssertionFailure()
          << "error " << err << " at element " << worst << " (got " << double(to_ld(got[worst]))
-         << ", exact " << double(exact.out[worst]) << ") > 2 x " << plain_err << " (the plain "
-         << xattn::element_name<T>() << " result's) + " << slack;
+         << ", exact " << double(exact.out[worst]) << ") > 2 x " << yard_err << " (the "
+         << yardstick_name << " " << xattn::element_name<T>() << " result's) + " << slack;
+}
+
+/// check_half_rule_against plain_half_attention.
+template <class T>
+::testing::AssertionResult check_half_rule(const std::vector<T>& got,
+                                           const xattn::tensor_view<const T, 4>& q,
+                                           const xattn::tensor_view<const T, 4>& k,
+                                           const xattn::tensor_view<const T, 4>& v,
+                                           const xattn::attention_options<T>& opts = {}) {
+  xattn::attention_options<T> plain_opts = opts;
+  plain_opts.weights_out.reset();
+  plain_opts.lse_out.reset();
+  return check_half_rule_against<T>(got, plain_half_attention<T>(q, k, v, plain_opts), "plain", q,
+                                    k, v, opts);
 }
 
 /// An attention_shape from its sizes, in the order B, H, Lq, Lk, Dk, Dv (, Hkv).
