@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: MIT
 // Which instruction set tiled_attention's inner loops run on. A build for x86-64 with GCC or
-// Clang compiles them for three levels, "avx512" (F, BW, DQ, VL), "avx2" (with FMA) and "sse2"
-// (every x86-64 CPU), and each process runs the fastest one its CPU supports: no -march flag is
-// needed for full speed. Other builds (AArch64, MSVC, or XATTN_DISPATCH defined to 0) have one
-// path, "eigen": Eigen's packets for the compiler's own target (NEON on AArch64).
+// Clang compiles them for three levels, "avx512" (F, BW, DQ, VL), "avx2" (with FMA; both with
+// F16C, for the half types) and "sse2" (every x86-64 CPU), and each process runs the fastest one
+// its CPU supports: no -march flag is needed for full speed. Other builds (AArch64, MSVC, or
+// XATTN_DISPATCH defined to 0) have one path, "eigen": Eigen's packets for the compiler's own
+// target (NEON on AArch64).
 //
 // The environment variable XATTN_CPU_PATH, read once per process, lowers the automatic choice to
 // the path it names (to reproduce a user's older machine); a name this build does not have, or
