@@ -233,8 +233,8 @@ TYPED_TEST(Half, TheResultIsTheFloatCallOnTheWidenedInputsRoundedOnce) {
       xattn::naive_attention<T>(p.q.cview(), p.k.cview(), p.v.cview(), p.out.view(), opts);
       tensor<float, 4> fout(p.out.extents);
       xattn::naive_attention<float>(q.cview(), k.cview(), v.cview(), fout.view());
-      EXPECT_TRUE(xattn_test::all_close(p.out.data, fout.data,
-                                        double(Eigen::NumTraits<T>::epsilon())))
+      EXPECT_TRUE(
+          xattn_test::all_close(p.out.data, fout.data, double(Eigen::NumTraits<T>::epsilon())))
           << "naive";
     }
   });
@@ -540,6 +540,16 @@ TEST(HalfCache, AWhisperBaseContextInBf16IsHalfTheFloatOne) {
   const index_t b = mha.encode_context<Eigen::bfloat16>(audio.cview()).bytes();
   EXPECT_EQ(f, index_t(2 * 1500 * 512 * 4));  // 6,144,000 bytes a layer in float
   EXPECT_EQ(6 * b * 2, 6 * f);                // 36.9 MB for 6 layers in float, 18.4 MB in bf16
+}
+
+TEST(HalfPaths, ThePathNamesSayHowValuesAreConverted) {
+  each_path()([](std::string_view path) {
+    const std::string p(path);
+    EXPECT_EQ(xattn::cpu_path_for<float>(), p);
+    const bool f16c = path == "avx2" || path == "avx512";
+    EXPECT_EQ(xattn::cpu_path_for<Eigen::half>(), p + (f16c ? "+f16c" : "+scalar"));
+    EXPECT_EQ(xattn::cpu_path_for<Eigen::bfloat16>(), p + (path == "eigen" ? "+scalar" : "+shift"));
+  });
 }
 
 TEST(HalfTraits, TheComputeAndStatisticTypes) {
