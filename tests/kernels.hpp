@@ -6,14 +6,18 @@
 
 #include "xattn/attention_naive.hpp"
 #include "xattn/attention_tiled.hpp"
+#include "xattn/dispatch.hpp"
 #include "xattn/options.hpp"
 #include "xattn/tensor_view.hpp"
+
+#include <gtest/gtest.h>
 
 #include <algorithm>
 #include <functional>
 #include <optional>
 #include <sstream>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #ifdef _OPENMP
@@ -37,6 +41,30 @@ inline std::vector<int> thread_counts(int most = 4) {
   for (int t = 1; t <= std::min(most, max_threads()); ++t) counts.push_back(t);
   return counts;
 }
+
+/// Tile options: q_tile and kv_tile when > 0 (else the kernel's choice), and a thread count.
+inline xattn::tile_options tiles(xattn::index_t q_tile, xattn::index_t kv_tile, int threads = 1) {
+  xattn::tile_options t;
+  if (q_tile > 0) t.q_tile = q_tile;
+  if (kv_tile > 0) t.kv_tile = kv_tile;
+  t.num_threads = threads;
+  return t;
+}
+
+/// Runs f(name) with each CPU path this build and machine have forced in turn (dispatch.hpp),
+/// and restores the automatic choice afterwards, also on failure.
+struct each_path {
+  ~each_path() { xattn::reset_cpu_path(); }
+  template <class F>
+  void operator()(F&& f) const {
+    for (std::string_view name : xattn::cpu_paths()) {
+      SCOPED_TRACE(std::string("path ") + std::string(name));
+      xattn::set_cpu_path(name);
+      ASSERT_EQ(xattn::cpu_path(), name);
+      f(name);
+    }
+  }
+};
 
 /// "q_tile=3 kv_tile=5 threads=2", with "auto" for unset fields.
 inline std::string describe(const xattn::tile_options& t) {

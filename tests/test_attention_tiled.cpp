@@ -9,6 +9,7 @@
 
 #include "xattn/attention_naive.hpp"
 
+#include "kernels.hpp"
 #include "test_support.hpp"
 
 #include <gtest/gtest.h>
@@ -34,14 +35,7 @@ class TiledAttention : public ::testing::Test {};
 TYPED_TEST_SUITE(TiledAttention, xattn_test::element_types, );
 
 using xattn_test::shape;
-
-xattn::tile_options tiles(index_t q_tile, index_t kv_tile, int threads = 1) {
-  xattn::tile_options t;
-  if (q_tile > 0) t.q_tile = q_tile;
-  if (kv_tile > 0) t.kv_tile = kv_tile;
-  t.num_threads = threads;
-  return t;
-}
+using xattn_test::tiles;
 
 // The thread counts a test may ask for: 1 to 4 with OpenMP, where the kernel really starts
 // that many threads; without OpenMP every count runs serially, and is still accepted.

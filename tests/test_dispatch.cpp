@@ -8,6 +8,7 @@
 
 #include "xattn/attention_tiled.hpp"
 
+#include "kernels.hpp"
 #include "test_support.hpp"
 
 #include <gtest/gtest.h>
@@ -23,23 +24,11 @@
 namespace {
 
 using xattn::index_t;
+using xattn_test::each_path;
 using xattn_test::problem;
 using xattn_test::shape;
 using xattn_test::throws_with;
-
-// Forces each path in turn and restores the automatic choice afterwards, also on failure.
-struct each_path {
-  ~each_path() { xattn::reset_cpu_path(); }
-  template <class F>
-  void operator()(F&& f) const {
-    for (std::string_view name : xattn::cpu_paths()) {
-      SCOPED_TRACE(std::string("path ") + std::string(name));
-      xattn::set_cpu_path(name);
-      ASSERT_EQ(xattn::cpu_path(), name);
-      f(name);
-    }
-  }
-};
+using xattn_test::tiles;
 
 TEST(Dispatch, TheAutomaticPathIsTheFastestThisMachineRuns) {
   xattn::reset_cpu_path();
@@ -109,14 +98,6 @@ template <class T>
 class DispatchPaths : public ::testing::Test {};
 using element_types = ::testing::Types<float, double>;
 TYPED_TEST_SUITE(DispatchPaths, element_types, );
-
-xattn::tile_options tiles(index_t q_tile, index_t kv_tile, int threads = 1) {
-  xattn::tile_options t;
-  if (q_tile > 0) t.q_tile = q_tile;
-  if (kv_tile > 0) t.kv_tile = kv_tile;
-  t.num_threads = threads;
-  return t;
-}
 
 template <class T>
 void check_tiled(problem<T>& p, const xattn::attention_options<T>& opts,

@@ -30,36 +30,18 @@ namespace {
 
 using xattn::index_t;
 using xattn_test::check_half_rule;
+using xattn_test::each_path;
+using xattn_test::problem;
 using xattn_test::random_tensor;
 using xattn_test::shape;
 using xattn_test::tensor;
 using xattn_test::throws_with;
+using xattn_test::tiles;
 
 template <class T>
 class Half : public ::testing::Test {};
 using half_types = ::testing::Types<Eigen::half, Eigen::bfloat16>;
 TYPED_TEST_SUITE(Half, half_types, );
-
-// Forces each path in turn and restores the automatic choice afterwards, also on failure.
-struct each_path {
-  ~each_path() { xattn::reset_cpu_path(); }
-  template <class F>
-  void operator()(F&& f) const {
-    for (std::string_view name : xattn::cpu_paths()) {
-      SCOPED_TRACE(std::string("path ") + std::string(name));
-      xattn::set_cpu_path(name);
-      f(name);
-    }
-  }
-};
-
-xattn::tile_options tiles(index_t q_tile, index_t kv_tile, int threads = 1) {
-  xattn::tile_options t;
-  if (q_tile > 0) t.q_tile = q_tile;
-  if (kv_tile > 0) t.kv_tile = kv_tile;
-  t.num_threads = threads;
-  return t;
-}
 
 template <class T, std::size_t R>
 tensor<float, R> widened(const tensor<T, R>& x) {
@@ -103,24 +85,6 @@ template <class G, class W>
   return xattn_test::all_close(got, want, tol);
 }
 
-// Random half q, k, v for one shape, with outputs pre-filled with a sentinel.
-template <class T>
-struct half_problem {
-  xattn::attention_shape s;
-  tensor<T, 4> q, k, v, out;
-  tensor<float, 4> weights;
-  tensor<float, 3> lse;
-
-  explicit half_problem(const xattn::attention_shape& shape, unsigned seed = 1, double amp = 1.0)
-      : s(shape),
-        q(random_tensor<T, 4>({s.batch, s.num_heads, s.q_len, s.head_dim}, seed, -amp, amp)),
-        k(random_tensor<T, 4>({s.batch, s.kv_heads(), s.kv_len, s.head_dim}, seed + 1, -amp, amp)),
-        v(random_tensor<T, 4>({s.batch, s.kv_heads(), s.kv_len, s.value_dim}, seed + 2)),
-        out({s.batch, s.num_heads, s.q_len, s.value_dim}, T(-7.0f)),
-        weights({s.batch, s.num_heads, s.q_len, s.kv_len}, -7.0f),
-        lse({s.batch, s.num_heads, s.q_len}, -7.0f) {}
-};
-
 // The kernels under test, called like naive_attention on T.
 template <class T>
 std::vector<xattn_test::kernel<T>> half_kernels() {
@@ -135,7 +99,7 @@ std::vector<xattn_test::kernel<T>> half_kernels() {
 // Runs every kernel on p with opts (asking for the statistics too) and checks the output by the
 // accuracy rule and the statistics, in float, against the reference.
 template <class T>
-void check_all_kernels(half_problem<T>& p, xattn::attention_options<T> opts) {
+void check_all_kernels(problem<T>& p, xattn::attention_options<T> opts) {
   opts.weights_out = p.weights.view();
   opts.lse_out = p.lse.view();
   const auto exact =
@@ -165,7 +129,7 @@ TYPED_TEST(Half, EveryKernelAndPathHoldsTheAccuracyRuleOnOddShapes) {
           shape(1, 1, 70, 130, 64, 40)}) {
       SCOPED_TRACE(::testing::Message() << "Lq " << s.q_len << " Lk " << s.kv_len << " Dk "
                                         << s.head_dim << " Dv " << s.value_dim);
-      half_problem<T> p(s, 11);
+      problem<T> p(s, 11);
       check_all_kernels<T>(p, {});
     }
   });
@@ -195,7 +159,7 @@ TYPED_TEST(Half, EveryKernelAppliesEveryMaskKind) {
           opts.mask.window = xattn::position_window{4, lq + 10, 30, lk + 40};
         }
         SCOPED_TRACE(::testing::Message() << "mask kind " << kind);
-        half_problem<T> p(s, unsigned(kind + 1));
+        problem<T> p(s, unsigned(kind + 1));
         check_all_kernels<T>(p, opts);
       }
     }
@@ -208,7 +172,7 @@ TYPED_TEST(Half, TheResultIsTheFloatCallOnTheWidenedInputsRoundedOnce) {
   using T = TypeParam;
   each_path()([](std::string_view path) {
     for (const auto& s : {shape(2, 4, 1, 300, 40, 24, 2), shape(1, 2, 70, 130, 64, 40)}) {
-      half_problem<T> p(s, 3);
+      problem<T> p(s, 3);
       auto bias = random_tensor<T, 4>({1, 1, s.q_len, s.kv_len}, 4, -1.0, 1.0);
       const tensor<float, 4> q = widened(p.q), k = widened(p.k), v = widened(p.v),
                              fbias = widened(bias);
@@ -286,7 +250,7 @@ TYPED_TEST(Half, MixedFloatQueriesReadHalfKeysAndValues) {
 
 TYPED_TEST(Half, FullyMaskedRowsGiveZerosAndNaNFollowsThePolicy) {
   using T = TypeParam;
-  half_problem<T> p(shape(1, 1, 4, 40, 8, 8), 5);
+  problem<T> p(shape(1, 1, 4, 40, 8, 8), 5);
   xattn_test::bool_mask allowed({1, 1, 4, 40}, true);
   for (index_t j = 0; j < 40; ++j)
     allowed.data[std::size_t(1 * 40 + j)] = false;  // row 1 sees nothing
@@ -312,7 +276,7 @@ TYPED_TEST(Half, StridedViewsGiveThePackedResult) {
   // column of a wider buffer: the same bits as packed views.
   using T = TypeParam;
   const index_t B = 2, H = 3, Lq = 9, Lk = 40, D = 16;
-  half_problem<T> p(shape(B, H, Lq, Lk, D, D), 8);
+  problem<T> p(shape(B, H, Lq, Lk, D, D), 8);
   const auto relayout = [](const tensor<T, 4>& x) {  // [B, H, L, D] -> storage [B, L, H, D]
     const auto& e = x.extents;
     std::vector<T> s(x.data.size());
@@ -342,7 +306,7 @@ TYPED_TEST(Half, BitwiseDeterministicAcrossThreadCounts) {
   using T = TypeParam;
   each_path()([](std::string_view) {
     for (const auto& s : {shape(1, 1, 1, 9000, 64, 64), shape(2, 3, 50, 200, 24, 16)}) {
-      half_problem<T> p(s, 5);
+      problem<T> p(s, 5);
       std::vector<T> first;
       for (int threads = 1; threads <= 4; ++threads) {
         xattn::tiled_attention<T>(p.q.cview(), p.k.cview(), p.v.cview(), p.out.view(), {},
@@ -358,7 +322,7 @@ TYPED_TEST(Half, BitwiseDeterministicAcrossThreadCounts) {
 
 TYPED_TEST(Half, BadArgumentsAreNamedErrorsAndWriteNothing) {
   using T = TypeParam;
-  half_problem<T> p(shape(1, 2, 3, 10, 8, 8), 2);
+  problem<T> p(shape(1, 2, 3, 10, 8, 8), 2);
   const std::vector<T> sentinel = p.out.data;
   tensor<T, 4> short_k({1, 2, 9, 8});
   tensor<float, 3> bad_lse({1, 2, 4});

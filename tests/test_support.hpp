@@ -368,12 +368,15 @@ inline xattn::attention_shape shape(index_t b, index_t h, index_t lq, index_t lk
   return s;
 }
 
-/// Random q, k, v for one shape, and output buffers pre-filled with a sentinel (-7).
+/// Random q, k, v for one shape, and output buffers pre-filled with a sentinel (-7); the weights
+/// and log-sum-exp in statistic_t<T> (float for the half types).
 template <class T>
 struct problem {
+  using S = xattn::statistic_t<T>;
   xattn::attention_shape s;
-  tensor<T, 4> q, k, v, out, weights;
-  tensor<T, 3> lse;
+  tensor<T, 4> q, k, v, out;
+  tensor<S, 4> weights;
+  tensor<S, 3> lse;
 
   explicit problem(const xattn::attention_shape& shape, unsigned seed = 1, double amp = 1.0)
       : s(shape),
@@ -381,8 +384,8 @@ struct problem {
         k(random_tensor<T, 4>({s.batch, s.kv_heads(), s.kv_len, s.head_dim}, seed + 1, -amp, amp)),
         v(random_tensor<T, 4>({s.batch, s.kv_heads(), s.kv_len, s.value_dim}, seed + 2)),
         out({s.batch, s.num_heads, s.q_len, s.value_dim}, T(-7)),
-        weights({s.batch, s.num_heads, s.q_len, s.kv_len}, T(-7)),
-        lse({s.batch, s.num_heads, s.q_len}, T(-7)) {}
+        weights({s.batch, s.num_heads, s.q_len, s.kv_len}, S(-7)),
+        lse({s.batch, s.num_heads, s.q_len}, S(-7)) {}
 
   /// Runs kernel(q, k, v, out, opts), asking for the log-sum-exp (and the weights when asked),
   /// and checks every output against reference_attention.

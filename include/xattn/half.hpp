@@ -54,13 +54,4 @@ constexpr const char* element_name() noexcept {
   return "long double";
 }
 
-namespace detail {
-
-/// y[i] = x[i] widened to C, one element at a time: the conversion every path falls back on.
-template <class S, class C>
-void widen_scalar(const S* x, index_t n, C* y) noexcept {
-  for (index_t i = 0; i < n; ++i) y[i] = static_cast<C>(x[i]);
-}
-
-}  // namespace detail
 }  // namespace xattn
