@@ -7,7 +7,8 @@
 //   perceiver    Perceiver-like: B = 1, 256 latents, Lk = 16384 inputs, Dm = 512, Dc = 256, 8 heads
 // BM_Forward is the whole layer (projecting the context every call); BM_Projections and
 // BM_Kernel are its two parts alone, so their times give the share of each; BM_CachedStep runs
-// against a context_cache (what a decoder does after its first step); BM_ForwardBackward is a
+// against a context_cache (what a decoder does after its first step); both also run a module in
+// bf16 and fp16 (weights, activations and cache in the half type); BM_ForwardBackward is a
 // training step, training_forward then training_backward (its time over BM_Forward's is the
 // cost of training relative to inference). Run a Release build:
 //   bench_cross_attention --benchmark_min_time=0.2
@@ -16,6 +17,7 @@
 #include "xattn/attention_tiled.hpp"
 #include "xattn/cross_attention.hpp"
 #include "xattn/cross_attention_backward.hpp"
+#include "xattn/half.hpp"
 #include "xattn/projection.hpp"
 #include "xattn/shapes.hpp"
 #include "xattn/tensor_view.hpp"
@@ -65,34 +67,38 @@ const layer_shape shapes[] = {
     {"perceiver", 1, 256, 16384, 512, 256, 8},
 };
 
-// The operands of one layer call: weights, query [B, Lq, Dm], context [B, Lk, Dc], out.
+// The operands of one layer call: weights, query [B, Lq, Dm], context [B, Lk, Dc], out, all
+// in T (float, or a half type for the half module).
+template <class T = float>
 struct layer_inputs {
   explicit layer_inputs(const layer_shape& s)
       : shape(s),
-        mha(s.config(), xattn::random_weights<float>(s.config(), 1)),
-        query(xattn_bench::random_matrix<float>(s.batch * s.q_len, s.model_dim, 2)),
-        context(xattn_bench::random_matrix<float>(s.batch * s.kv_len, s.context_dim, 3)),
-        out(xattn::row_matrix<float>::Zero(s.batch * s.q_len, s.model_dim)) {}
+        mha(s.config(), xattn::random_weights<T>(s.config(), 1)),
+        query(xattn_bench::random_matrix<T>(s.batch * s.q_len, s.model_dim, 2)),
+        context(xattn_bench::random_matrix<T>(s.batch * s.kv_len, s.context_dim, 3)),
+        out(xattn::row_matrix<T>::Zero(s.batch * s.q_len, s.model_dim)) {}
 
-  xattn::tensor_view<const float, 3> q() const {
+  xattn::tensor_view<const T, 3> q() const {
     return xattn::make_view(query.data(), {shape.batch, shape.q_len, shape.model_dim});
   }
-  xattn::tensor_view<const float, 3> ctx() const {
+  xattn::tensor_view<const T, 3> ctx() const {
     return xattn::make_view(context.data(), {shape.batch, shape.kv_len, shape.context_dim});
   }
-  xattn::tensor_view<float, 3> o() {
+  xattn::tensor_view<T, 3> o() {
     return xattn::make_view(out.data(), {shape.batch, shape.q_len, shape.model_dim});
   }
 
   layer_shape shape;
-  xattn::multi_head_cross_attention<float> mha;
-  xattn::row_matrix<float> query, context, out;
+  xattn::multi_head_cross_attention<T> mha;
+  xattn::row_matrix<T> query, context, out;
 };
 
-// The shape's name and the projections' GEMM engine ("eigen", or "blas" in the
-// bench_cross_attention_blas build).
+// The shape's name, the element type and the projections' GEMM engine ("eigen", or "blas" in
+// the bench_cross_attention_blas build).
+template <class T = float>
 void label(benchmark::State& state, const layer_shape& s) {
-  const std::string text = std::string(s.name) + " gemm=" + xattn::gemm_engine();
+  const std::string text =
+      std::string(s.name) + " " + xattn::element_name<T>() + " gemm=" + xattn::gemm_engine();
 #ifdef NDEBUG
   state.SetLabel(text);
 #else
@@ -106,10 +112,13 @@ void report(benchmark::State& state, double flops) {
 }
 
 // The whole layer: K/V projections of the context, Q projection, attention, output projection.
+// T: the module's element type; the half modules store weights, activations and the projected
+// context in T and compute in float (FLOPs counted as for float).
+template <class T>
 void BM_Forward(benchmark::State& state) {
   const layer_shape& s = shapes[state.range(0)];
-  label(state, s);
-  layer_inputs io(s);
+  label<T>(state, s);
+  layer_inputs<T> io(s);
   for (auto _ : state) {
     io.mha.forward(io.q(), io.ctx(), io.o());
     benchmark::DoNotOptimize(io.out.data());
@@ -124,7 +133,7 @@ void BM_Forward(benchmark::State& state) {
 void BM_Projections(benchmark::State& state) {
   const layer_shape& s = shapes[state.range(0)];
   label(state, s);
-  layer_inputs io(s);
+  layer_inputs<float> io(s);
   const auto& w = io.mha.weights();
   const index_t width = s.config().num_heads * s.config().head_dim;
   xattn::row_matrix<float> q(s.batch * s.q_len, width), k(s.batch * s.kv_len, width),
@@ -166,10 +175,11 @@ void BM_Kernel(benchmark::State& state) {
 }
 
 // A step against a context projected once: Q projection, attention, output projection.
+template <class T>
 void BM_CachedStep(benchmark::State& state) {
   const layer_shape& s = shapes[state.range(0)];
-  label(state, s);
-  layer_inputs io(s);
+  label<T>(state, s);
+  layer_inputs<T> io(s);
   const auto cache = io.mha.encode_context(io.ctx());
   for (auto _ : state) {
     io.mha.forward(io.q(), cache, io.o());
@@ -185,7 +195,7 @@ void BM_CachedStep(benchmark::State& state) {
 void BM_ForwardBackward(benchmark::State& state) {
   const layer_shape& s = shapes[state.range(0)];
   label(state, s);
-  layer_inputs io(s);
+  layer_inputs<float> io(s);
   const auto c = io.mha.config();
   const xattn::row_matrix<float> dout =
       xattn_bench::random_matrix<float>(s.batch * s.q_len, s.model_dim, 4);
@@ -206,7 +216,17 @@ void BM_ForwardBackward(benchmark::State& state) {
   report(state, 3.0 * s.projection_flops() + 3.5 * xattn::attention_flops(s.attention()));
 }
 
-BENCHMARK(BM_Forward)
+BENCHMARK_TEMPLATE(BM_Forward, float)
+    ->ArgName("shape")
+    ->DenseRange(0, 2)
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
+BENCHMARK_TEMPLATE(BM_Forward, Eigen::bfloat16)
+    ->ArgName("shape")
+    ->DenseRange(0, 2)
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
+BENCHMARK_TEMPLATE(BM_Forward, Eigen::half)
     ->ArgName("shape")
     ->DenseRange(0, 2)
     ->Unit(benchmark::kMicrosecond)
@@ -226,7 +246,21 @@ BENCHMARK(BM_ForwardBackward)
     ->DenseRange(0, 2)
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
-BENCHMARK(BM_CachedStep)->ArgName("shape")->Arg(1)->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK_TEMPLATE(BM_CachedStep, float)
+    ->ArgName("shape")
+    ->Arg(1)
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
+BENCHMARK_TEMPLATE(BM_CachedStep, Eigen::bfloat16)
+    ->ArgName("shape")
+    ->Arg(1)
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
+BENCHMARK_TEMPLATE(BM_CachedStep, Eigen::half)
+    ->ArgName("shape")
+    ->Arg(1)
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
 
 }  // namespace
 

@@ -20,6 +20,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace xattn_test {
@@ -57,12 +58,22 @@ tensor<T, Rank> random_tensor(const std::array<index_t, Rank>& e, unsigned seed,
   return t;
 }
 
+/// The machine epsilon of T (the distance from 1 to the next value): 2^-10 for fp16 and 2^-7
+/// for bf16. Eigen 3.4's std::numeric_limits<Eigen::half>::epsilon() gives 2^-13, so the half
+/// types' epsilons come from their significand widths here.
+template <class T>
+double epsilon() {
+  if constexpr (std::is_same_v<T, Eigen::half>) return std::ldexp(1.0, -10);
+  if constexpr (std::is_same_v<T, Eigen::bfloat16>) return std::ldexp(1.0, -7);
+  return double(std::numeric_limits<T>::epsilon());
+}
+
 /// The tolerance for an attention output computed in T against an exact reference.
 /// Rounding in a score s is about eps·|s|·sqrt(Dk) and moves the output by about as much; the
 /// weighted sum over Lk keys adds about eps·sqrt(Lk). Inputs are drawn from [-1, 1].
 template <class T>
 double attention_tol(index_t head_dim, index_t kv_len, double max_abs_score) {
-  const double eps = std::numeric_limits<T>::epsilon();
+  const double eps = epsilon<T>();
   return 8.0 * eps *  // 8: measured headroom
          (std::sqrt(double(kv_len)) + std::sqrt(double(head_dim)) * (1.0 + max_abs_score));
 }
@@ -332,7 +343,7 @@ template <class T>
     yard_err = std::max(yard_err, std::abs(double(to_ld(yardstick[n])) - want));
     largest = std::max(largest, std::abs(want));
   }
-  const double slack = 0.5 * double(std::numeric_limits<T>::epsilon()) * largest;
+  const double slack = 0.5 * epsilon<T>() * largest;
   if (err <= 2.0 * yard_err + slack) return ::testing::AssertionSuccess();
   return ::testing::AssertionFailure()
          << "error " << err << " at element " << worst << " (got " << double(to_ld(got[worst]))

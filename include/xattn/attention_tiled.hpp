@@ -23,7 +23,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <exception>
 #include <limits>
 #include <type_traits>
 
@@ -542,45 +541,6 @@ void run_merge(const tiled_job<T, KV>& job, int thread, index_t item) {
   const index_t h = item / p.q_tiles % job.shape.num_heads;
   const index_t i0 = item % p.q_tiles * p.q_tile;
   merge_item(job, thread, item, b, h, i0, std::min(p.q_tile, job.shape.q_len - i0));
-}
-
-/// Runs f(i, thread) for i in [0, n) on `threads` threads, round-robin so that tiles of unequal
-/// cost (causal masks) spread evenly; thread is the index of the running thread, in
-/// [0, threads). No exception leaves the parallel region (that would end the program): the
-/// first one thrown is carried out and rethrown on the calling thread once the team has joined.
-template <class F>
-void parallel_for(index_t n, int threads, const F& f) {
-#ifdef _OPENMP
-  if (threads > 1) {
-#  if XATTN_HAS_EXCEPTIONS
-    std::exception_ptr error;
-#  endif
-#  pragma omp parallel num_threads(threads)
-    {
-      const int thread = omp_get_thread_num();
-#  pragma omp for schedule(static, 1)
-      for (index_t i = 0; i < n; ++i) {
-#  if XATTN_HAS_EXCEPTIONS
-        try {
-          f(i, thread);
-        } catch (...) {
-#    pragma omp critical(xattn_parallel_for_error)
-          if (!error) error = std::current_exception();
-        }
-#  else
-        f(i, thread);
-#  endif
-      }
-    }
-#  if XATTN_HAS_EXCEPTIONS
-    if (error) std::rethrow_exception(error);
-#  endif
-    return;
-  }
-#else
-  (void)threads;
-#endif
-  for (index_t i = 0; i < n; ++i) f(i, 0);
 }
 
 /// Runs one tiled_attention call: T is the element type of q, out and opts, KV that of k and v.

@@ -11,6 +11,7 @@
 #include "xattn/config.hpp"
 #include "xattn/detail/validate.hpp"
 #include "xattn/errors.hpp"
+#include "xattn/half.hpp"
 #include "xattn/options.hpp"
 #include "xattn/projection.hpp"
 #include "xattn/shapes.hpp"
@@ -162,11 +163,11 @@ struct cross_attention_options {
   /// into kv_lengths, which the kernels handle fastest.
   std::optional<tensor_view<const bool, 2>> key_padding_mask;
   /// Receives each head's attention weights (PyTorch need_weights with
-  /// average_attn_weights=False). [B, H, Lq, Lk]
-  std::optional<tensor_view<T, 4>> weights_out;
+  /// average_attn_weights=False). [B, H, Lq, Lk]; float for a half T (statistic_t).
+  std::optional<tensor_view<statistic_t<T>, 4>> weights_out;
   /// Receives the weights averaged over the heads (need_weights, average_attn_weights=True).
-  /// [B, Lq, Lk]
-  std::optional<tensor_view<T, 3>> average_weights_out;
+  /// [B, Lq, Lk]; float for a half T.
+  std::optional<tensor_view<statistic_t<T>, 3>> average_weights_out;
   /// Multiplies Q Kᵀ. Unset: the layer's (cross_attention_config::scale).
   std::optional<double> scale;
   attention_kernel kernel = attention_kernel::tiled;  ///< the kernel to run
@@ -250,6 +251,7 @@ template <class T, class S = T>
 class context_cache {
   static_assert(std::is_same_v<S, T> || (std::is_same_v<T, float> && is_half_v<S>),
                 "a context cache stores T, or Eigen::half or Eigen::bfloat16 for a float module");
+  // (A module of a half type T keeps its cache in T: context_cache<Eigen::bfloat16>.)
 
  public:
   context_cache() = default;
@@ -301,14 +303,19 @@ class context_cache {
 /// The module owns those buffers and grows them only, so repeated calls with the same shapes
 /// allocate nothing of their own (workspace_allocations() counts the growths).
 ///
+/// T may be a half type (Eigen::half, Eigen::bfloat16; half.hpp): the weights (loaded from F16
+/// or BF16 safetensors as they are, checkpoints.hpp), query, context, out and the cache are
+/// stored in it, the projections and the attention compute in float, and every stored result
+/// (Q, K, V, the heads' outputs, out) is rounded once; attention weights come out in float.
+///
 /// Threads: forward writes the module's buffers, so one module must not run forward from two
 /// threads at once. Copying a module is cheap: the copy shares the (immutable) weights and gets
 /// buffers of its own, so give each thread a copy. set_weights on one module does not change
 /// its copies. encode_context is const and writes only the cache it is given.
 template <class T>
 class multi_head_cross_attention {
-  static_assert(std::is_floating_point_v<T>,
-                "multi_head_cross_attention needs a floating-point element type");
+  static_assert(is_element_v<T>,
+                "multi_head_cross_attention needs a floating-point or half element type");
 
  public:
   /// A module with zero weights; set them with set_weights or load them (safetensors.hpp).
@@ -488,7 +495,7 @@ class multi_head_cross_attention {
     // A half cache: the float projections of up to `chunk` context rows at a time, rounded.
     constexpr index_t chunk = 256;
     const index_t width = c.num_kv_heads * c.head_dim;
-    row_matrix<T> rows;  // the outputs are packed, so linear::forward needs no other scratch
+    row_matrix<compute_t<T>> rows;  // outputs packed: linear::forward needs no other scratch
     if constexpr (!std::is_same_v<S, T>) rows.resize(std::min(kv_len, chunk), width);
     cache.k_.ensure(n, allocations);
     cache.v_.ensure(n, allocations);
@@ -508,7 +515,7 @@ class multi_head_cross_attention {
             const index_t m = std::min(chunk, kv_len - j0);
             const tensor_view<const T, 3> part(x.data() + b * x.stride(0) + j0 * x.stride(1),
                                                {1, m, x.extent(2)}, x.strides());
-            row_matrix<T> unused;
+            row_matrix<T> unused;  // T = float here
             proj.forward(part, tensor_view<T, 3>(rows.data(), {1, m, width}), unused);
             for (index_t r = 0; r < m; ++r)
               for (index_t e = 0; e < width; ++e) dst(b, j0 + r, e) = static_cast<S>(rows(r, e));
@@ -561,7 +568,7 @@ class multi_head_cross_attention {
       ao.weights_out = opts.weights_out;
     } else if (opts.average_weights_out) {
       const index_t nw = detail::checked_mul(fn, detail::checked_mul(fn, rows, H), Lk);
-      ao.weights_out = tensor_view<T, 4>(w_.ensure(nw, allocations_), {B, H, Lq, Lk});
+      ao.weights_out = tensor_view<W, 4>(w_.ensure(nw, allocations_), {B, H, Lq, Lk});
     }
 
     const auto qh = split_heads(tensor_view<const T, 3>(q), H);
@@ -575,11 +582,11 @@ class multi_head_cross_attention {
     if (opts.average_weights_out) {
       const auto& wts = *ao.weights_out;
       const auto& avg = *opts.average_weights_out;
-      const T inv = T(1) / T(H);
+      const W inv = W(1) / W(H);
       for (index_t b = 0; b < B; ++b)
         for (index_t i = 0; i < Lq; ++i)
           for (index_t j = 0; j < Lk; ++j) {
-            T sum = 0;
+            W sum = 0;
             for (index_t h = 0; h < H; ++h) sum += wts(b, h, i, j);
             avg(b, i, j) = sum * inv;
           }
@@ -651,10 +658,12 @@ class multi_head_cross_attention {
   cross_attention_config config_;
   std::shared_ptr<const cross_attention_weights<T>> weights_;  // shared by copies
   context_cache<T> own_cache_;  // the projected context of forward(query, context, ...)
-  detail::growing_buffer<T> q_, o_, w_;
+  using W = statistic_t<T>;     // the weights' type: float for a half T
+  detail::growing_buffer<T> q_, o_;
+  detail::growing_buffer<W> w_;
   detail::growing_buffer<index_t> lengths_;
   detail::growing_buffer<bool> allowed_;
-  row_matrix<T> scratch_;  // for strided outputs of a projection only
+  row_matrix<compute_t<T>> scratch_;  // strided outputs of a projection; half panels
   index_t allocations_ = 0;
 };
 

@@ -19,6 +19,7 @@
 #include <Eigen/Core>
 
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace xattn {
@@ -135,6 +136,8 @@ void training_forward_impl(const char* fn, const multi_head_cross_attention<T>& 
                            const tensor_view<const T, 3>& values, const tensor_view<T, 3>& out,
                            cross_attention_saved<T>& saved,
                            const cross_attention_options<T>& opts) {
+  static_assert(std::is_floating_point_v<T>,
+                "training needs a float or double module; a half module runs inference only");
   const cross_attention_config& c = mha.config();
   const cross_attention_weights<T>& w = mha.weights();
   const index_t B = query.extent(0), Lq = query.extent(1), Lk = context.extent(1);
@@ -276,6 +279,8 @@ void training_backward(const multi_head_cross_attention<T>& mha,
                        const cross_attention_saved<T>& saved, tensor_view<const T, 3> dout,
                        tensor_view<T, 3> dquery, tensor_view<T, 3> dcontext,
                        tensor_view<T, 3> dvalues, cross_attention_weights<T>& grads) {
+  static_assert(std::is_floating_point_v<T>,
+                "training needs a float or double module; a half module runs inference only");
   constexpr const char* fn = "training_backward";
   const cross_attention_config& c = mha.config();
   const cross_attention_weights<T>& w = mha.weights();

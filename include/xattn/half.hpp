@@ -14,6 +14,9 @@
 //
 // So a half call differs from the float call on the widened inputs only by the output's one
 // rounding. The bytes read from K and V halve, which is what a memory-bound decoder step pays.
+// linear<T> and multi_head_cross_attention<T> take the half types too (projection.hpp,
+// cross_attention.hpp), and safetensors_file::read<T> reads F16/BF16 weights into them as they
+// are.
 #pragma once
 
 #include "xattn/config.hpp"

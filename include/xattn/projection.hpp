@@ -5,8 +5,11 @@
 
 #include "xattn/config.hpp"
 #include "xattn/detail/eigen_interop.hpp"
+#include "xattn/detail/kernels.hpp"
 #include "xattn/detail/overlap.hpp"
+#include "xattn/detail/tiling.hpp"
 #include "xattn/errors.hpp"
+#include "xattn/half.hpp"
 #include "xattn/tensor_view.hpp"
 
 #include <Eigen/Core>
@@ -73,9 +76,15 @@ void gemm_nt(const A& a, const B& b, C& c) {
 ///
 /// The [B, L, in] input is treated as one [B·L, in] matrix, so a whole batch is one GEMM (for a
 /// few rows, a decoder step, one matrix-vector product per row instead).
+///
+/// T may be a half type (Eigen::half, Eigen::bfloat16, half.hpp): weights, bias, x and y are
+/// stored in it and the arithmetic is float. The weight is widened to float once per call (the
+/// GEMM's panel), x a block of rows at a time, and each output is rounded once, after the bias
+/// is added; a few rows (a decoder step) read the half weight in place, widened in registers.
 template <class T>
 struct linear {
-  static_assert(std::is_floating_point_v<T>, "xattn::linear needs a floating-point element type");
+  static_assert(is_element_v<T>, "xattn::linear needs a floating-point or half element type");
+  using compute_type = compute_t<T>;  ///< the arithmetic's type: float for the half types
 
   row_matrix<T> weight;                      ///< W [out, in]
   Eigen::Matrix<T, 1, Eigen::Dynamic> bias;  ///< b [out], or empty for no bias
@@ -97,8 +106,10 @@ struct linear {
   ///
   /// Any strides are accepted. x and y are read and written in place when their (B, L) rows
   /// collapse into one matrix with contiguous rows (a packed tensor, or a column slice of one);
-  /// otherwise they go through `scratch`, which keeps its capacity between calls.
-  void forward(tensor_view<const T, 3> x, tensor_view<T, 3> y, row_matrix<T>& scratch) const {
+  /// otherwise they go through `scratch`, which keeps its capacity between calls. For a half T,
+  /// scratch holds the widened weight and rows, and is only ever grown.
+  void forward(tensor_view<const T, 3> x, tensor_view<T, 3> y,
+               row_matrix<compute_type>& scratch) const {
     constexpr const char* fn = "linear::forward";
     check_bias(fn);
     detail::require_extent(fn, "x", 2, x.extent(2), in_features());
@@ -109,7 +120,47 @@ struct linear {
     detail::require_disjoint(fn, "y", y, "x", x);
     const index_t rows = detail::checked_mul(fn, x.extent(0), x.extent(1));
     if (rows == 0 || out_features() == 0) return;
+    if constexpr (is_half_v<T>)
+      forward_half(x, y, rows, scratch);
+    else
+      forward_plain(x, y, rows, scratch);
+  }
 
+  /// As above with a scratch matrix of its own (allocated only for strided outputs, or for a
+  /// half T).
+  void forward(tensor_view<const T, 3> x, tensor_view<T, 3> y) const {
+    row_matrix<compute_type> scratch;
+    forward(x, y, scratch);
+  }
+
+  /// Eigen in, Eigen out: Y = X Wᵀ + b for X [rows, in] (for a half T computed in float and
+  /// rounded once).
+  template <class Derived>
+  row_matrix<T> operator()(const Eigen::MatrixBase<Derived>& X) const {
+    static_assert(std::is_same_v<typename Derived::Scalar, T>,
+                  "linear<T>: the input's scalar type must be T");
+    check_bias("linear");
+    if (X.cols() != weight.cols())
+      detail::fail_shape(
+          detail::message("linear: x.extent(1) is ", X.cols(), ", expected ", weight.cols()));
+    if constexpr (is_half_v<T>) {
+      row_matrix<float> Y = X.template cast<float>() * weight.template cast<float>().transpose();
+      if (has_bias()) Y.rowwise() += bias.template cast<float>();
+      return Y.template cast<T>();
+    } else {
+      row_matrix<T> Y = X * weight.transpose();
+      if (has_bias()) Y.rowwise() += bias;
+      return Y;
+    }
+  }
+
+ private:
+  static constexpr index_t gemv_rows = 4;     // up to this many rows, one GEMV per row beats GEMM
+  static constexpr index_t half_block = 256;  // rows of x widened at a time for a half T
+
+  // Float or double storage: Eigen's (or the BLAS's) GEMM on the rows in place.
+  void forward_plain(const tensor_view<const T, 3>& x, const tensor_view<T, 3>& y, index_t rows,
+                     row_matrix<T>& scratch) const {
     row_matrix<T> x_copy;  // only for an x whose rows do not collapse: rare, so not kept
     const auto X = rows_of(x, x_copy);
     if (collapses(y)) {
@@ -134,28 +185,88 @@ struct linear {
     }
   }
 
-  /// As above with a scratch matrix of its own (allocated only for strided outputs).
-  void forward(tensor_view<const T, 3> x, tensor_view<T, 3> y) const {
-    row_matrix<T> scratch;
-    forward(x, y, scratch);
+  // Half storage: float arithmetic. The weight is widened once per call into scratch (after the
+  // bias), then each block of up to half_block rows is widened, multiplied by one float GEMM
+  // and rounded, the blocks shared among OpenMP threads (each with its own block of scratch;
+  // Eigen's GEMM runs single-threaded inside), as many as the work is worth (the rule of
+  // tiled_attention: no thread for less than min_flops_per_thread). Up to gemv_rows rows read the
+  // half weight in place (the row kernels of the tiled attention, dot products of one float row
+  // with half rows). Every output is rounded once, after its bias is added. The blocks do not
+  // depend on the thread count.
+  void forward_half(const tensor_view<const T, 3>& x, const tensor_view<T, 3>& y, index_t rows,
+                    row_matrix<float>& scratch) const {
+    const detail::tile_kernels<float>& kern = detail::active_kernels<float>();
+    const index_t in = in_features(), out = out_features(), L = x.extent(1);
+    const bool gemv = rows <= gemv_rows;
+    const index_t block = std::min(rows, half_block);
+    const index_t blocks = (rows + block - 1) / block;
+    const double flops = 2.0 * double(rows) * double(in) * double(out);
+    const int threads =
+        gemv ? 1
+             : int(std::max(1.0, std::min({double(detail::default_threads()), double(blocks),
+                                           flops / detail::min_flops_per_thread})));
+    // scratch: [bias | W (GEMM only) | per thread: x block, y block]; grown, never shrunk.
+    const index_t per_thread = block * (in + out);
+    const index_t need = out + (gemv ? 0 : out * in) + index_t(threads) * per_thread;
+    if (scratch.size() < need) scratch.resize(1, need);
+    float* const bf = scratch.data();
+    float* const wf = bf + out;
+    float* const blocks_at = wf + (gemv ? 0 : out * in);
+    if (has_bias())
+      widen(kern, bias.data(), out, bf);
+    else
+      std::fill(bf, bf + out, 0.0f);
+    if (!gemv) widen(kern, weight.data(), out * in, wf);
+    detail::parallel_for(blocks, threads, [&](index_t blk, int thread) {
+      float* const xf = blocks_at + index_t(thread) * per_thread;
+      float* const yf = xf + block * in;
+      const index_t r0 = blk * block, m = std::min(block, rows - r0);
+      for (index_t r = 0; r < m; ++r) {
+        const index_t b = (r0 + r) / L, l = (r0 + r) % L;
+        const T* src = x.data() + b * x.stride(0) + l * x.stride(1);
+        if (x.stride(2) == 1 || in <= 1)
+          widen(kern, src, in, xf + r * in);
+        else
+          for (index_t i = 0; i < in; ++i)
+            xf[r * in + i] = static_cast<float>(src[i * x.stride(2)]);
+      }
+      if (gemv) {
+        for (index_t r = 0; r < m; ++r) {
+          if constexpr (std::is_same_v<T, Eigen::half>)
+            kern.row_scores_fp16(xf + r * in, weight.data(), in, in, out, yf + r * out);
+          else
+            kern.row_scores_bf16(xf + r * in, weight.data(), in, in, out, yf + r * out);
+        }
+      } else {
+        const detail::matrix_map<const float> X(xf, m, in, Eigen::OuterStride<>(in));
+        const detail::matrix_map<const float> W(wf, out, in, Eigen::OuterStride<>(in));
+        detail::matrix_map<float> Y(yf, m, out, Eigen::OuterStride<>(out));
+        detail::gemm_nt<float>(X, W, Y);
+      }
+      for (index_t r = 0; r < m; ++r) {
+        float* yr = yf + r * out;
+        for (index_t o = 0; o < out; ++o) yr[o] += bf[o];
+        const index_t b = (r0 + r) / L, l = (r0 + r) % L;
+        T* dst = y.data() + b * y.stride(0) + l * y.stride(1);
+        if (y.stride(2) == 1 || out <= 1)
+          narrow(kern, yr, out, dst);
+        else
+          for (index_t o = 0; o < out; ++o) dst[o * y.stride(2)] = static_cast<T>(yr[o]);
+      }
+    });
   }
-
-  /// Eigen in, Eigen out: Y = X Wᵀ + b for X [rows, in].
-  template <class Derived>
-  row_matrix<T> operator()(const Eigen::MatrixBase<Derived>& X) const {
-    static_assert(std::is_same_v<typename Derived::Scalar, T>,
-                  "linear<T>: the input's scalar type must be T");
-    check_bias("linear");
-    if (X.cols() != weight.cols())
-      detail::fail_shape(
-          detail::message("linear: x.extent(1) is ", X.cols(), ", expected ", weight.cols()));
-    row_matrix<T> Y = X * weight.transpose();
-    if (has_bias()) Y.rowwise() += bias;
-    return Y;
+  static void widen(const detail::tile_kernels<float>& kern, const T* x, index_t n, float* y) {
+    if constexpr (std::is_same_v<T, Eigen::half>)
+      kern.widen_fp16(x, n, y);
+    else if constexpr (std::is_same_v<T, Eigen::bfloat16>)
+      kern.widen_bf16(x, n, y);
   }
-
- private:
-  static constexpr index_t gemv_rows = 4;  // up to this many rows, one GEMV per row beats GEMM
+  static void narrow(const detail::tile_kernels<float>& kern, const float* x, index_t n, T* y) {
+    if constexpr (std::is_same_v<T, Eigen::half>)
+      kern.narrow_fp16(x, n, y);
+    else if constexpr (std::is_same_v<T, Eigen::bfloat16>)
+      kern.narrow_bf16(x, n, y);
+  }
 
   void check_bias(const char* fn) const {
     if (has_bias() && bias.size() != weight.rows())

@@ -13,6 +13,7 @@
 #include "xattn/config.hpp"
 #include "xattn/cross_attention.hpp"
 #include "xattn/errors.hpp"
+#include "xattn/half.hpp"
 #include "xattn/projection.hpp"
 #include "xattn/tensor_view.hpp"
 
@@ -44,10 +45,11 @@
 namespace xattn {
 
 /// The element types of a safetensors file. Every one may appear in a file that xattn opens;
-/// the floating-point ones (F32, F64, F16, BF16) can be read as float or double and written from
-/// numbers, the integer and boolean ones written from integers; F8 tensors are only listed.
+/// the floating-point ones (F32, F64, F16, BF16) can be read as float, double or a half type and
+/// written from numbers, the integer and boolean ones written from integers; F8 tensors are only
+/// listed.
 enum class safetensors_dtype {
-  // floating point: read as float or double
+  // floating point: read as float, double, fp16 or bf16
   f32,
   f64,
   f16,
@@ -136,7 +138,7 @@ inline std::size_t dtype_size(safetensors_dtype d) noexcept {
   }
 }
 
-/// True for the dtypes read<T> converts to float or double.
+/// True for the dtypes read<T> converts to float, double or a half type.
 inline bool is_float_dtype(safetensors_dtype d) noexcept {
   return d == safetensors_dtype::f32 || d == safetensors_dtype::f64 ||
          d == safetensors_dtype::f16 || d == safetensors_dtype::bf16;
@@ -218,6 +220,21 @@ inline std::uint16_t float_to_bf16(float f) noexcept {
   return std::uint16_t(bits >> 16);
 }
 
+// x rounded to float toward zero, with the last bit set when that is inexact (round to odd).
+// Rounding the result once more, to nearest even, into a format of at most 22 significant bits
+// (fp16 has 11, bf16 8) gives x correctly rounded, which rounding twice to nearest does not
+// always: 1 + 2^-8 + 2^-30 would become the bf16 tie 1 + 2^-8 and then 1, not 1 + 2^-7.
+inline float round_to_odd_float(double x) noexcept {
+  float f = static_cast<float>(x);
+  if (!std::isfinite(f) || double(f) == x) return f;
+  if (std::fabs(double(f)) > std::fabs(x)) f = std::nextafter(f, 0.0f);
+  std::uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  bits |= 1u;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
 // Little-endian loads and stores, whatever the host's byte order.
 inline std::uint64_t load_le(const unsigned char* p, std::size_t n) noexcept {
   std::uint64_t v = 0;
@@ -275,6 +292,23 @@ inline void encode_element(unsigned char* p, double x, safetensors_dtype d) noex
     default:  // integer dtypes are encoded by encode_integer
       return;
   }
+}
+
+// One element of a floating-point dtype as a half type H (Eigen::half or Eigen::bfloat16):
+// the bits themselves when the dtype is H's, else the value rounded once to nearest even.
+template <class H>
+H decode_half(const unsigned char* p, safetensors_dtype d) noexcept {
+  constexpr safetensors_dtype own =
+      std::is_same_v<H, Eigen::half> ? safetensors_dtype::f16 : safetensors_dtype::bf16;
+  std::uint16_t bits;
+  if (d == own) {
+    bits = static_cast<std::uint16_t>(load_le(p, 2));
+  } else {
+    const float f = d == safetensors_dtype::f64 ? round_to_odd_float(decode_element(p, d))
+                                                : static_cast<float>(decode_element(p, d));
+    bits = own == safetensors_dtype::f16 ? float_to_half(f) : float_to_bf16(f);
+  }
+  return Eigen::numext::bit_cast<H>(bits);
 }
 
 // The range of an integer dtype (BOOL: 0 and 1), as the widest integers.
@@ -412,10 +446,14 @@ class safetensors_file {
     return it->second;
   }
 
-  /// A tensor's values converted to T (float or double).
+  /// A tensor's values converted to T: float, double, or a half type (Eigen::half,
+  /// Eigen::bfloat16), which takes a tensor of its own dtype (F16, BF16) bit for bit and rounds
+  /// any other floating-point dtype once, to nearest even. A finite value past T's range is a
+  /// format_error naming the tensor and the element.
   template <class T>
   safetensors_tensor<T> read(const std::string& tensor) const {
-    static_assert(std::is_floating_point_v<T>, "safetensors_file::read needs a floating-point T");
+    static_assert(std::is_floating_point_v<T> || is_half_v<T>,
+                  "safetensors_file::read needs a floating-point or half T");
     const safetensors_tensor_info& t = info(tensor);
     if (!detail::is_float_dtype(t.dtype))
       fail_tensor(tensor, std::string("its dtype ") + detail::dtype_name(t.dtype) +
@@ -427,10 +465,13 @@ class safetensors_file {
     const unsigned char* p = data_.get() + data_start_ + t.begin;
     for (std::size_t n = 0; n < out.values.size(); ++n) {
       const double x = detail::decode_element(p + n * width, t.dtype);
-      out.values[n] = static_cast<T>(x);
-      // A finite F64 value past T's range would silently become inf. (Values below T's
-      // smallest normal number round to a subnormal number or 0, as any conversion does.)
-      if (std::isfinite(x) && !std::isfinite(out.values[n]))
+      if constexpr (is_half_v<T>)
+        out.values[n] = detail::decode_half<T>(p + n * width, t.dtype);
+      else
+        out.values[n] = static_cast<T>(x);
+      // A finite value past T's range would silently become inf. (Values below T's smallest
+      // normal number round to a subnormal number or 0, as any conversion does.)
+      if (std::isfinite(x) && !(Eigen::numext::isfinite)(out.values[n]))
         fail_tensor(tensor, detail::message("element ", n, " is ", x,
                                             ", beyond the range of the element type read into"));
     }
@@ -570,12 +611,14 @@ class safetensors_file {
 class safetensors_writer {
  public:
   /// Adds a packed row-major tensor, converting each value to dtype (F16 and BF16 round to
-  /// nearest even; integer dtypes and BOOL take integer values that fit). A negative extent, a
+  /// nearest even, and keep Eigen::half and Eigen::bfloat16 values of their own dtype bit for
+  /// bit; integer dtypes and BOOL take integer values that fit). A negative extent, a
   /// byte count past the index type, an F8 dtype or a value that does not fit is a value_error.
   template <class T>
   void add(const std::string& name, const std::vector<index_t>& shape, const T* values,
            safetensors_dtype dtype) {
-    static_assert(std::is_arithmetic_v<T>, "safetensors_writer::add needs numeric values");
+    static_assert(std::is_arithmetic_v<T> || is_half_v<T>,
+                  "safetensors_writer::add needs numeric values");
     if (name == "__metadata__" || index_.count(name))
       detail::fail_value("safetensors_writer::add: tensor '" + name +
                          "' was added already (or is named __metadata__)");
@@ -620,7 +663,7 @@ class safetensors_writer {
           continue;
         }
       }
-      detail::encode_element(at, double(values[i]), dtype);
+      detail::encode_element(at, static_cast<double>(values[i]), dtype);
     }
     index_[name] = entries_.size();
     entries_.push_back(std::move(e));

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <exception>
 #include <vector>
 
 #ifdef _OPENMP
@@ -42,6 +43,45 @@ inline int default_threads() noexcept {
 #else
   return 1;
 #endif
+}
+
+/// Runs f(i, thread) for i in [0, n) on `threads` threads, round-robin so that tiles of unequal
+/// cost (causal masks) spread evenly; thread is the index of the running thread, in
+/// [0, threads). No exception leaves the parallel region (that would end the program): the
+/// first one thrown is carried out and rethrown on the calling thread once the team has joined.
+template <class F>
+void parallel_for(index_t n, int threads, const F& f) {
+#ifdef _OPENMP
+  if (threads > 1) {
+#  if XATTN_HAS_EXCEPTIONS
+    std::exception_ptr error;
+#  endif
+#  pragma omp parallel num_threads(threads)
+    {
+      const int thread = omp_get_thread_num();
+#  pragma omp for schedule(static, 1)
+      for (index_t i = 0; i < n; ++i) {
+#  if XATTN_HAS_EXCEPTIONS
+        try {
+          f(i, thread);
+        } catch (...) {
+#    pragma omp critical(xattn_parallel_for_error)
+          if (!error) error = std::current_exception();
+        }
+#  else
+        f(i, thread);
+#  endif
+      }
+    }
+#  if XATTN_HAS_EXCEPTIONS
+    if (error) std::rethrow_exception(error);
+#  endif
+    return;
+  }
+#else
+  (void)threads;
+#endif
+  for (index_t i = 0; i < n; ++i) f(i, 0);
 }
 
 /// One call cut into work units. A unit is one (batch, head, query tile) over one range of
