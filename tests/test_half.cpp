@@ -8,6 +8,7 @@
 
 #include "xattn/half.hpp"
 
+#include "xattn/attention_backward.hpp"
 #include "xattn/attention_naive.hpp"
 #include "xattn/attention_tiled.hpp"
 #include "xattn/cross_attention.hpp"
@@ -202,6 +203,99 @@ TYPED_TEST(Half, TheResultIsTheFloatCallOnTheWidenedInputsRoundedOnce) {
           << "naive";
     }
   });
+}
+
+// The backward kernels on half inputs: the float backward on the widened inputs (the forward's
+// float log-sum-exp, the bias widened), each gradient rounded once, bit for bit, with every
+// mask kind that reaches the backward, GQA, Lq = 1 and Lk = 1, and the bias gradient.
+TYPED_TEST(Half, BackwardIsTheFloatBackwardOnTheWidenedInputsRoundedOnce) {
+  using T = TypeParam;
+  const auto bits_equal = [](const std::vector<T>& got, const std::vector<float>& want) {
+    const std::vector<T> r = rounded<T>(want);
+    for (std::size_t n = 0; n < got.size(); ++n)
+      if (Eigen::numext::bit_cast<std::uint16_t>(got[n]) !=
+          Eigen::numext::bit_cast<std::uint16_t>(r[n]))
+        return ::testing::AssertionFailure()
+               << "element " << n << ": " << float(got[n]) << " vs " << float(r[n]);
+    return ::testing::AssertionSuccess();
+  };
+  each_path()([&](std::string_view) {
+    for (const auto& s :
+         {shape(2, 4, 5, 37, 24, 16, 2), shape(1, 2, 1, 70, 40, 40), shape(1, 1, 33, 1, 8, 12)}) {
+      SCOPED_TRACE(::testing::Message() << "Lq " << s.q_len << " Lk " << s.kv_len);
+      problem<T> p(s, 5);
+      const auto bias = random_tensor<T, 4>({1, s.num_heads, s.q_len, s.kv_len}, 6, -1.0, 1.0);
+      const auto dout = random_tensor<T, 4>(p.out.extents, 7);
+      xattn::attention_options<T> opts;
+      opts.mask.bias = bias.cview();
+      opts.mask.causal = xattn::causal_mask::bottom_right;
+      opts.lse_out = p.lse.view();
+      xattn::tiled_attention<T>(p.q.cview(), p.k.cview(), p.v.cview(), p.out.view(), opts);
+
+      const tensor<float, 4> q = widened(p.q), k = widened(p.k), v = widened(p.v),
+                             out = widened(p.out), fdout = widened(dout), fbias = widened(bias);
+      xattn::attention_options<float> fopts;
+      fopts.mask.bias = fbias.cview();
+      fopts.mask.causal = opts.mask.causal;
+      tensor<float, 3> flse = p.lse;
+      fopts.lse_out = flse.view();
+      for (bool naive : {false, true}) {
+        SCOPED_TRACE(naive ? "naive" : "tiled");
+        tensor<T, 4> dq(p.q.extents, T(-7)), dk(p.k.extents, T(-7)), dv(p.v.extents, T(-7)),
+            db(bias.extents, T(-7));
+        tensor<float, 4> fdq(p.q.extents), fdk(p.k.extents), fdv(p.v.extents), fdb(bias.extents);
+        const xattn::attention_grads<T> g{dq.view(), dk.view(), dv.view(), db.view()};
+        const xattn::attention_grads<float> fg{fdq.view(), fdk.view(), fdv.view(), fdb.view()};
+        if (naive) {
+          xattn::naive_attention_backward<T>(p.q.cview(), p.k.cview(), p.v.cview(), p.out.cview(),
+                                             dout.cview(), g, opts);
+          xattn::naive_attention_backward<float>(q.cview(), k.cview(), v.cview(), out.cview(),
+                                                 fdout.cview(), fg, fopts);
+        } else {
+          xattn::tiled_attention_backward<T>(p.q.cview(), p.k.cview(), p.v.cview(), p.out.cview(),
+                                             dout.cview(), g, opts, tiles(3, 16, 2));
+          xattn::tiled_attention_backward<float>(q.cview(), k.cview(), v.cview(), out.cview(),
+                                                 fdout.cview(), fg, fopts, tiles(3, 16, 2));
+        }
+        EXPECT_TRUE(bits_equal(dq.data, fdq.data)) << "dq";
+        EXPECT_TRUE(bits_equal(dk.data, fdk.data)) << "dk";
+        EXPECT_TRUE(bits_equal(dv.data, fdv.data)) << "dv";
+        EXPECT_TRUE(bits_equal(db.data, fdb.data)) << "dbias";
+        double largest = 0;  // a test that sees only zeros proves nothing (dq is 0 for Lk = 1)
+        for (const T& x : dv.data) largest = std::max(largest, std::abs(double(float(x))));
+        EXPECT_GT(largest, 1e-3);
+      }
+    }
+  });
+}
+
+TYPED_TEST(Half, BackwardArgumentErrorsAreNamedAndWriteNothing) {
+  using T = TypeParam;
+  problem<T> p(shape(1, 2, 4, 6, 8, 8), 9);
+  xattn::attention_options<T> opts;  // no lse_out: the tiled backward needs it
+  tensor<T, 4> dout(p.out.extents, T(0.5f)), dq(p.q.extents, T(-7)), dk(p.k.extents, T(-7)),
+      dv(p.v.extents, T(-7)), small({1, 2, 4, 7}, T(-7));
+  const auto untouched = [&] {
+    for (const auto* t : {&dq, &dk, &dv, &small})
+      for (const T& x : t->data)
+        if (float(x) != -7.0f) return false;
+    return true;
+  };
+  EXPECT_TRUE(throws_with<xattn::value_error>(
+      [&] {
+        xattn::tiled_attention_backward<T>(p.q.cview(), p.k.cview(), p.v.cview(), p.out.cview(),
+                                           dout.cview(), {dq.view(), dk.view(), dv.view(), {}},
+                                           opts);
+      },
+      {"tiled_attention_backward", "opts.lse_out"}));
+  EXPECT_TRUE(throws_with<xattn::shape_error>(
+      [&] {
+        xattn::naive_attention_backward<T>(p.q.cview(), p.k.cview(), p.v.cview(), p.out.cview(),
+                                           dout.cview(), {small.view(), dk.view(), dv.view(), {}},
+                                           opts);
+      },
+      {"naive_attention_backward", "grads.dq"}));
+  EXPECT_TRUE(untouched());
 }
 
 TYPED_TEST(Half, MixedFloatQueriesReadHalfKeysAndValues) {

@@ -161,26 +161,78 @@ index_t naive_attention_backward_scratch_bytes(const attention_shape& s) {
   return detail::checked_mul(fn, n, index_t(sizeof(T)));
 }
 
-/// Gradients of scaled dot-product attention, computed the direct way, one (batch, head) at a
-/// time with its [Lq, Lk] weights materialised: the reference for tiled_attention_backward.
-///
-///   q, k, v, opts   as given to the forward (naive_attention or tiled_attention)
-///   out  [B, H, Lq, Dv]   the forward's output
-///   dout [B, H, Lq, Dv]   dL/dout, the gradient flowing back into the output
-///   grads               dq [B, H, Lq, Dk], dk [B, Hkv, Lk, Dk], dv [B, Hkv, Lk, Dv], and
-///                       dbias (the bias's extents) when set: all written
-///
-/// opts.lse_out, when set, must have the forward's extents; this kernel recomputes the softmax
-/// and does not read it. opts.weights_out is not used. Keys at or past opts.mask.kv_lengths(b)
-/// are never read and get zero gradients; a query row whose keys are all masked gets dq = 0.
+namespace detail {
+
+/// A packed float copy of a half tensor (the backward kernels' inputs on the half types).
 template <class T>
-void naive_attention_backward(detail::identity_t<tensor_view<const T, 4>> q,
-                              detail::identity_t<tensor_view<const T, 4>> k,
-                              detail::identity_t<tensor_view<const T, 4>> v,
-                              detail::identity_t<tensor_view<const T, 4>> out,
-                              detail::identity_t<tensor_view<const T, 4>> dout,
-                              const attention_grads<T>& grads,
-                              const detail::identity_t<attention_options<T>>& opts = {}) {
+struct widened {
+  aligned_vector<float> data;
+  tensor_view<const float, 4> view;
+  explicit widened(const tensor_view<const T, 4>& x)
+      : data(std::size_t(x.extent(0) * x.extent(1) * x.extent(2) * x.extent(3))),
+        view(data.data(), {x.extent(0), x.extent(1), x.extent(2), x.extent(3)}) {
+    std::size_t n = 0;
+    for (index_t a = 0; a < x.extent(0); ++a)
+      for (index_t b = 0; b < x.extent(1); ++b)
+        for (index_t c = 0; c < x.extent(2); ++c)
+          for (index_t d = 0; d < x.extent(3); ++d) data[n++] = static_cast<float>(x(a, b, c, d));
+  }
+};
+
+/// The backward kernels on the half types: after the checks, the float kernel `run` on widened
+/// copies of q, k, v, out, dout and the bias (exact: every half value is a float) with the
+/// options' masks, scale and float log-sum-exp, into float gradients, each rounded once into
+/// grads. Every copy is allocated before anything is written, so a failed call writes nothing.
+template <class T, class Run>
+void half_backward(const char* fn, const tensor_view<const T, 4>& q,
+                   const tensor_view<const T, 4>& k, const tensor_view<const T, 4>& v,
+                   const tensor_view<const T, 4>& out, const tensor_view<const T, 4>& dout,
+                   const attention_grads<T>& grads, const attention_options<T>& opts, bool need_lse,
+                   const Run& run) {
+  (void)check_backward_args<T>(fn, q, k, v, out, dout, grads, opts, need_lse);
+  const widened<T> qf(q), kf(k), vf(v), of(out), dof(dout);
+  std::optional<widened<T>> bias;
+  if (opts.mask.bias) bias.emplace(*opts.mask.bias);
+  attention_options<float> fo;
+  fo.scale = opts.scale;
+  fo.mask.kv_lengths = opts.mask.kv_lengths;
+  fo.mask.allowed = opts.mask.allowed;
+  fo.mask.causal = opts.mask.causal;
+  fo.mask.window = opts.mask.window;
+  if (bias) fo.mask.bias = bias->view;
+  fo.lse_out = opts.lse_out;
+  // The float gradients, packed.
+  const auto packed = [](const auto& g, aligned_vector<float>& data) {
+    const std::array<index_t, 4> e{g.extent(0), g.extent(1), g.extent(2), g.extent(3)};
+    data.resize(std::size_t(e[0] * e[1] * e[2] * e[3]));
+    return tensor_view<float, 4>(data.data(), e);
+  };
+  aligned_vector<float> dq, dk, dv, db;
+  attention_grads<float> fg{packed(grads.dq, dq), packed(grads.dk, dk), packed(grads.dv, dv), {}};
+  if (grads.dbias) fg.dbias = packed(*grads.dbias, db);
+  run(qf.view, kf.view, vf.view, of.view, dof.view, fg, fo);
+  const auto round_into = [](const tensor_view<float, 4>& from, const tensor_view<T, 4>& to) {
+    for (index_t a = 0; a < to.extent(0); ++a)
+      for (index_t b = 0; b < to.extent(1); ++b)
+        for (index_t c = 0; c < to.extent(2); ++c)
+          for (index_t d = 0; d < to.extent(3); ++d)
+            to(a, b, c, d) = static_cast<T>(from(a, b, c, d));
+  };
+  round_into(fg.dq, grads.dq);
+  round_into(fg.dk, grads.dk);
+  round_into(fg.dv, grads.dv);
+  if (grads.dbias) round_into(*fg.dbias, *grads.dbias);
+}
+
+// naive_attention_backward for float and double (documented below).
+template <class T>
+void naive_backward(detail::identity_t<tensor_view<const T, 4>> q,
+                    detail::identity_t<tensor_view<const T, 4>> k,
+                    detail::identity_t<tensor_view<const T, 4>> v,
+                    detail::identity_t<tensor_view<const T, 4>> out,
+                    detail::identity_t<tensor_view<const T, 4>> dout,
+                    const attention_grads<T>& grads,
+                    const detail::identity_t<attention_options<T>>& opts) {
   static_assert(std::is_floating_point_v<T>, "xattn kernels need a floating-point element type");
   constexpr const char* fn = "naive_attention_backward";
   const detail::attention_problem p =
@@ -266,6 +318,42 @@ void naive_attention_backward(detail::identity_t<tensor_view<const T, 4>> q,
           dv_acc;
     }
   }
+}
+
+}  // namespace detail
+
+/// Gradients of scaled dot-product attention, computed the direct way, one (batch, head) at a
+/// time with its [Lq, Lk] weights materialised: the reference for tiled_attention_backward.
+///
+///   q, k, v, opts   as given to the forward (naive_attention or tiled_attention)
+///   out  [B, H, Lq, Dv]   the forward's output
+///   dout [B, H, Lq, Dv]   dL/dout, the gradient flowing back into the output
+///   grads               dq [B, H, Lq, Dk], dk [B, Hkv, Lk, Dk], dv [B, Hkv, Lk, Dv], and
+///                       dbias (the bias's extents) when set: all written
+///
+/// opts.lse_out, when set, must have the forward's extents; this kernel recomputes the softmax
+/// and does not read it. opts.weights_out is not used. Keys at or past opts.mask.kv_lengths(b)
+/// are never read and get zero gradients; a query row whose keys are all masked gets dq = 0.
+///
+/// T may be a half type (Eigen::half, Eigen::bfloat16; half.hpp), as in the forward: the float
+/// backward runs on float copies of q, k, v, out, dout and the bias (exact), with lse_out in
+/// float as the half forward writes it, and each gradient is rounded once. The copies and the
+/// float gradients take 4 bytes per element of those tensors, allocated per call. The same
+/// holds for tiled_attention_backward.
+template <class T>
+void naive_attention_backward(detail::identity_t<tensor_view<const T, 4>> q,
+                              detail::identity_t<tensor_view<const T, 4>> k,
+                              detail::identity_t<tensor_view<const T, 4>> v,
+                              detail::identity_t<tensor_view<const T, 4>> out,
+                              detail::identity_t<tensor_view<const T, 4>> dout,
+                              const attention_grads<T>& grads,
+                              const detail::identity_t<attention_options<T>>& opts = {}) {
+  static_assert(is_element_v<T>, "xattn kernels need a floating-point or half element type");
+  if constexpr (is_half_v<T>)
+    detail::half_backward<T>("naive_attention_backward", q, k, v, out, dout, grads, opts, false,
+                             [](const auto&... a) { detail::naive_backward<float>(a...); });
+  else
+    detail::naive_backward<T>(q, k, v, out, dout, grads, opts);
 }
 
 namespace detail {
@@ -638,29 +726,15 @@ index_t tiled_attention_backward_scratch_bytes(const attention_shape& s,
                              index_t(sizeof(T)));
 }
 
-/// Gradients of scaled dot-product attention with O(tile) scratch; arguments and results as
-/// naive_attention_backward, plus the forward's log-sum-exp:
-///
-///   q, k, v, opts        as given to the forward
-///   opts.lse_out         [B, H, Lq] the forward's log-sum-exp: required (a value_error if
-///                        unset); here it is read, not written
-///   out, dout            [B, H, Lq, Dv] the forward's output and dL/dout
-///   grads                dq, dk, dv (and dbias): all written
-///   tiles                tile sizes and threads, as tiled_attention's
-///
-/// The FlashAttention-2 scheme: the weights are recomputed tile by tile as exp(s - lse), never
-/// stored. Pass 1 runs units of (batch, key/value head, key tile), each summing dK and dV over
-/// its group's query heads and query tiles; pass 2 runs units of (batch, head, query tile), each
-/// summing dQ over the key tiles; a dbias pass runs only when dbias is asked for. No unit shares
-/// an output element with another and each adds in a fixed order, so every gradient is the same,
-/// bit for bit, for every thread count. The price: P and dS are recomputed twice (three times
-/// with dbias), about 2 x the FLOPs of a backward that shares partial sums between threads.
+namespace detail {
+
+// tiled_attention_backward for float and double (documented below).
 template <class T>
-void tiled_attention_backward(
+void tiled_backward(
     detail::identity_t<tensor_view<const T, 4>> q, detail::identity_t<tensor_view<const T, 4>> k,
     detail::identity_t<tensor_view<const T, 4>> v, detail::identity_t<tensor_view<const T, 4>> out,
     detail::identity_t<tensor_view<const T, 4>> dout, const attention_grads<T>& grads,
-    const detail::identity_t<attention_options<T>>& opts, const tile_options& tiles = {}) {
+    const detail::identity_t<attention_options<T>>& opts, const tile_options& tiles) {
   static_assert(std::is_floating_point_v<T>, "xattn kernels need a floating-point element type");
   constexpr const char* fn = "tiled_attention_backward";
   const detail::attention_problem pr =
@@ -694,6 +768,41 @@ void tiled_attention_backward(
   if (grads.dbias)
     detail::parallel_for(plan.units3, plan.threads_for(plan.units3),
                          [&](index_t u, int thread) { detail::backward_bias(job, thread, u); });
+}
+
+}  // namespace detail
+
+/// Gradients of scaled dot-product attention with O(tile) scratch; arguments and results as
+/// naive_attention_backward, plus the forward's log-sum-exp:
+///
+///   q, k, v, opts        as given to the forward
+///   opts.lse_out         [B, H, Lq] the forward's log-sum-exp: required (a value_error if
+///                        unset); here it is read, not written
+///   out, dout            [B, H, Lq, Dv] the forward's output and dL/dout
+///   grads                dq, dk, dv (and dbias): all written
+///   tiles                tile sizes and threads, as tiled_attention's
+///
+/// The FlashAttention-2 scheme: the weights are recomputed tile by tile as exp(s - lse), never
+/// stored. Pass 1 runs units of (batch, key/value head, key tile), each summing dK and dV over
+/// its group's query heads and query tiles; pass 2 runs units of (batch, head, query tile), each
+/// summing dQ over the key tiles; a dbias pass runs only when dbias is asked for. No unit shares
+/// an output element with another and each adds in a fixed order, so every gradient is the same,
+/// bit for bit, for every thread count. The price: P and dS are recomputed twice (three times
+/// with dbias), about 2 x the FLOPs of a backward that shares partial sums between threads.
+/// Half types as for naive_attention_backward.
+template <class T>
+void tiled_attention_backward(
+    detail::identity_t<tensor_view<const T, 4>> q, detail::identity_t<tensor_view<const T, 4>> k,
+    detail::identity_t<tensor_view<const T, 4>> v, detail::identity_t<tensor_view<const T, 4>> out,
+    detail::identity_t<tensor_view<const T, 4>> dout, const attention_grads<T>& grads,
+    const detail::identity_t<attention_options<T>>& opts, const tile_options& tiles = {}) {
+  static_assert(is_element_v<T>, "xattn kernels need a floating-point or half element type");
+  if constexpr (is_half_v<T>)
+    detail::half_backward<T>(
+        "tiled_attention_backward", q, k, v, out, dout, grads, opts, true,
+        [&tiles](const auto&... a) { detail::tiled_backward<float>(a..., tiles); });
+  else
+    detail::tiled_backward<T>(q, k, v, out, dout, grads, opts, tiles);
 }
 
 }  // namespace xattn
