@@ -7,13 +7,16 @@
 //   - load_cross_attention(file, prefix, {num_heads}): one call, no renaming; the widths, the
 //     biases and the score scale come from the file, the head count from you
 //   - that the file is memory-mapped: loading one layer reads only that layer's tensors
+//   - load_cross_attention<Eigen::bfloat16>: the same layer kept in bf16 (half the bytes of its
+//     weights; F16/BF16 files load bit for bit), computing in float
 // Run it:
 //   cmake --build build --target 11_checkpoint_layers
 //   ./build/examples/11_checkpoint_layers model.safetensors [prefix num_heads]
 // With no arguments it reads tests/fixtures/layout_hf_whisper.safetensors (a Whisper decoder
 // layer at toy size). What to expect: the layers found, the configuration read for one, and its
 // output for the file's own "query" and "context" tensors when the file has them, compared with
-// the file's "output" (written by the model's own attention in PyTorch); "all checks passed".
+// the file's "output" (written by the model's own attention in PyTorch), then the same in bf16;
+// "all checks passed".
 #include "xattn/checkpoints.hpp"
 #include "xattn/cross_attention.hpp"
 
@@ -84,6 +87,27 @@ int main(int argc, char** argv) {
               double(out[0]), double(out[1]), double(out[2]));
   std::printf("largest difference from the model's own output: %.2e\n", worst);
   const bool ok = worst < 1e-4;  // float against float64: a few ulp of the outputs (~0.5)
-  std::printf(ok ? "all checks passed\n" : "CHECK FAILED\n");
-  return ok ? 0 : 1;
+
+  // 4. The same layer in bf16: weights, inputs and output stored in it, the arithmetic float.
+  //    bf16 keeps 8 significant bits (about 2 to 3 decimal digits), so expect differences of a
+  //    few 1e-3 for outputs of about 0.5: its inputs and each stored result are rounded.
+  using bf16 = Eigen::bfloat16;
+  auto attn16 = xattn::load_cross_attention<bf16>(file, prefix, {heads});
+  const auto q16 = file.read<bf16>("query"), ctx16 = file.read<bf16>("context");
+  std::vector<bf16> out16(out.size());
+  attn16.forward(xattn::make_view(q16.values.data(), {B, Lq, c.model_dim}),
+                 xattn::make_view(ctx16.values.data(), {B, Lk, c.context_dim}),
+                 xattn::make_view(out16.data(), {B, Lq, c.model_dim}));
+  double worst16 = 0;
+  for (std::size_t n = 0; n < out16.size(); ++n)
+    worst16 = std::fmax(worst16, std::fabs(double(float(out16[n])) - want.values[n]));
+  const auto& w = attn16.weights();
+  const index_t params = w.q_proj.weight.size() + w.k_proj.weight.size() +
+                         w.v_proj.weight.size() + w.out_proj.weight.size();
+  std::printf("in bf16: weights %td bytes (float: %td), largest difference %.2e\n",
+              params * index_t(sizeof(bf16)), params * index_t(sizeof(float)), worst16);
+  const bool ok16 = worst16 < 3e-2;
+
+  std::printf(ok && ok16 ? "all checks passed\n" : "CHECK FAILED\n");
+  return ok && ok16 ? 0 : 1;
 }
