@@ -560,8 +560,45 @@ def half_kernel_case(name, *, b, heads, kv_heads, lq, lk, d, dv, lengths=None, b
     write_safetensors(os.path.join(OUT, name + ".safetensors"), tensors, {"causal": causal})
 
 
+# half_module_hf_whisper.safetensors: a Hugging Face Whisper cross-attention layer (k_proj without
+# a bias) run in bfloat16 as transformers runs a bf16 model: every linear, the scaling of the
+# queries, Q Kᵀ, the softmax and P V computed by PyTorch on bf16 tensors, each result rounded to
+# bf16. Weights, "query" [B, Lq, Dm], "context" [B, Lk, Dm] and torch's "output", all BF16.
+def half_module_case(name, *, seed):
+    gen = torch.Generator().manual_seed(seed)
+    dt = torch.bfloat16
+    d_model, heads, b, lq, lk = 64, 4, 2, 5, 40
+    hd = d_model // heads
+    prefix = "model.decoder.layers.0.encoder_attn"
+    tensors = {}
+    lins = {}
+    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        w, bias = rand_lin(gen, d_model, d_model, dt, bias=proj != "k_proj")
+        add_linear(tensors, f"{prefix}.{proj}", w, bias, dt)
+        lins[proj] = (w.to(dt), bias.to(dt) if bias is not None else None)
+    q, c = rand_inputs(gen, b, lq, lk, d_model, d_model)
+    q, c = (2 * q).to(dt), (2 * c).to(dt)  # scores of a few units: softmax far from uniform
+
+    def lin(x, proj):
+        return torch.nn.functional.linear(x, *lins[proj])
+
+    def heads_of(t, n):
+        return t.view(b, n, heads, hd).transpose(1, 2)
+
+    qs = heads_of(lin(q, "q_proj") * torch.tensor(hd ** -0.5, dtype=dt), lq)
+    ks = heads_of(lin(c, "k_proj"), lk)
+    vs = heads_of(lin(c, "v_proj"), lk)
+    o = (torch.softmax(qs @ ks.transpose(-2, -1), dim=-1) @ vs).transpose(1, 2).reshape(b, lq, d_model)
+    out = lin(o, "out_proj")
+    assert out.dtype == dt and not torch.isnan(out).any()
+    tensors.update(query=q, context=c, output=out)
+    write_safetensors(os.path.join(OUT, name + ".safetensors"), tensors,
+                      dict(prefix=prefix, num_heads=heads, layout="hugging_face"))
+
+
 def main_half():
     os.makedirs(OUT, exist_ok=True)
+    half_module_case("half_module_hf_whisper", seed=44)
     half_kernel_case("half_kernel_plain", b=2, heads=4, kv_heads=4, lq=7, lk=77, d=40, dv=40,
                      seed=41)
     half_kernel_case("half_kernel_decoder_gqa", b=1, heads=8, kv_heads=2, lq=1, lk=300, d=64,

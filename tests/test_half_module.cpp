@@ -250,11 +250,16 @@ struct module_case {
   }
 
   // The accuracy rule of test_half.cpp for the whole layer: the error of `got` against the
-  // exact output at most twice the plain half result's, plus half a unit in the last place of
-  // the largest output.
+  // exact output at most twice that of a yardstick computed in T (the plain half result, or
+  // PyTorch's own), plus half a unit in the last place of the largest output.
   ::testing::AssertionResult rule(const std::vector<T>& got) const {
+    return rule_against(got, plain(), "plain");
+  }
+  ::testing::AssertionResult rule_against(const std::vector<T>& got, const std::vector<T>& yard,
+                                          const char* yard_name) const {
     const std::vector<double> want = exact();
-    const std::vector<T> yard = plain();
+    if (got.size() != want.size() || yard.size() != want.size())
+      return ::testing::AssertionFailure() << "sizes differ";
     double err = 0.0, yard_err = 0.0, largest = 0.0;
     std::size_t worst = 0;
     for (std::size_t n = 0; n < want.size(); ++n) {
@@ -270,8 +275,8 @@ struct module_case {
     if (err <= 2.0 * yard_err + slack) return ::testing::AssertionSuccess();
     return ::testing::AssertionFailure()
            << "error " << err << " at " << worst << " (got " << float(got[worst]) << ", exact "
-           << want[worst] << ") > 2 x " << yard_err << " (plain " << xattn::element_name<T>()
-           << ") + " << slack;
+           << want[worst] << ") > 2 x " << yard_err << " (the " << yard_name << " "
+           << xattn::element_name<T>() << " result's) + " << slack;
   }
 };
 
@@ -479,6 +484,41 @@ TYPED_TEST(HalfModule, CheckpointLayoutsLoadWithoutWideningAndObeyTheRule) {
     tensor<T, 3> out({q.shape[0], q.shape[1], m.config().model_dim}, T(-7));
     mm.forward(mc.query.cview(), mc.context.cview(), out.view());
     EXPECT_TRUE(mc.rule(out.data));
+  }
+}
+
+// PyTorch's own bf16 run of a Hugging Face Whisper cross-attention layer (every linear, product
+// and softmax rounded to bf16; make_fixtures.py --half) as the yardstick of the rule.
+TEST(HalfModuleFixtures, AWhisperLayerInBf16AgainstPyTorchsOwnBf16Run) {
+  using T = Eigen::bfloat16;
+  const auto f = xattn::safetensors_file::load(std::string(XATTN_TEST_FIXTURES_DIR) +
+                                               "/half_module_hf_whisper.safetensors");
+  const auto m = xattn::load_cross_attention<T>(f, f.metadata().at("prefix"),
+                                                {std::stoll(f.metadata().at("num_heads"))});
+  const auto q = f.read<T>("query"), ctx = f.read<T>("context"), torch_out = f.read<T>("output");
+  module_case<T> mc{m.config(), m.weights(),
+                    tensor<T, 3>({q.shape[0], q.shape[1], q.shape[2]}),
+                    tensor<T, 3>({ctx.shape[0], ctx.shape[1], ctx.shape[2]})};
+  mc.query.data = q.values;
+  mc.context.data = ctx.values;
+  // The fixture is the layer xattn loads: PyTorch's result is itself within two bf16 epsilons
+  // of the largest exact output (0.64 of one here).
+  const std::vector<double> exact = mc.exact();
+  double largest = 0.0, torch_err = 0.0;
+  for (std::size_t n = 0; n < exact.size(); ++n) {
+    largest = std::max(largest, std::abs(exact[n]));
+    torch_err = std::max(torch_err, std::abs(double(float(torch_out.values[n])) - exact[n]));
+  }
+  EXPECT_LE(torch_err, 2.0 * eps<T>() * largest);
+  EXPECT_GT(largest, 0.1);
+  auto mm = m;
+  for (auto kernel : {xattn::attention_kernel::tiled, xattn::attention_kernel::naive}) {
+    tensor<T, 3> out({q.shape[0], q.shape[1], m.config().model_dim}, T(-7));
+    xattn::cross_attention_options<T> o;
+    o.kernel = kernel;
+    mm.forward(mc.query.cview(), mc.context.cview(), out.view(), o);
+    EXPECT_TRUE(mc.rule_against(out.data, torch_out.values, "PyTorch"))
+        << (kernel == xattn::attention_kernel::naive ? "naive" : "tiled");
   }
 }
 
