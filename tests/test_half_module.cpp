@@ -257,26 +257,7 @@ struct module_case {
   }
   ::testing::AssertionResult rule_against(const std::vector<T>& got, const std::vector<T>& yard,
                                           const char* yard_name) const {
-    const std::vector<double> want = exact();
-    if (got.size() != want.size() || yard.size() != want.size())
-      return ::testing::AssertionFailure() << "sizes differ";
-    double err = 0.0, yard_err = 0.0, largest = 0.0;
-    std::size_t worst = 0;
-    for (std::size_t n = 0; n < want.size(); ++n) {
-      const double e = std::abs(double(float(got[n])) - want[n]);
-      if (!(e <= err)) {
-        err = e;
-        worst = n;
-      }
-      yard_err = std::max(yard_err, std::abs(double(float(yard[n])) - want[n]));
-      largest = std::max(largest, std::abs(want[n]));
-    }
-    const double slack = 0.5 * eps<T>() * largest;
-    if (err <= 2.0 * yard_err + slack) return ::testing::AssertionSuccess();
-    return ::testing::AssertionFailure()
-           << "error " << err << " at " << worst << " (got " << float(got[worst]) << ", exact "
-           << want[worst] << ") > 2 x " << yard_err << " (the " << yard_name << " "
-           << xattn::element_name<T>() << " result's) + " << slack;
+    return xattn_test::half_rule_holds(got, yard, exact(), yard_name);
   }
 };
 
@@ -496,8 +477,7 @@ TEST(HalfModuleFixtures, AWhisperLayerInBf16AgainstPyTorchsOwnBf16Run) {
   const auto m = xattn::load_cross_attention<T>(f, f.metadata().at("prefix"),
                                                 {std::stoll(f.metadata().at("num_heads"))});
   const auto q = f.read<T>("query"), ctx = f.read<T>("context"), torch_out = f.read<T>("output");
-  module_case<T> mc{m.config(), m.weights(),
-                    tensor<T, 3>({q.shape[0], q.shape[1], q.shape[2]}),
+  module_case<T> mc{m.config(), m.weights(), tensor<T, 3>({q.shape[0], q.shape[1], q.shape[2]}),
                     tensor<T, 3>({ctx.shape[0], ctx.shape[1], ctx.shape[2]})};
   mc.query.data = q.values;
   mc.context.data = ctx.values;

@@ -313,28 +313,23 @@ std::vector<T> plain_half_attention(const xattn::tensor_view<const T, 4>& q,
   return out;
 }
 
-/// The accuracy rule for a half-precision output `got` of attention(q, k, v, opts), the one
-/// FlashAttention's tests use: its largest error against the exact result (reference_attention,
-/// on the same half inputs) is at most twice that of a yardstick computed in the half type
-/// (plain_half_attention, or PyTorch's own bf16 result), plus half a unit in the last place of
-/// the largest exact output (the one rounding every half output has, which the yardstick may
-/// dodge by chance in a tiny case).
-template <class T>
-::testing::AssertionResult check_half_rule_against(
-    const std::vector<T>& got, const std::vector<T>& yardstick, const char* yardstick_name,
-    const xattn::tensor_view<const T, 4>& q, const xattn::tensor_view<const T, 4>& k,
-    const xattn::tensor_view<const T, 4>& v, const xattn::attention_options<T>& opts) {
-  xattn::attention_options<T> plain_opts = opts;  // the statistics are not compared here
-  plain_opts.weights_out.reset();
-  plain_opts.lse_out.reset();
-  const reference_result exact = reference_attention<T>(q, k, v, plain_opts);
-  if (got.size() != exact.out.size() || yardstick.size() != exact.out.size())
+/// The comparison of the half-precision accuracy rule, the one FlashAttention's tests use: the
+/// largest error of `got` against the exact result is at most twice that of a yardstick
+/// computed in the half type (a plain half computation, or PyTorch's own half result), plus half
+/// a unit in the last place of the largest exact output (the one rounding every half output
+/// has, which the yardstick may dodge by chance in a tiny case).
+template <class T, class E>
+::testing::AssertionResult half_rule_holds(const std::vector<T>& got,
+                                           const std::vector<T>& yardstick,
+                                           const std::vector<E>& exact,
+                                           const char* yardstick_name) {
+  if (got.size() != exact.size() || yardstick.size() != exact.size())
     return ::testing::AssertionFailure() << "sizes differ: " << got.size() << " and "
-                                         << yardstick.size() << " vs " << exact.out.size();
+                                         << yardstick.size() << " vs " << exact.size();
   double err = 0.0, yard_err = 0.0, largest = 0.0;
   std::size_t worst = 0;
   for (std::size_t n = 0; n < got.size(); ++n) {
-    const double want = double(exact.out[n]);
+    const double want = double(exact[n]);
     const double e = std::abs(double(to_ld(got[n])) - want);
     if (!(e <= err)) {  // NaN is the worst
       err = e;
@@ -347,8 +342,22 @@ template <class T>
   if (err <= 2.0 * yard_err + slack) return ::testing::AssertionSuccess();
   return ::testing::AssertionFailure()
          << "error " << err << " at element " << worst << " (got " << double(to_ld(got[worst]))
-         << ", exact " << double(exact.out[worst]) << ") > 2 x " << yard_err << " (the "
+         << ", exact " << double(exact[worst]) << ") > 2 x " << yard_err << " (the "
          << yardstick_name << " " << xattn::element_name<T>() << " result's) + " << slack;
+}
+
+/// The accuracy rule (half_rule_holds) for a half-precision output `got` of attention(q, k, v,
+/// opts), the exact result from reference_attention on the same half inputs.
+template <class T>
+::testing::AssertionResult check_half_rule_against(
+    const std::vector<T>& got, const std::vector<T>& yardstick, const char* yardstick_name,
+    const xattn::tensor_view<const T, 4>& q, const xattn::tensor_view<const T, 4>& k,
+    const xattn::tensor_view<const T, 4>& v, const xattn::attention_options<T>& opts) {
+  xattn::attention_options<T> plain_opts = opts;  // the statistics are not compared here
+  plain_opts.weights_out.reset();
+  plain_opts.lse_out.reset();
+  return half_rule_holds(got, yardstick, reference_attention<T>(q, k, v, plain_opts).out,
+                         yardstick_name);
 }
 
 /// check_half_rule_against plain_half_attention.

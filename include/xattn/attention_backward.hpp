@@ -116,13 +116,19 @@ attention_problem check_backward_args(const char* fn, const tensor_view<const T,
   return p;
 }
 
-/// Writes zeros into every element of x.
-template <class T>
-void fill_zero(const tensor_view<T, 4>& x) {
+/// Calls f(a, b, c, d) for every index of a view of extents x's, in row-major order.
+template <class T, class F>
+void for_each_index(const tensor_view<T, 4>& x, const F& f) {
   for (index_t a = 0; a < x.extent(0); ++a)
     for (index_t b = 0; b < x.extent(1); ++b)
       for (index_t c = 0; c < x.extent(2); ++c)
-        for (index_t d = 0; d < x.extent(3); ++d) x(a, b, c, d) = T(0);
+        for (index_t d = 0; d < x.extent(3); ++d) f(a, b, c, d);
+}
+
+/// Writes zeros into every element of x.
+template <class T>
+void fill_zero(const tensor_view<T, 4>& x) {
+  for_each_index(x, [&](index_t a, index_t b, index_t c, index_t d) { x(a, b, c, d) = T(0); });
 }
 
 /// dS = P ∘ (dP - D) for one row of n keys, in place of dP. A key whose weight is exactly 0
@@ -172,10 +178,9 @@ struct widened {
       : data(std::size_t(x.extent(0) * x.extent(1) * x.extent(2) * x.extent(3))),
         view(data.data(), {x.extent(0), x.extent(1), x.extent(2), x.extent(3)}) {
     std::size_t n = 0;
-    for (index_t a = 0; a < x.extent(0); ++a)
-      for (index_t b = 0; b < x.extent(1); ++b)
-        for (index_t c = 0; c < x.extent(2); ++c)
-          for (index_t d = 0; d < x.extent(3); ++d) data[n++] = static_cast<float>(x(a, b, c, d));
+    for_each_index(x, [&](index_t a, index_t b, index_t c, index_t d) {
+      data[n++] = static_cast<float>(x(a, b, c, d));
+    });
   }
 };
 
@@ -212,11 +217,9 @@ void half_backward(const char* fn, const tensor_view<const T, 4>& q,
   if (grads.dbias) fg.dbias = packed(*grads.dbias, db);
   run(qf.view, kf.view, vf.view, of.view, dof.view, fg, fo);
   const auto round_into = [](const tensor_view<float, 4>& from, const tensor_view<T, 4>& to) {
-    for (index_t a = 0; a < to.extent(0); ++a)
-      for (index_t b = 0; b < to.extent(1); ++b)
-        for (index_t c = 0; c < to.extent(2); ++c)
-          for (index_t d = 0; d < to.extent(3); ++d)
-            to(a, b, c, d) = static_cast<T>(from(a, b, c, d));
+    for_each_index(to, [&](index_t a, index_t b, index_t c, index_t d) {
+      to(a, b, c, d) = static_cast<T>(from(a, b, c, d));
+    });
   };
   round_into(fg.dq, grads.dq);
   round_into(fg.dk, grads.dk);
