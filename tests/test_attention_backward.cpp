@@ -12,6 +12,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -526,9 +527,14 @@ TEST_F(BackwardErrors, OverlappingGradientsAreShapeErrors) {
   expect_error<xattn::shape_error>(p.out.cview(), p.dout.cview(), g, opts,
                                    "grads.dbias overlaps mask.bias");
   g = p.grads();
-  g.dq = xattn::tensor_view<float, 4>(p.dout.data.data(), p.dq.extents);
-  expect_error<xattn::shape_error>(p.out.cview(), p.dout.cview(), g, opts,
-                                   "grads.dq overlaps dout");
+  // dq starts where dout does, in a buffer of its own that holds both (dq is the larger, and
+  // must not reach into another input's memory).
+  std::vector<float> shared(p.dq.data.size());
+  std::copy(p.dout.data.begin(), p.dout.data.end(), shared.begin());
+  g.dq = xattn::tensor_view<float, 4>(shared.data(), p.dq.extents);
+  expect_error<xattn::shape_error>(
+      p.out.cview(), xattn::tensor_view<const float, 4>(shared.data(), p.dout.extents), g, opts,
+      "grads.dq overlaps dout");
   g = p.grads();
   auto o = opts;
   o.lse_out = xattn::tensor_view<float, 3>(p.dq.data.data(), p.lse.extents);
