@@ -207,7 +207,8 @@ TYPED_TEST(Half, TheResultIsTheFloatCallOnTheWidenedInputsRoundedOnce) {
 
 // The backward kernels on half inputs: the float backward on the widened inputs (the forward's
 // float log-sum-exp, the bias widened), each gradient rounded once, bit for bit, with every
-// mask kind that reaches the backward, GQA, Lq = 1 and Lk = 1, and the bias gradient.
+// mask kind (a bias and its gradient, key lengths, an allowed mask, both causal masks, a
+// position window), GQA, Lq = 1 and Lk = 1.
 TYPED_TEST(Half, BackwardIsTheFloatBackwardOnTheWidenedInputsRoundedOnce) {
   using T = TypeParam;
   const auto bits_equal = [](const std::vector<T>& got, const std::vector<float>& want) {
@@ -222,48 +223,71 @@ TYPED_TEST(Half, BackwardIsTheFloatBackwardOnTheWidenedInputsRoundedOnce) {
   each_path()([&](std::string_view) {
     for (const auto& s :
          {shape(2, 4, 5, 37, 24, 16, 2), shape(1, 2, 1, 70, 40, 40), shape(1, 1, 33, 1, 8, 12)}) {
-      SCOPED_TRACE(::testing::Message() << "Lq " << s.q_len << " Lk " << s.kv_len);
-      problem<T> p(s, 5);
-      const auto bias = random_tensor<T, 4>({1, s.num_heads, s.q_len, s.kv_len}, 6, -1.0, 1.0);
-      const auto dout = random_tensor<T, 4>(p.out.extents, 7);
-      xattn::attention_options<T> opts;
-      opts.mask.bias = bias.cview();
-      opts.mask.causal = xattn::causal_mask::bottom_right;
-      opts.lse_out = p.lse.view();
-      xattn::tiled_attention<T>(p.q.cview(), p.k.cview(), p.v.cview(), p.out.view(), opts);
-
-      const tensor<float, 4> q = widened(p.q), k = widened(p.k), v = widened(p.v),
-                             out = widened(p.out), fdout = widened(dout), fbias = widened(bias);
-      xattn::attention_options<float> fopts;
-      fopts.mask.bias = fbias.cview();
-      fopts.mask.causal = opts.mask.causal;
-      tensor<float, 3> flse = p.lse;
-      fopts.lse_out = flse.view();
-      for (bool naive : {false, true}) {
-        SCOPED_TRACE(naive ? "naive" : "tiled");
-        tensor<T, 4> dq(p.q.extents, T(-7)), dk(p.k.extents, T(-7)), dv(p.v.extents, T(-7)),
-            db(bias.extents, T(-7));
-        tensor<float, 4> fdq(p.q.extents), fdk(p.k.extents), fdv(p.v.extents), fdb(bias.extents);
-        const xattn::attention_grads<T> g{dq.view(), dk.view(), dv.view(), db.view()};
-        const xattn::attention_grads<float> fg{fdq.view(), fdk.view(), fdv.view(), fdb.view()};
-        if (naive) {
-          xattn::naive_attention_backward<T>(p.q.cview(), p.k.cview(), p.v.cview(), p.out.cview(),
-                                             dout.cview(), g, opts);
-          xattn::naive_attention_backward<float>(q.cview(), k.cview(), v.cview(), out.cview(),
-                                                 fdout.cview(), fg, fopts);
+      for (int set : {0, 1}) {
+        // 0: a bias (and its gradient) and a bottom-right causal mask; 1: key lengths, an
+        // allowed mask and a top-left causal mask in a position window.
+        SCOPED_TRACE(::testing::Message()
+                     << "Lq " << s.q_len << " Lk " << s.kv_len << " mask set " << set);
+        problem<T> p(s, 5);
+        const auto bias = random_tensor<T, 4>({1, s.num_heads, s.q_len, s.kv_len}, 6, -1.0, 1.0);
+        const auto dout = random_tensor<T, 4>(p.out.extents, 7);
+        xattn_test::bool_mask allowed({1, 1, s.q_len, s.kv_len});
+        for (index_t n = 0; n < allowed.size(); ++n) allowed.data[std::size_t(n)] = n % 3 != 1;
+        const std::vector<index_t> lengths{3 + s.kv_len, 3 + s.kv_len / 2};  // window positions
+        xattn::attention_options<T> opts;
+        if (set == 0) {
+          opts.mask.bias = bias.cview();
+          opts.mask.causal = xattn::causal_mask::bottom_right;
         } else {
-          xattn::tiled_attention_backward<T>(p.q.cview(), p.k.cview(), p.v.cview(), p.out.cview(),
-                                             dout.cview(), g, opts, tiles(3, 16, 2));
-          xattn::tiled_attention_backward<float>(q.cview(), k.cview(), v.cview(), out.cview(),
-                                                 fdout.cview(), fg, fopts, tiles(3, 16, 2));
+          opts.mask.kv_lengths = xattn::tensor_view<const index_t, 1>(lengths.data(), {s.batch});
+          opts.mask.allowed = allowed.cview();
+          opts.mask.causal = xattn::causal_mask::top_left;
+          opts.mask.window = xattn::position_window{s.kv_len, s.kv_len + s.q_len, 3, 3 + s.kv_len};
         }
-        EXPECT_TRUE(bits_equal(dq.data, fdq.data)) << "dq";
-        EXPECT_TRUE(bits_equal(dk.data, fdk.data)) << "dk";
-        EXPECT_TRUE(bits_equal(dv.data, fdv.data)) << "dv";
-        EXPECT_TRUE(bits_equal(db.data, fdb.data)) << "dbias";
-        double largest = 0;  // a test that sees only zeros proves nothing (dq is 0 for Lk = 1)
-        for (const T& x : dv.data) largest = std::max(largest, std::abs(double(float(x))));
-        EXPECT_GT(largest, 1e-3);
+        opts.lse_out = p.lse.view();
+        xattn::tiled_attention<T>(p.q.cview(), p.k.cview(), p.v.cview(), p.out.view(), opts);
+
+        const tensor<float, 4> q = widened(p.q), k = widened(p.k), v = widened(p.v),
+                               out = widened(p.out), fdout = widened(dout), fbias = widened(bias);
+        xattn::attention_options<float> fopts;
+        fopts.mask.kv_lengths = opts.mask.kv_lengths;
+        fopts.mask.allowed = opts.mask.allowed;
+        fopts.mask.causal = opts.mask.causal;
+        fopts.mask.window = opts.mask.window;
+        if (set == 0) fopts.mask.bias = fbias.cview();
+        tensor<float, 3> flse = p.lse;
+        fopts.lse_out = flse.view();
+        for (bool naive : {false, true}) {
+          SCOPED_TRACE(naive ? "naive" : "tiled");
+          tensor<T, 4> dq(p.q.extents, T(-7)), dk(p.k.extents, T(-7)), dv(p.v.extents, T(-7)),
+              db(bias.extents, T(-7));
+          tensor<float, 4> fdq(p.q.extents), fdk(p.k.extents), fdv(p.v.extents),
+              fdb(bias.extents, -7.0f);
+          xattn::attention_grads<T> g{dq.view(), dk.view(), dv.view(), {}};
+          xattn::attention_grads<float> fg{fdq.view(), fdk.view(), fdv.view(), {}};
+          if (set == 0) {
+            g.dbias = db.view();
+            fg.dbias = fdb.view();
+          }
+          if (naive) {
+            xattn::naive_attention_backward<T>(p.q.cview(), p.k.cview(), p.v.cview(), p.out.cview(),
+                                               dout.cview(), g, opts);
+            xattn::naive_attention_backward<float>(q.cview(), k.cview(), v.cview(), out.cview(),
+                                                   fdout.cview(), fg, fopts);
+          } else {
+            xattn::tiled_attention_backward<T>(p.q.cview(), p.k.cview(), p.v.cview(), p.out.cview(),
+                                               dout.cview(), g, opts, tiles(3, 16, 2));
+            xattn::tiled_attention_backward<float>(q.cview(), k.cview(), v.cview(), out.cview(),
+                                                   fdout.cview(), fg, fopts, tiles(3, 16, 2));
+          }
+          EXPECT_TRUE(bits_equal(dq.data, fdq.data)) << "dq";
+          EXPECT_TRUE(bits_equal(dk.data, fdk.data)) << "dk";
+          EXPECT_TRUE(bits_equal(dv.data, fdv.data)) << "dv";
+          EXPECT_TRUE(bits_equal(db.data, fdb.data)) << "dbias (-7 where not asked for)";
+          double largest = 0;  // a test that sees only zeros proves nothing (dq is 0 for Lk = 1)
+          for (const T& x : dv.data) largest = std::max(largest, std::abs(double(float(x))));
+          EXPECT_GT(largest, 1e-3);
+        }
       }
     }
   });
