@@ -361,26 +361,6 @@ void naive_attention_backward(detail::identity_t<tensor_view<const T, 4>> q,
 
 namespace detail {
 
-/// C [m, n] = alpha · op(A) op(B) (+ C when `accumulate`) for row-major tiles with leading
-/// dimensions lda, ldb, ldc; op(X) is Xᵀ when its flag is set. Eigen's GEMM kernel called
-/// directly, so that it never splits a tile over Eigen's own OpenMP threads: a tile's bits then
-/// depend on its sizes only, never on how many threads run the call.
-template <bool TransA, bool TransB, class T>
-void tile_gemm(index_t m, index_t n, index_t depth, const T* a, index_t lda, const T* b,
-               index_t ldb, T* c, index_t ldc, T alpha, bool accumulate) {
-  if (!accumulate)
-    for (index_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, T(0));
-  if (m == 0 || n == 0 || depth == 0) return;
-  using namespace Eigen::internal;
-  constexpr int a_order = TransA ? Eigen::ColMajor : Eigen::RowMajor;
-  constexpr int b_order = TransB ? Eigen::ColMajor : Eigen::RowMajor;
-  gemm_blocking_space<Eigen::RowMajor, T, T, Eigen::Dynamic, Eigen::Dynamic, Eigen::Dynamic, 1,
-                      false>
-      blocking(m, n, depth, 1, true);
-  general_matrix_matrix_product<Eigen::Index, T, a_order, false, T, b_order, false, Eigen::RowMajor,
-                                1>::run(m, n, depth, a, lda, b, ldb, c, 1, ldc, alpha, blocking);
-}
-
 /// How tiled_attention_backward cuts one call. Pass 1 runs units of one (batch, key/value head,
 /// key tile) and writes dk and dv; pass 2 units of one (batch, head, query tile) and writes dq;
 /// pass 3 (only for dbias) units of one block of dbias rows. No two units write the same

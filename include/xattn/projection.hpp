@@ -16,8 +16,10 @@
 
 #include <algorithm>
 #include <climits>
+#include <memory>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 // XATTN_USE_BLAS=1 (CMake: -DXATTN_USE_BLAS=ON) runs the projections' matrix products through
 // the CBLAS interface of the BLAS the program links (OpenBLAS, MKL, BLIS: cblas.h must be on the
@@ -186,13 +188,14 @@ struct linear {
   }
 
   // Half storage: float arithmetic. The weight is widened once per call into scratch (after the
-  // bias), then each block of up to half_block rows is widened, multiplied by one float GEMM
-  // and rounded, the blocks shared among OpenMP threads (each with its own block of scratch;
-  // Eigen's GEMM runs single-threaded inside), as many as the work is worth (the rule of
-  // tiled_attention: no thread for less than min_flops_per_thread). Up to gemv_rows rows read the
-  // half weight in place (the row kernels of the tiled attention, dot products of one float row
-  // with half rows). Every output is rounded once, after its bias is added. The blocks do not
-  // depend on the thread count.
+  // bias), then each block of up to half_block rows is widened, multiplied by Eigen's GEMM
+  // kernel (tile_gemm: one thread per block, its packing buffers allocated before anything is
+  // written and reused by every block) and rounded; the blocks are shared among OpenMP threads,
+  // as many as the work is worth (the rule of tiled_attention: no thread for less than
+  // min_flops_per_thread). Up to gemv_rows rows read the half weight in place (the row kernels
+  // of the tiled attention, dot products of one float row with half rows). Every output is
+  // rounded once, after its bias is added. Neither the blocks nor any block's bits depend on
+  // the thread count; an allocation that fails does so before y is written.
   void forward_half(const tensor_view<const T, 3>& x, const tensor_view<T, 3>& y, index_t rows,
                     row_matrix<float>& scratch) const {
     const detail::tile_kernels<float>& kern = detail::active_kernels<float>();
@@ -209,6 +212,12 @@ struct linear {
     const index_t per_thread = block * (in + out);
     const index_t need = out + (gemv ? 0 : out * in) + index_t(threads) * per_thread;
     if (scratch.size() < need) scratch.resize(1, need);
+    std::vector<std::unique_ptr<detail::gemm_blocking<float>>> blocking;
+    if (!gemv)
+      for (int t = 0; t < threads; ++t) {
+        blocking.push_back(std::make_unique<detail::gemm_blocking<float>>(block, out, in, 1, true));
+        blocking.back()->allocateAll();
+      }
     float* const bf = scratch.data();
     float* const wf = bf + out;
     float* const blocks_at = wf + (gemv ? 0 : out * in);
@@ -238,10 +247,8 @@ struct linear {
             kern.row_scores_bf16(xf + r * in, weight.data(), in, in, out, yf + r * out);
         }
       } else {
-        const detail::matrix_map<const float> X(xf, m, in, Eigen::OuterStride<>(in));
-        const detail::matrix_map<const float> W(wf, out, in, Eigen::OuterStride<>(in));
-        detail::matrix_map<float> Y(yf, m, out, Eigen::OuterStride<>(out));
-        detail::gemm_nt<float>(X, W, Y);
+        detail::tile_gemm<false, true>(m, out, in, xf, in, wf, in, yf, out, 1.0f, false,
+                                       blocking[std::size_t(thread)].get());
       }
       for (index_t r = 0; r < m; ++r) {
         float* yr = yf + r * out;

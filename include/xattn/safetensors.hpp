@@ -294,20 +294,16 @@ inline void encode_element(unsigned char* p, double x, safetensors_dtype d) noex
   }
 }
 
-// One element of a floating-point dtype as a half type H (Eigen::half or Eigen::bfloat16):
-// the bits themselves when the dtype is H's, else the value rounded once to nearest even.
+// One element of a floating-point dtype as a half type H (Eigen::half or Eigen::bfloat16), its
+// value x already decoded: the bits themselves when the dtype is H's, else x rounded once to
+// nearest even (x is a float unless the dtype is F64, which round_to_odd_float rounds safely).
 template <class H>
-H decode_half(const unsigned char* p, safetensors_dtype d) noexcept {
-  constexpr safetensors_dtype own =
-      std::is_same_v<H, Eigen::half> ? safetensors_dtype::f16 : safetensors_dtype::bf16;
-  std::uint16_t bits;
-  if (d == own) {
-    bits = static_cast<std::uint16_t>(load_le(p, 2));
-  } else {
-    const float f = d == safetensors_dtype::f64 ? round_to_odd_float(decode_element(p, d))
-                                                : static_cast<float>(decode_element(p, d));
-    bits = own == safetensors_dtype::f16 ? float_to_half(f) : float_to_bf16(f);
-  }
+H decode_half(const unsigned char* p, safetensors_dtype d, double x) noexcept {
+  constexpr bool fp16 = std::is_same_v<H, Eigen::half>;
+  const std::uint16_t bits =
+      d == (fp16 ? safetensors_dtype::f16 : safetensors_dtype::bf16)
+          ? static_cast<std::uint16_t>(load_le(p, 2))
+          : (fp16 ? float_to_half(round_to_odd_float(x)) : float_to_bf16(round_to_odd_float(x)));
   return Eigen::numext::bit_cast<H>(bits);
 }
 
@@ -466,7 +462,7 @@ class safetensors_file {
     for (std::size_t n = 0; n < out.values.size(); ++n) {
       const double x = detail::decode_element(p + n * width, t.dtype);
       if constexpr (is_half_v<T>)
-        out.values[n] = detail::decode_half<T>(p + n * width, t.dtype);
+        out.values[n] = detail::decode_half<T>(p + n * width, t.dtype, x);
       else
         out.values[n] = static_cast<T>(x);
       // A finite value past T's range would silently become inf. (Values below T's smallest

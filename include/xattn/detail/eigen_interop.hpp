@@ -8,6 +8,7 @@
 
 #include <Eigen/Core>
 
+#include <algorithm>
 #include <type_traits>
 
 namespace xattn::detail {
@@ -32,6 +33,38 @@ using matrix_map = Eigen::Map<row_matrix_of<T>, Eigen::Unaligned, Eigen::OuterSt
 template <class T>
 using strided_map =
     Eigen::Map<row_matrix_of<T>, Eigen::Unaligned, Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>>;
+
+/// The packing buffers of Eigen's GEMM kernel for one thread (see tile_gemm).
+template <class T>
+using gemm_blocking =
+    Eigen::internal::gemm_blocking_space<Eigen::RowMajor, T, T, Eigen::Dynamic, Eigen::Dynamic,
+                                         Eigen::Dynamic, 1, false>;
+
+/// C [m, n] = alpha · op(A) op(B) (+ C when `accumulate`) for row-major tiles with leading
+/// dimensions lda, ldb, ldc; op(X) is Xᵀ when its flag is set. Eigen's GEMM kernel called
+/// directly, so that it never splits a tile over Eigen's own OpenMP threads: a tile's bits then
+/// depend on its sizes only, never on how many threads run the call. `reuse`, when given, is
+/// blocking made for at least m rows, n columns and this depth, with its buffers allocated
+/// (allocateAll), so that the call allocates nothing; otherwise the call makes its own.
+template <bool TransA, bool TransB, class T>
+void tile_gemm(index_t m, index_t n, index_t depth, const T* a, index_t lda, const T* b,
+               index_t ldb, T* c, index_t ldc, T alpha, bool accumulate,
+               gemm_blocking<T>* reuse = nullptr) {
+  if (!accumulate)
+    for (index_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, T(0));
+  if (m == 0 || n == 0 || depth == 0) return;
+  using namespace Eigen::internal;
+  constexpr int a_order = TransA ? Eigen::ColMajor : Eigen::RowMajor;
+  constexpr int b_order = TransB ? Eigen::ColMajor : Eigen::RowMajor;
+  using product = general_matrix_matrix_product<Eigen::Index, T, a_order, false, T, b_order, false,
+                                                Eigen::RowMajor, 1>;
+  if (reuse) {
+    product::run(m, n, depth, a, lda, b, ldb, c, 1, ldc, alpha, *reuse);
+  } else {
+    gemm_blocking<T> blocking(m, n, depth, 1, true);
+    product::run(m, n, depth, a, lda, b, ldb, c, 1, ldc, alpha, blocking);
+  }
+}
 
 template <class T>
 bool has_contiguous_rows(const tensor_view<T, 2>& v) noexcept {
