@@ -157,8 +157,9 @@ void row_scores(const T* q, const K* k, index_t ldk, index_t head_dim, index_t n
   }
 }
 
-/// acc[e] = corr · acc[e] + Σ_j p[j] · V[j][e] for e < Dv: vectorised along Dv, four packets of
-/// acc at a time, with even and odd keys in two sets of accumulators (eight independent FMA
+/// acc[e] = corr · acc[e] + Σ_j p[j] · V[j][e] for e < Dv: vectorised along Dv, eight packets of
+/// acc at a time (eight independent FMA chains, each value row read once, in order); a last
+/// block of four packets puts even and odd keys in two sets of accumulators (again eight
 /// chains), added at the end. V, the values' type, is T or (T = float) a half type, as in
 /// row_scores.
 template <class T, class V = T>
@@ -167,6 +168,16 @@ void row_values(const T* p, const V* v, index_t ldv, index_t value_dim, index_t 
   constexpr index_t L = simd::lanes<T>;
   const P cf = simd::broadcast(corr);
   index_t e = 0;
+  for (; e + 8 * L <= value_dim; e += 8 * L) {
+    P a[8];
+    for (int r = 0; r < 8; ++r) a[r] = simd::mul(simd::load(acc + e + r * L), cf);
+    for (index_t j = 0; j < n; ++j) {
+      const V* vj = v + j * ldv + e;
+      const P pj = simd::broadcast(p[j]);
+      for (int r = 0; r < 8; ++r) a[r] = simd::fma(pj, simd::load(vj + r * L), a[r]);
+    }
+    for (int r = 0; r < 8; ++r) simd::store(acc + e + r * L, a[r]);
+  }
   for (; e + 4 * L <= value_dim; e += 4 * L) {
     P a[4], b[4];
     for (int r = 0; r < 4; ++r) {

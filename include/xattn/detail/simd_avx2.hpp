@@ -40,13 +40,20 @@ inline constexpr int block_rows = 6;  // 6 x 2 accumulators of the 16 registers
 inline constexpr int block_cols = 2;
 
 XATTN_DETAIL_SIMD_INLINE __m256 load(const float* p) { return _mm256_loadu_ps(p); }
-/// A packet of floats from 8 fp16 (vcvtph2ps) or bf16 (a 16-bit shift each) elements.
+/// A packet of floats from 8 fp16 (vcvtph2ps) or bf16 elements. A bf16 is the high half of a
+/// float: the 16 bytes are loaded into both 128-bit lanes (a load, no arithmetic) and one byte
+/// shuffle puts elements 0-3 (low lane) and 4-7 (high lane) above zeros, where a zero-extension
+/// and a shift would take two operations.
 XATTN_DETAIL_SIMD_INLINE __m256 load(const Eigen::half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 XATTN_DETAIL_SIMD_INLINE __m256 load(const Eigen::bfloat16* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  const __m256i both =
+      _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i high =
+      _mm256_setr_epi8(-1, -1, 0, 1, -1, -1, 2, 3, -1, -1, 4, 5, -1, -1, 6, 7,  //
+                       -1, -1, 8, 9, -1, -1, 10, 11, -1, -1, 12, 13, -1, -1, 14, 15);
+  return _mm256_castsi256_ps(_mm256_shuffle_epi8(both, high));
 }
 XATTN_DETAIL_SIMD_INLINE __m256d load(const double* p) { return _mm256_loadu_pd(p); }
 XATTN_DETAIL_SIMD_INLINE void store(float* p, __m256 x) { _mm256_storeu_ps(p, x); }
@@ -171,8 +178,7 @@ XATTN_DETAIL_SIMD_INLINE __m256d times_pow2(__m256d y, __m256d m) {
 }
 
 /// Widens the first n - n mod 8 elements of x to float in y and returns that count (the caller
-/// converts the rest): F16C's vcvtph2ps for fp16, a 16-bit shift for bf16 (a bf16 is the high
-/// half of a float).
+/// converts the rest): F16C's vcvtph2ps for fp16, load's byte shuffle for bf16.
 XATTN_DETAIL_SIMD_INLINE index_t widen(const Eigen::half* x, index_t n, float* y) {
   index_t i = 0;
   for (; i + 8 <= n; i += 8)
@@ -182,10 +188,7 @@ XATTN_DETAIL_SIMD_INLINE index_t widen(const Eigen::half* x, index_t n, float* y
 }
 XATTN_DETAIL_SIMD_INLINE index_t widen(const Eigen::bfloat16* x, index_t n, float* y) {
   index_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i));
-    _mm256_storeu_ps(y + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
-  }
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, load(x + i));
   return i;
 }
 
