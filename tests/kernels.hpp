@@ -52,9 +52,16 @@ inline xattn::tile_options tiles(xattn::index_t q_tile, xattn::index_t kv_tile, 
 }
 
 /// Runs f(name) with each CPU path this build and machine have forced in turn (dispatch.hpp),
-/// and restores the automatic choice afterwards, also on failure.
+/// and restores the automatic choice afterwards, also on failure. With emulated_products, one
+/// more pass where the avx2 level runs the bf16-product loops of the avx512bf16 level, each
+/// vdpbf16ps emulated (detail::emulate_bf16_products), named "avx2+dpbf16-emulated": those
+/// loops tested on every AVX2 machine, whether or not it has AVX-512 BF16.
 struct each_path {
-  ~each_path() { xattn::reset_cpu_path(); }
+  bool emulated_products = false;
+  ~each_path() {
+    xattn::detail::emulate_bf16_products() = false;
+    xattn::reset_cpu_path();
+  }
   template <class F>
   void operator()(F&& f) const {
     for (std::string_view name : xattn::cpu_paths()) {
@@ -62,6 +69,26 @@ struct each_path {
       xattn::set_cpu_path(name);
       ASSERT_EQ(xattn::cpu_path(), name);
       f(name);
+    }
+    if (emulated_products) products_pass(f);
+  }
+  /// f(name) on the bf16-product loops alone: the avx512bf16 path where this CPU has it, else
+  /// the emulated pass on avx2 (nothing without AVX2); the automatic choice restored after.
+  template <class F>
+  static void products_pass(F&& f) {
+    const each_path restore;
+    const auto paths = xattn::cpu_paths();
+    const auto has = [&](std::string_view n) {
+      return std::find(paths.begin(), paths.end(), n) != paths.end();
+    };
+    if (has("avx512bf16")) {
+      xattn::set_cpu_path("avx512bf16");
+      f(std::string_view("avx512bf16"));
+    } else if (has("avx2")) {
+      SCOPED_TRACE("path avx2+dpbf16-emulated");
+      xattn::set_cpu_path("avx2");
+      xattn::detail::emulate_bf16_products() = true;
+      f(std::string_view("avx2+dpbf16-emulated"));
     }
   }
 };

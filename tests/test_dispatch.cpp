@@ -48,6 +48,8 @@ TEST(Dispatch, TheAutomaticPathIsTheFastestThisMachineRuns) {
                       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
   EXPECT_EQ(std::count(paths.begin(), paths.end(), "avx2"), avx2 ? 1 : 0);
   EXPECT_EQ(std::count(paths.begin(), paths.end(), "avx512"), avx2 && avx512 ? 1 : 0);
+  EXPECT_EQ(std::count(paths.begin(), paths.end(), "avx512bf16"),
+            avx2 && avx512 && xattn::detail::cpu_has_avx512_bf16() ? 1 : 0);
 #else
   EXPECT_EQ(paths, std::vector<std::string_view>{"eigen"});
 #endif
@@ -191,7 +193,10 @@ TEST(Dispatch, PlansFollowThePathsPacketWidth) {
   // A call's plan takes the packet width of the path it runs on: the query count below which
   // the row path runs, and the row path's score buffer padded to whole packets.
   each_path()([](std::string_view name) {
-    const index_t want = name == "avx512" ? 16 : name == "avx2" ? 8 : name == "sse2" ? 4 : 0;
+    const index_t want = name == "avx512" || name == "avx512bf16" ? 16
+                         : name == "avx2"                         ? 8
+                         : name == "sse2"                         ? 4
+                                                                  : 0;
     const auto s = shape(1, 1, 7, 1000, 64, 64);
     const auto plan = xattn::detail::make_tiled_plan<float>(s, {}, false);
     if (want > 0) {

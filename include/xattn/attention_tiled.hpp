@@ -50,6 +50,8 @@ struct tiled_job {
   const tile_kernels<C>& loops;  ///< the inner loops of the call's instruction-set path
   team_scratch<C>* team;         ///< sized for plan before the threads start
   C* partials;                   ///< splits > 1: m, l and an output row per query of every unit
+  /// The lanes path's products in bf16 (T and KV bf16 on the avx512bf16 level), else null.
+  const bf16_product_kernels* products;
 
   tile_scratch<C>& scratch(int thread) const { return team->threads[std::size_t(thread)]; }
 
@@ -206,10 +208,14 @@ class lanes_unit {
         k_(job.k.select(0, b).select(0, h / job.group)),
         v_(job.v.select(0, b).select(0, h / job.group)) {
     const attention_shape& s = job.shape;
+    const auto q = job.q.select(0, b).select(0, h);
+    if constexpr (bf16_call)
+      if (job.products) pack_query_pairs(q);
     // Qᵀ [Dk, W] with the scale folded in; lanes past the tile's last query stay 0.
     qt_ = at_least(ws.qt, s.head_dim * w_);
-    const auto q = job.q.select(0, b).select(0, h);
-    if constexpr (std::is_same_v<T, C>) {
+    if (pairs_) {
+      // the scores scale QP's products instead
+    } else if constexpr (std::is_same_v<T, C>) {
       for (index_t d = 0; d < s.head_dim; ++d) {
         C* row = qt_ + d * w_;
         for (index_t i = 0; i < mq; ++i) row[i] = job.scale * q(i0 + i, d);
@@ -223,7 +229,9 @@ class lanes_unit {
           for (index_t d = 0; d < m; ++d) qt_[(d0 + d) * w_ + i] = job.scale * buf[d];
         }
     }
-    for (index_t d = 0; d < s.head_dim; ++d) std::fill(qt_ + d * w_ + mq, qt_ + (d + 1) * w_, C(0));
+    if (!pairs_)
+      for (index_t d = 0; d < s.head_dim; ++d)
+        std::fill(qt_ + d * w_ + mq, qt_ + (d + 1) * w_, C(0));
     s_ = at_least(ws.s, job.plan.kv_tile * w_);
     ot_ = at_least(ws.acc, s.value_dim * w_);
     m_ = at_least(ws.stats, 3 * w_);
@@ -245,6 +253,12 @@ class lanes_unit {
       const index_t n = std::min(job_.plan.kv_tile, kend - j0);
       if (!scores(j0, n)) continue;
       job_.loops.online_softmax_tile(s_, w_, n, packets_, m_, l_, corr_);
+      if constexpr (bf16_call) {
+        if (pairs_) {
+          pair_values(j0, n);
+          continue;
+        }
+      }
       index_t ldv = 0;
       const C* v = job_.rows_of(v_, j0, n, ws_.v_copy, ldv);
       job_.loops.tile_values(n, packets_, v, ldv, s_, w_, s.value_dim, corr_, ot_, w_);
@@ -279,9 +293,18 @@ class lanes_unit {
   bool scores(index_t j0, index_t n) {
     const mask_plan<T>& mask = job_.mask;
     if (!mask.allows_any(b_, h_, i0_, mq_, j0, n)) return false;
-    index_t ldk = 0;
-    const C* k = job_.rows_of(k_, j0, n, ws_.k_copy, ldk);
-    job_.loops.tile_scores(n, packets_, k, ldk, qt_, w_, job_.shape.head_dim, s_, w_);
+    bool done = false;
+    if constexpr (bf16_call) {
+      if (pairs_) {
+        pair_scores(j0, n);
+        done = true;
+      }
+    }
+    if (!done) {
+      index_t ldk = 0;
+      const C* k = job_.rows_of(k_, j0, n, ws_.k_copy, ldk);
+      job_.loops.tile_scores(n, packets_, k, ldk, qt_, w_, job_.shape.head_dim, s_, w_);
+    }
     if (mask.has_elementwise()) {
       for (index_t i = 0; i < mq_; ++i) mask.apply(b_, h_, i0_ + i, j0, s_ + i, n, w_);
     } else if (mask.any()) {  // key padding and causal: only the keys past each query's end
@@ -294,12 +317,69 @@ class lanes_unit {
     return true;
   }
 
+  // ---- the bf16-product loops (detail/bf16_products.inl): QP, K pairs, VP and PP ----
+
+  static constexpr bool bf16_call =
+      std::is_same_v<T, Eigen::bfloat16> && std::is_same_v<KV, Eigen::bfloat16>;
+
+  // QP [⌈Dk/2⌉][W][2] from the tile's queries, unscaled (the scores are scaled); the other
+  // pair arrays' places in ws_.pairs, which reserve_team_scratch sized.
+  void pack_query_pairs(const tensor_view<const T, 2>& q) {
+    const attention_shape& s = job_.shape;
+    dpairs_ = (s.head_dim + 1) / 2;
+    const index_t dk = 2 * dpairs_, kt = 2 * ((job_.plan.kv_tile + 1) / 2);
+    qp_ = ws_.pairs.data();
+    kp_ = qp_ + dk * w_;
+    vp_ = kp_ + job_.plan.kv_tile * dk;
+    pp_ = vp_ + kt * s.value_dim;
+    std::fill(qp_, qp_ + dk * w_, Eigen::bfloat16(0.0f));
+    for (index_t i = 0; i < mq_; ++i)
+      for (index_t d = 0; d < s.head_dim; ++d) qp_[d / 2 * 2 * w_ + 2 * i + d % 2] = q(i0_ + i, d);
+    pairs_ = true;
+  }
+
+  // Sᵀ for keys [j0, j0 + n), before the masks: K read in place when its rows are contiguous
+  // and of whole pairs (Dk even), else copied with a zero after an odd Dk.
+  void pair_scores(index_t j0, index_t n) {
+    const index_t dk = job_.shape.head_dim;
+    const Eigen::bfloat16* k = kp_;
+    index_t ldk = 2 * dpairs_;
+    if (k_.stride(1) == 1 && dk % 2 == 0) {
+      k = k_.data() + j0 * k_.stride(0);
+      ldk = k_.stride(0);
+    } else {
+      for (index_t j = 0; j < n; ++j) {
+        for (index_t d = 0; d < dk; ++d) kp_[j * ldk + d] = k_(j0 + j, d);
+        if (dk % 2 != 0) kp_[j * ldk + dk] = Eigen::bfloat16(0.0f);
+      }
+    }
+    job_.products->tile_scores(n, packets_, k, ldk, qp_, 2 * w_, dpairs_, job_.scale, s_, w_);
+  }
+
+  // Oᵀ += V · P for keys [j0, j0 + n) through VP and PP (P rounded to bf16).
+  void pair_values(index_t j0, index_t n) {
+    const index_t dv = job_.shape.value_dim;
+    job_.products->round_probabilities(s_, w_, n, packets_, pp_, 2 * w_);
+    if (v_.stride(1) == 1 || dv <= 1) {
+      job_.products->pack_pairs(v_.data() + j0 * v_.stride(0), v_.stride(0), n, dv, vp_);
+    } else {
+      for (index_t j = 0; j < n; ++j)
+        for (index_t e = 0; e < dv; ++e) vp_[j / 2 * 2 * dv + 2 * e + j % 2] = v_(j0 + j, e);
+      if (n % 2 != 0)
+        for (index_t e = 0; e < dv; ++e) vp_[n / 2 * 2 * dv + 2 * e + 1] = Eigen::bfloat16(0.0f);
+    }
+    job_.products->tile_values((n + 1) / 2, packets_, vp_, 2 * dv, pp_, 2 * w_, dv, corr_, ot_, w_);
+  }
+
   const tiled_job<T, KV>& job_;
   tile_scratch<C>& ws_;
   index_t b_, h_, i0_, mq_, w_, packets_;
   tensor_view<const KV, 2> k_, v_;
   C *qt_, *s_, *ot_, *m_, *l_, *corr_;
   index_t key_limit_;
+  bool pairs_ = false;  // the bf16-product loops run this unit
+  index_t dpairs_ = 0;
+  Eigen::bfloat16 *qp_ = nullptr, *kp_ = nullptr, *vp_ = nullptr, *pp_ = nullptr;
 };
 
 // ---- the row path: fewer queries than one packet has lanes ------------------------------------
@@ -554,8 +634,13 @@ void run_tiled(const char* fn, const tensor_view<const T, 4>& q, const tensor_vi
   const attention_shape& s = pr.shape;
   if (s.batch == 0 || s.num_heads == 0 || s.q_len == 0) return;
 
-  const tile_kernels<C>& loops = active_kernels<C>();
+  const cpu_level level = active_level();
+  const tile_kernels<C>& loops = kernels_for<C>(level);
   const tiled_plan plan = make_tiled_plan<C>(s, tiles, opts.weights_out.has_value(), loops.lanes);
+  const bf16_product_kernels* products = nullptr;
+  if constexpr (std::is_same_v<T, Eigen::bfloat16> && std::is_same_v<KV, Eigen::bfloat16>)
+    if (!plan.rows) products = bf16_products_for(level);
+  XATTN_ASSERT(!products || products->lanes == loops.lanes);
   // All scratch is allocated here, on the calling thread, before any thread starts. Keys and
   // values of another type than C are widened into the copies a tile at a time (the lanes
   // path, and the row path on strided rows).
@@ -565,7 +650,7 @@ void run_tiled(const char* fn, const tensor_view<const T, 4>& q, const tensor_vi
   const bool rows_in_place = plan.rows && !strided_k && !strided_v;  // see row_unit
   const bool copy_k = strided_k || (widen && !rows_in_place);
   const bool copy_v = strided_v || (widen && !rows_in_place);
-  team_scratch<C>& team = reserve_team_scratch<C>(plan, s, copy_k, copy_v);
+  team_scratch<C>& team = reserve_team_scratch<C>(plan, s, copy_k, copy_v, products != nullptr);
   const tiled_job<T, KV> job{q,
                              k,
                              v,
@@ -578,7 +663,8 @@ void run_tiled(const char* fn, const tensor_view<const T, 4>& q, const tensor_vi
                              plan,
                              loops,
                              &team,
-                             team.partials.data()};
+                             team.partials.data(),
+                             products};
   parallel_for(plan.units(), plan.threads,
                [&](index_t u, int thread) { run_unit(job, thread, u); });
   if (plan.splits > 1)
@@ -593,18 +679,23 @@ void run_tiled(const char* fn, const tensor_view<const T, 4>& q, const tensor_vi
 /// per-split partial results when the keys are split. It grows with the tile sizes, Dk and Dv,
 /// never with Lq or Lk (splits are bounded, and each partial holds one query tile). The scratch
 /// of a call's whole thread team belongs to the calling thread and is reused by its later
-/// calls. T may be a half type; the scratch is then float.
+/// calls. T may be a half type; the scratch is then float, plus, for bf16 on the avx512bf16
+/// path, the bf16 pairs of a query tile, a key tile and a value tile.
 template <class T>
 index_t tiled_attention_scratch_bytes(const attention_shape& s, const tile_options& tiles = {},
                                       bool need_weights = false) {
   using C = compute_t<T>;
   detail::check_shape("tiled_attention_scratch_bytes", s);
+  constexpr const char* fn = "tiled_attention_scratch_bytes";
   const detail::tiled_plan p = detail::make_tiled_plan<C>(s, tiles, need_weights);
-  const index_t per_thread = detail::unit_scratch_elements<C>(p, s).total();
+  const bool pairs = std::is_same_v<T, Eigen::bfloat16> &&
+                     detail::bf16_products_for(detail::active_level()) != nullptr;
+  const detail::unit_scratch_sizes n = detail::unit_scratch_elements<C>(p, s, true, true, pairs);
   const index_t all =
-      detail::checked_mul("tiled_attention_scratch_bytes", index_t(p.threads), per_thread) +
-      detail::partial_elements<C>(p, s);
-  return detail::checked_mul("tiled_attention_scratch_bytes", all, index_t(sizeof(C)));
+      detail::checked_mul(fn, index_t(p.threads), n.total()) + detail::partial_elements<C>(p, s);
+  return detail::checked_mul(fn, all, index_t(sizeof(C))) +
+         detail::checked_mul(fn, detail::checked_mul(fn, index_t(p.threads), n.pairs),
+                             index_t(sizeof(Eigen::bfloat16)));
 }
 
 /// Scaled dot-product attention with O(tile) scratch; arguments and results as

@@ -1,10 +1,11 @@
 // SPDX-License-Identifier: MIT
 // Which instruction set tiled_attention's inner loops run on. A build for x86-64 with GCC or
-// Clang compiles them for three levels, "avx512" (F, BW, DQ, VL), "avx2" (with FMA; both with
-// F16C, for the half types) and "sse2" (every x86-64 CPU), and each process runs the fastest one
-// its CPU supports: no -march flag is needed for full speed. Other builds (AArch64, MSVC, or
-// XATTN_DISPATCH defined to 0) have one path, "eigen": Eigen's packets for the compiler's own
-// target (NEON on AArch64).
+// Clang compiles them for four levels, "avx512bf16" (avx512 with AVX-512 BF16: bf16 calls
+// multiply in bf16, detail/bf16_products.inl), "avx512" (F, BW, DQ, VL), "avx2" (with FMA; all
+// with F16C, for the half types) and "sse2" (every x86-64 CPU), and each process runs the
+// fastest one its CPU supports: no -march flag is needed for full speed. Other builds (AArch64,
+// MSVC, or XATTN_DISPATCH defined to 0) have one path, "eigen": Eigen's packets for the compiler's
+// own target (NEON on AArch64).
 //
 // The environment variable XATTN_CPU_PATH, read once per process, lowers the automatic choice to
 // the path it names (to reproduce a user's older machine); a name this build does not have, or
@@ -26,22 +27,30 @@
 
 namespace xattn {
 
-/// The path tiled_attention calls starting now run on: "avx512", "avx2", "sse2" or "eigen".
+/// The path tiled_attention calls starting now run on: "avx512bf16", "avx512", "avx2", "sse2" or
+/// "eigen".
 inline std::string_view cpu_path() noexcept { return detail::level_name(detail::active_level()); }
 
 /// The path tiled_attention calls on element type T starting now run on: cpu_path() for float
 /// and double; for the half types, cpu_path() and how each tile of keys and values is widened
 /// to float (half.hpp): "+f16c" (vcvtph2ps) or "+scalar" for fp16, "+shift" (a bf16 is the high
-/// half of a float: 16-bit shifts, or interleaving on sse2) or "+scalar" for bf16. The mixed call
-/// (float queries, half keys and values) runs on the path of its half type.
+/// half of a float: shifts, byte shuffles or interleaving) or "+scalar" for bf16. On avx512bf16,
+/// bf16 is "+dpbf16": a bf16 call's query tiles (the lanes path: at least a packet of queries)
+/// multiply bf16 pairs into float sums with vdpbf16ps, the probabilities rounded to bf16 for
+/// P·V, as GPU FlashAttention does; its few-query rows (a decoder step), the mixed call (float
+/// queries, half keys and values) and the backward widen to float as on avx512.
+/// ("+dpbf16-emulated" is the avx2 level under a test hook, detail::emulate_bf16_products.)
 template <class T>
 std::string cpu_path_for() {
   const detail::cpu_level l = detail::active_level();
   std::string name = detail::level_name(l);
   if constexpr (std::is_same_v<T, Eigen::half>)
-    name += l == detail::cpu_level::avx2 || l == detail::cpu_level::avx512 ? "+f16c" : "+scalar";
+    name += int(l) >= int(detail::cpu_level::avx2) ? "+f16c" : "+scalar";
   else if constexpr (std::is_same_v<T, Eigen::bfloat16>)
-    name += l == detail::cpu_level::eigen ? "+scalar" : "+shift";
+    name += l == detail::cpu_level::eigen             ? "+scalar"
+            : l == detail::cpu_level::avx512bf16      ? "+dpbf16"
+            : detail::bf16_products_for(l) != nullptr ? "+dpbf16-emulated"
+                                                      : "+shift";
   return name;
 }
 

@@ -46,13 +46,16 @@
 #  define XATTN_DETAIL_TARGET_SSE2 "sse2"
 #  define XATTN_DETAIL_TARGET_AVX2 "avx2,fma,f16c"
 #  define XATTN_DETAIL_TARGET_AVX512 "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c"
+#  define XATTN_DETAIL_TARGET_AVX512BF16 \
+    "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,f16c"
 #endif
 
 namespace xattn::detail {
 
 /// The instruction-set levels of the inner loops, slowest first. `eigen` is the single level of
-/// a build without dispatch.
-enum class cpu_level : int { eigen = 0, sse2 = 1, avx2 = 2, avx512 = 3 };
+/// a build without dispatch. `avx512bf16` is avx512 with AVX-512 BF16 (vdpbf16ps): the same
+/// loops, except that bf16 calls multiply in bf16 (detail/bf16_products.inl).
+enum class cpu_level : int { eigen = 0, sse2 = 1, avx2 = 2, avx512 = 3, avx512bf16 = 4 };
 
 inline constexpr const char* level_name(cpu_level l) noexcept {
   switch (l) {
@@ -62,6 +65,8 @@ inline constexpr const char* level_name(cpu_level l) noexcept {
       return "avx2";
     case cpu_level::avx512:
       return "avx512";
+    case cpu_level::avx512bf16:
+      return "avx512bf16";
     default:
       return "eigen";
   }
@@ -74,6 +79,13 @@ inline constexpr const char* level_name(cpu_level l) noexcept {
 inline bool cpu_has_f16c() noexcept {
   unsigned a = 0, b = 0, c = 0, d = 0;
   return __get_cpuid(1, &a, &b, &c, &d) != 0 && (c & bit_F16C) != 0;
+}
+
+/// AVX-512 BF16 (vdpbf16ps, vcvtne2ps2bf16), from CPUID leaf 7, sub-leaf 1 (EAX bit 5): Zen 4,
+/// Cooper Lake, Sapphire Rapids and later.
+inline bool cpu_has_avx512_bf16() noexcept {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  return __get_cpuid_count(7, 1, &a, &b, &c, &d) != 0 && (a & (1u << 5)) != 0;
 }
 #endif
 
@@ -91,6 +103,8 @@ inline bool level_available(cpu_level l) noexcept {
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
              __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
+    case cpu_level::avx512bf16:
+      return level_available(cpu_level::avx512) && cpu_has_avx512_bf16();
     default:
       return false;
   }
@@ -101,7 +115,8 @@ inline bool level_available(cpu_level l) noexcept {
 
 /// The levels this build has, slowest first.
 #if XATTN_DISPATCH
-inline constexpr cpu_level built_levels[] = {cpu_level::sse2, cpu_level::avx2, cpu_level::avx512};
+inline constexpr cpu_level built_levels[] = {cpu_level::sse2, cpu_level::avx2, cpu_level::avx512,
+                                             cpu_level::avx512bf16};
 #else
 inline constexpr cpu_level built_levels[] = {cpu_level::eigen};
 #endif

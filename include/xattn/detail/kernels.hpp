@@ -10,6 +10,7 @@
 #include "xattn/detail/simd.hpp"
 #include "xattn/detail/simd_avx2.hpp"
 #include "xattn/detail/simd_avx512.hpp"
+#include "xattn/detail/simd_avx512bf16.hpp"
 #include "xattn/detail/simd_sse2.hpp"
 
 #include <Eigen/Core>
@@ -56,6 +57,22 @@ struct tile_kernels {
                           index_t n, T corr, T* acc);
 };
 
+/// The lanes path's products in bf16 arithmetic (detail/bf16_products.inl explains them), for
+/// bf16 calls on the avx512bf16 level.
+struct bf16_product_kernels {
+  index_t lanes;  ///< lanes of one float packet: must equal the level's tile_kernels<float>
+  void (*tile_scores)(index_t n, index_t packets, const Eigen::bfloat16* k, index_t ldk,
+                      const Eigen::bfloat16* qp, index_t ldq, index_t dpairs, float scale, float* s,
+                      index_t lds);
+  void (*round_probabilities)(const float* s, index_t lds, index_t n, index_t packets,
+                              Eigen::bfloat16* pp, index_t ldp);
+  void (*pack_pairs)(const Eigen::bfloat16* v, index_t ldv, index_t n, index_t value_dim,
+                     Eigen::bfloat16* vp);
+  void (*tile_values)(index_t kpairs, index_t packets, const Eigen::bfloat16* vp, index_t ldv,
+                      const Eigen::bfloat16* pp, index_t ldp, index_t value_dim, const float* corr,
+                      float* ot, index_t ldo);
+};
+
 }  // namespace xattn::detail
 
 #if defined(__GNUC__)
@@ -75,6 +92,7 @@ XATTN_DETAIL_TARGET_POP
 XATTN_DETAIL_TARGET_PUSH(XATTN_DETAIL_TARGET_AVX2)
 namespace xattn::detail::cpu_avx2 {
 inline constexpr cpu_level level = cpu_level::avx2;
+#  include "xattn/detail/bf16_products.inl"  // emulated: for testing them on any AVX2 CPU
 #  include "xattn/detail/online_softmax.inl"
 }  // namespace xattn::detail::cpu_avx2
 XATTN_DETAIL_TARGET_POP
@@ -84,6 +102,13 @@ namespace xattn::detail::cpu_avx512 {
 inline constexpr cpu_level level = cpu_level::avx512;
 #  include "xattn/detail/online_softmax.inl"
 }  // namespace xattn::detail::cpu_avx512
+XATTN_DETAIL_TARGET_POP
+
+XATTN_DETAIL_TARGET_PUSH(XATTN_DETAIL_TARGET_AVX512BF16)
+namespace xattn::detail::cpu_avx512bf16 {
+inline constexpr cpu_level level = cpu_level::avx512bf16;
+#  include "xattn/detail/bf16_products.inl"  // the float loops are the avx512 level's
+}  // namespace xattn::detail::cpu_avx512bf16
 XATTN_DETAIL_TARGET_POP
 #else
 namespace xattn::detail::cpu_eigen {
@@ -134,6 +159,7 @@ template <class T>
 const tile_kernels<T>& kernels_for(cpu_level l) noexcept {
 #if XATTN_DISPATCH
   switch (l) {
+    case cpu_level::avx512bf16:
     case cpu_level::avx512:
       return cpu_avx512::kernels<T>;
     case cpu_level::avx2:
@@ -145,6 +171,26 @@ const tile_kernels<T>& kernels_for(cpu_level l) noexcept {
   (void)l;
   return cpu_eigen::kernels<T>;
 #endif
+}
+
+/// Test hook: when set, the avx2 level's bf16 calls run the bf16-product loops too, with each
+/// vdpbf16ps emulated by two FMAs (simd_avx2.hpp), so that those loops are tested on CPUs
+/// without AVX-512 BF16. Not for production: it is slower than widening.
+inline std::atomic<bool>& emulate_bf16_products() noexcept {
+  static std::atomic<bool> on{false};
+  return on;
+}
+
+/// The bf16-product loops of level l, or null where bf16 tiles are widened to float.
+inline const bf16_product_kernels* bf16_products_for(cpu_level l) noexcept {
+#if XATTN_DISPATCH
+  if (l == cpu_level::avx512bf16) return &cpu_avx512bf16::bf16_products;
+  if (l == cpu_level::avx2 && emulate_bf16_products().load(std::memory_order_relaxed))
+    return &cpu_avx2::bf16_products;
+#else
+  (void)l;
+#endif
+  return nullptr;
 }
 
 /// The inner loops a tiled_attention call starting now runs.

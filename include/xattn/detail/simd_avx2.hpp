@@ -8,6 +8,8 @@
 
 #include <Eigen/Core>
 
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -202,24 +204,71 @@ XATTN_DETAIL_SIMD_INLINE index_t narrow(const float* x, index_t n, Eigen::half* 
                      _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
   return i;
 }
-XATTN_DETAIL_SIMD_INLINE index_t narrow(const float* x, index_t n, Eigen::bfloat16* y) {
+/// f rounded to bf16, each lane's 16 bits in the low half of its 32 (the high half zero).
+XATTN_DETAIL_SIMD_INLINE __m256i bf16_bits(__m256 f) {
   const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff);
   const __m256i sign = _mm256_set1_epi32(0x8000), quiet = _mm256_set1_epi32(0x7fc0);
+  const __m256i b = _mm256_castps_si256(f);
+  const __m256i high = _mm256_srli_epi32(b, 16);
+  const __m256i rounded = _mm256_srli_epi32(
+      _mm256_add_epi32(b, _mm256_add_epi32(bias, _mm256_and_si256(high, one))), 16);
+  const __m256i nan = _mm256_or_si256(_mm256_and_si256(high, sign), quiet);
+  return _mm256_castps_si256(_mm256_blendv_ps(
+      _mm256_castsi256_ps(rounded), _mm256_castsi256_ps(nan), _mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
+}
+XATTN_DETAIL_SIMD_INLINE index_t narrow(const float* x, index_t n, Eigen::bfloat16* y) {
   index_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    const __m256 f = _mm256_loadu_ps(x + i);
-    const __m256i b = _mm256_castps_si256(f);
-    const __m256i high = _mm256_srli_epi32(b, 16);
-    const __m256i rounded = _mm256_srli_epi32(
-        _mm256_add_epi32(b, _mm256_add_epi32(bias, _mm256_and_si256(high, one))), 16);
-    const __m256i nan = _mm256_or_si256(_mm256_and_si256(high, sign), quiet);
-    const __m256i r = _mm256_castps_si256(_mm256_blendv_ps(
-        _mm256_castsi256_ps(rounded), _mm256_castsi256_ps(nan), _mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
+    const __m256i r = bf16_bits(_mm256_loadu_ps(x + i));
     // 8 x 32 -> 8 x 16 bits: pack within each 128-bit lane, then gather the two lanes' halves
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i), _mm256_castsi256_si128(packed));
   }
   return i;
+}
+
+// ---- bf16 pairs: the vocabulary of the bf16-product loops (detail/bf16_products.inl) -------
+// Here emulated with two FMAs per product pair, for testing those loops on any AVX2 CPU; the
+// avx512bf16 level (simd_avx512bf16.hpp) has the instruction itself.
+
+/// 8 lanes of two bf16 each: element 0 of a pair in the low 16 bits, element 1 in the high.
+using pairs = __m256i;
+XATTN_DETAIL_SIMD_INLINE pairs load_pairs(const Eigen::bfloat16* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+XATTN_DETAIL_SIMD_INLINE void store_pairs(Eigen::bfloat16* p, pairs x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), x);
+}
+/// The pair (p[0], p[1]) in every lane.
+XATTN_DETAIL_SIMD_INLINE pairs broadcast_pair(const Eigen::bfloat16* p) {
+  std::uint32_t w;
+  std::memcpy(&w, p, sizeof w);
+  return _mm256_set1_epi32(int(w));
+}
+/// acc + a₁·b₁ + a₀·b₀ lane by lane, as vdpbf16ps: each product of two bf16 is exact in float,
+/// each sum rounded, element 1 first.
+XATTN_DETAIL_SIMD_INLINE __m256 dot2(__m256 acc, pairs a, pairs b) {
+  const __m256i high = _mm256_set1_epi32(int(0xffff0000u));
+  acc = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(a, high)),
+                        _mm256_castsi256_ps(_mm256_and_si256(b, high)), acc);
+  return _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(a, 16)),
+                         _mm256_castsi256_ps(_mm256_slli_epi32(b, 16)), acc);
+}
+/// Lane i = (x_i, y_i), each rounded to bf16 (nearest even).
+XATTN_DETAIL_SIMD_INLINE pairs round_pairs(__m256 x, __m256 y) {
+  return _mm256_or_si256(bf16_bits(x), _mm256_slli_epi32(bf16_bits(y), 16));
+}
+/// dst[2e] = a[e], dst[2e + 1] = b[e] for the first m - m mod 8 elements; returns that count.
+XATTN_DETAIL_SIMD_INLINE index_t interleave(const Eigen::bfloat16* a, const Eigen::bfloat16* b,
+                                            index_t m, Eigen::bfloat16* dst) {
+  index_t e = 0;
+  for (; e + 8 <= m; e += 8) {
+    const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a + e));
+    const __m128i y = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + e));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * e), _mm_unpacklo_epi16(x, y));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * e + 8), _mm_unpackhi_epi16(x, y));
+  }
+  return e;
 }
 
 #  include "xattn/detail/simd_exp.inl"

@@ -173,15 +173,17 @@ T* at_least(aligned_vector<T>& v, index_t n) {
 /// One thread's scratch. Lanes path: qt = Qᵀ [Dk, W], s = Sᵀ [kv_tile, W], acc = Oᵀ [Dv, W],
 /// stats = m, l and corr [3 W]. Row path: qt = scaled query rows [q_tile, Dk], s = one score
 /// row [kv_tile], acc = output rows [q_tile, Dv], stats = m, l [2 q_tile]. k_copy and v_copy
-/// hold a K or V tile only when the caller's rows are not contiguous.
+/// hold a K or V tile only when the caller's rows are not contiguous. pairs holds the bf16
+/// pairs of the bf16-product loops (QP, a padded K tile, VP and PP: detail/bf16_products.inl).
 template <class T>
 struct tile_scratch {
   aligned_vector<T> qt, s, acc, stats, k_copy, v_copy;
+  aligned_vector<Eigen::bfloat16> pairs;
 
   index_t bytes() const noexcept {
     std::size_t n = 0;
     for (const auto* v : {&qt, &s, &acc, &stats, &k_copy, &v_copy}) n += v->capacity();
-    return index_t(n * sizeof(T));
+    return index_t(n * sizeof(T) + pairs.capacity() * sizeof(Eigen::bfloat16));
   }
 };
 
@@ -203,16 +205,27 @@ team_scratch<T>& calling_thread_scratch() {
 }
 
 /// The elements each array of one thread's scratch needs for any unit of plan p (see
-/// tile_scratch). k_copy and v_copy are needed only when K or V rows are strided. Every product
-/// is checked: a huge tile is an error on the calling thread, before any work.
+/// tile_scratch). k_copy and v_copy are needed only when K or V rows are strided, pairs (bf16
+/// elements, not T) only for the bf16-product loops. Every product is checked: a huge tile is
+/// an error on the calling thread, before any work.
 struct unit_scratch_sizes {
-  index_t qt = 0, s = 0, acc = 0, stats = 0, k_copy = 0, v_copy = 0;
+  index_t qt = 0, s = 0, acc = 0, stats = 0, k_copy = 0, v_copy = 0, pairs = 0;
   index_t total() const noexcept { return qt + s + acc + stats + k_copy + v_copy; }
 };
 
+/// The bf16 elements of one thread's pairs (tile_scratch) for a lanes-path plan p: QP
+/// [⌈Dk/2⌉][W][2], a K tile with rows padded to 2⌈Dk/2⌉, VP [⌈n/2⌉][Dv][2], PP [⌈n/2⌉][W][2].
+inline index_t pair_scratch_elements(const tiled_plan& p, const attention_shape& s) {
+  constexpr const char* fn = "tiled_attention";
+  const index_t dk = 2 * ((s.head_dim + 1) / 2), kt = 2 * ((p.kv_tile + 1) / 2);
+  return checked_mul(fn, dk, p.width) + checked_mul(fn, p.kv_tile, dk) +
+         checked_mul(fn, kt, s.value_dim) + checked_mul(fn, kt, p.width);
+}
+
 template <class T>
 unit_scratch_sizes unit_scratch_elements(const tiled_plan& p, const attention_shape& s,
-                                         bool copy_k = true, bool copy_v = true) {
+                                         bool copy_k = true, bool copy_v = true,
+                                         bool pairs = false) {
   constexpr const char* fn = "tiled_attention";
   const index_t w = p.rows ? p.q_tile : p.width;
   unit_scratch_sizes n;
@@ -222,6 +235,7 @@ unit_scratch_sizes unit_scratch_elements(const tiled_plan& p, const attention_sh
   n.stats = (p.rows ? 2 : 3) * w;
   if (copy_k) n.k_copy = checked_mul(fn, p.kv_tile, s.head_dim);
   if (copy_v) n.v_copy = checked_mul(fn, p.kv_tile, s.value_dim);
+  if (pairs && !p.rows) n.pairs = pair_scratch_elements(p, s);
   return n;
 }
 
@@ -243,9 +257,9 @@ index_t partial_elements(const tiled_plan& p, const attention_shape& s) {
 /// will touch is allocated here, so nothing inside the parallel region allocates.
 template <class T>
 team_scratch<T>& reserve_team_scratch(const tiled_plan& p, const attention_shape& s, bool copy_k,
-                                      bool copy_v) {
+                                      bool copy_v, bool pairs = false) {
   team_scratch<T>& team = calling_thread_scratch<T>();
-  const unit_scratch_sizes n = unit_scratch_elements<T>(p, s, copy_k, copy_v);
+  const unit_scratch_sizes n = unit_scratch_elements<T>(p, s, copy_k, copy_v, pairs);
   const index_t parts = partial_elements<T>(p, s);
   if (team.threads.size() < std::size_t(p.threads)) team.threads.resize(std::size_t(p.threads));
   for (int t = 0; t < p.threads; ++t) {
@@ -256,6 +270,7 @@ team_scratch<T>& reserve_team_scratch(const tiled_plan& p, const attention_shape
     at_least(ws.stats, n.stats);
     at_least(ws.k_copy, n.k_copy);
     at_least(ws.v_copy, n.v_copy);
+    at_least(ws.pairs, n.pairs);
   }
   at_least(team.partials, parts);
   return team;
