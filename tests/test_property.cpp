@@ -399,10 +399,13 @@ std::vector<To> converted(const std::vector<From>& x) {
 
 // One random case through both backward kernels: the forward in T gives out and lse, a random
 // dout flows back, and every gradient (and dbias when there is a bias) is checked against the
-// naive backward in long double on the same numbers.
+// naive backward in long double on the same numbers. For a half T the log-sum-exp is float, and
+// the tolerance T's (the half backward is the float one on the widened inputs, each gradient
+// rounded once, and reads the half forward's rounded output).
 template <class T>
 std::string run_backward_case(std::uint64_t case_seed) {
   using ld = long double;
+  using S = xattn::statistic_t<T>;
   rng g(case_seed);
   config c = draw_config(g);
   const T nan = std::numeric_limits<T>::quiet_NaN();
@@ -465,9 +468,13 @@ std::string run_backward_case(std::uint64_t case_seed) {
                                       packed(lout, eo), packed(ldo, eo), lg, lopts);
   const auto ref = xattn_test::reference_attention<T>(q.view, k.view, v.view, opts);
   const double group = double(c.H) / double(c.Hkv);
-  const double tol = 4.0 * xattn_test::attention_tol<T>(c.Dk + c.Dv, c.Lk, ref.max_abs_score) *
-                     (1.0 + c.amp) * std::sqrt(double(std::max<index_t>(c.Lq, 1)) * group) *
-                     (c.bias ? std::sqrt(double(c.B * c.H * std::max<index_t>(c.Lq, 1))) : 1.0);
+  const auto backward_tol = [&](auto compute) {
+    using C = decltype(compute);
+    return 4.0 * xattn_test::attention_tol<C>(c.Dk + c.Dv, c.Lk, ref.max_abs_score) *
+           (1.0 + c.amp) * std::sqrt(double(std::max<index_t>(c.Lq, 1)) * group) *
+           (c.bias ? std::sqrt(double(c.B * c.H * std::max<index_t>(c.Lq, 1))) : 1.0);
+  };
+  double tol = backward_tol(T());
 
   // Padding keys hold NaN from here on: never to be read.
   if (c.kv_lengths)
@@ -478,12 +485,23 @@ std::string run_backward_case(std::uint64_t case_seed) {
           for (index_t e = 0; e < c.Dv; ++e) v.view(b, h, j, e) = nan;
         }
   // The forward in T (tiled: its lse is what the tiled backward reads).
-  std::vector<T> out(lout.size()), lse(std::size_t(c.B * c.H * c.Lq));
+  std::vector<T> out(lout.size());
+  std::vector<S> lse(std::size_t(c.B * c.H * c.Lq));
   xattn::attention_options<T> fwd = opts;
-  fwd.lse_out = xattn::tensor_view<T, 3>(lse.data(), {c.B, c.H, c.Lq});
+  fwd.lse_out = xattn::tensor_view<S, 3>(lse.data(), {c.B, c.H, c.Lq});
   const xattn::tensor_view<const T, 4> qv = q.view, kv = k.view, vv = v.view, dov = dout.view;
   xattn::tiled_attention<T>(qv, kv, vv, xattn::tensor_view<T, 4>(out.data(), eo), fwd);
   const xattn::tensor_view<const T, 4> outv(out.data(), eo);
+  if constexpr (xattn::is_half_v<T>) {
+    // The half backward reads the half forward's rounded output; given the same output, the
+    // exact gradients are its float gradients within float's arithmetic, then one rounding to T
+    // (half a unit in the last place: relative, so all_close's |got - want| / (1 + |want|)
+    // grows by at most that).
+    const auto lout_t = converted<ld>(out);
+    xattn::naive_attention_backward<ld>(packed(lq, eq), packed(lk, ek), packed(lv, ev),
+                                        packed(lout_t, eo), packed(ldo, eo), lg, lopts);
+    tol = backward_tol(float()) + 0.5 * xattn_test::epsilon<T>();
+  }
 
   struct grads_out {
     placed<T, 4> dq, dk, dv;
@@ -577,6 +595,13 @@ TYPED_TEST(PropertyHalf, KernelsHoldTheAccuracyRuleOnRandomCases) {
 TYPED_TEST(Property, BackwardKernelsMatchTheReferenceOnRandomCases) {
   xattn_test::property::run_cases(run_backward_case<TypeParam>,
                                   xattn_test::property::run_seed() + 0x5eed, 5, "backward cases");
+}
+
+// The half backward, as many cases as float's (the reference dominates their cost).
+TYPED_TEST(PropertyHalf, BackwardKernelsMatchTheReferenceOnRandomCases) {
+  xattn_test::property::run_cases(run_backward_case<TypeParam>,
+                                  xattn_test::property::run_seed() + 0x4a1f5eed, 5,
+                                  "half backward cases");
 }
 
 }  // namespace
