@@ -25,6 +25,7 @@
 #include <limits>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -680,5 +681,26 @@ TEST(HalfPaths, Bf16ProductsRoundTheProbabilitiesToBf16) {
     std::fill(out.data.begin(), out.data.end(), B(-7.0f));
     xattn::tiled_attention<B>(q.cview(), k.cview(), v.cview(), out.view(), opts);
     for (const B& o : out.data) EXPECT_EQ(float(o), products ? 0.0f : widened);
+  });
+}
+
+TEST(HalfPaths, Bf16ProductsReserveTheirPairsAndNoFloatCopies) {
+  // The product loops read bf16 keys in place or copy them into their own pairs, so a call
+  // reserves no float tiles of K or V, and tiled_attention_scratch_bytes counts what it reserves.
+  // Run on a fresh thread, whose scratch starts empty.
+  using B = Eigen::bfloat16;
+  each_path::products_pass([](std::string_view) {
+    const auto s = shape(1, 2, 40, 130, 33, 17);
+    const xattn::tile_options one = tiles(0, 0, 1);
+    const index_t estimate = xattn::tiled_attention_scratch_bytes<B>(s, one);
+    std::thread([&] {
+      problem<B> p(s, 4);
+      xattn::tiled_attention<B>(p.q.cview(), p.k.cview(), p.v.cview(), p.out.view(), {}, one);
+      const auto& ws = xattn::detail::calling_thread_scratch<float>().threads.at(0);
+      EXPECT_EQ(ws.k_copy.capacity(), 0u);
+      EXPECT_EQ(ws.v_copy.capacity(), 0u);
+      EXPECT_GT(ws.pairs.size(), 0u);
+      EXPECT_LE(ws.bytes(), estimate);
+    }).join();
   });
 }

@@ -326,13 +326,13 @@ class lanes_unit {
   // pair arrays' places in ws_.pairs, which reserve_team_scratch sized.
   void pack_query_pairs(const tensor_view<const T, 2>& q) {
     const attention_shape& s = job_.shape;
-    dpairs_ = (s.head_dim + 1) / 2;
-    const index_t dk = 2 * dpairs_, kt = 2 * ((job_.plan.kv_tile + 1) / 2);
+    const pair_scratch_layout at(job_.plan, s);
+    dpairs_ = at.k_row / 2;
     qp_ = ws_.pairs.data();
-    kp_ = qp_ + dk * w_;
-    vp_ = kp_ + job_.plan.kv_tile * dk;
-    pp_ = vp_ + kt * s.value_dim;
-    std::fill(qp_, qp_ + dk * w_, Eigen::bfloat16(0.0f));
+    kp_ = qp_ + at.k;
+    vp_ = qp_ + at.v;
+    pp_ = qp_ + at.p;
+    std::fill(qp_, kp_, Eigen::bfloat16(0.0f));
     for (index_t i = 0; i < mq_; ++i)
       for (index_t d = 0; d < s.head_dim; ++d) qp_[d / 2 * 2 * w_ + 2 * i + d % 2] = q(i0_ + i, d);
     pairs_ = true;
@@ -648,8 +648,9 @@ void run_tiled(const char* fn, const tensor_view<const T, 4>& q, const tensor_vi
   const bool strided_k = k.stride(3) != 1 && s.head_dim > 1;
   const bool strided_v = v.stride(3) != 1 && s.value_dim > 1;
   const bool rows_in_place = plan.rows && !strided_k && !strided_v;  // see row_unit
-  const bool copy_k = strided_k || (widen && !rows_in_place);
-  const bool copy_v = strided_v || (widen && !rows_in_place);
+  // (The bf16-product loops copy into their own pairs, never into these.)
+  const bool copy_k = !products && (strided_k || (widen && !rows_in_place));
+  const bool copy_v = !products && (strided_v || (widen && !rows_in_place));
   team_scratch<C>& team = reserve_team_scratch<C>(plan, s, copy_k, copy_v, products != nullptr);
   const tiled_job<T, KV> job{q,
                              k,
@@ -688,9 +689,10 @@ index_t tiled_attention_scratch_bytes(const attention_shape& s, const tile_optio
   detail::check_shape("tiled_attention_scratch_bytes", s);
   constexpr const char* fn = "tiled_attention_scratch_bytes";
   const detail::tiled_plan p = detail::make_tiled_plan<C>(s, tiles, need_weights);
-  const bool pairs = std::is_same_v<T, Eigen::bfloat16> &&
+  const bool pairs = std::is_same_v<T, Eigen::bfloat16> && !p.rows &&
                      detail::bf16_products_for(detail::active_level()) != nullptr;
-  const detail::unit_scratch_sizes n = detail::unit_scratch_elements<C>(p, s, true, true, pairs);
+  const detail::unit_scratch_sizes n =
+      detail::unit_scratch_elements<C>(p, s, !pairs, !pairs, pairs);
   const index_t all =
       detail::checked_mul(fn, index_t(p.threads), n.total()) + detail::partial_elements<C>(p, s);
   return detail::checked_mul(fn, all, index_t(sizeof(C))) +

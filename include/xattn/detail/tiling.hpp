@@ -213,14 +213,21 @@ struct unit_scratch_sizes {
   index_t total() const noexcept { return qt + s + acc + stats + k_copy + v_copy; }
 };
 
-/// The bf16 elements of one thread's pairs (tile_scratch) for a lanes-path plan p: QP
-/// [⌈Dk/2⌉][W][2], a K tile with rows padded to 2⌈Dk/2⌉, VP [⌈n/2⌉][Dv][2], PP [⌈n/2⌉][W][2].
-inline index_t pair_scratch_elements(const tiled_plan& p, const attention_shape& s) {
-  constexpr const char* fn = "tiled_attention";
-  const index_t dk = 2 * ((s.head_dim + 1) / 2), kt = 2 * ((p.kv_tile + 1) / 2);
-  return checked_mul(fn, dk, p.width) + checked_mul(fn, p.kv_tile, dk) +
-         checked_mul(fn, kt, s.value_dim) + checked_mul(fn, kt, p.width);
-}
+/// Where the arrays of one thread's bf16 pairs (tile_scratch::pairs) start, for a lanes-path
+/// plan p, and their total: QP [⌈Dk/2⌉][W][2], a K tile with rows padded to 2⌈Dk/2⌉ bf16 (row
+/// stride k_row), VP [⌈n/2⌉][Dv][2] and PP [⌈n/2⌉][W][2] (detail/bf16_products.inl).
+struct pair_scratch_layout {
+  index_t k_row = 0, k = 0, v = 0, p = 0, total = 0;
+  pair_scratch_layout(const tiled_plan& plan, const attention_shape& s) {
+    constexpr const char* fn = "tiled_attention";
+    const index_t kt = 2 * ((plan.kv_tile + 1) / 2);
+    k_row = 2 * ((s.head_dim + 1) / 2);
+    k = checked_mul(fn, k_row, plan.width);
+    v = k + checked_mul(fn, plan.kv_tile, k_row);
+    p = v + checked_mul(fn, kt, s.value_dim);
+    total = p + checked_mul(fn, kt, plan.width);
+  }
+};
 
 template <class T>
 unit_scratch_sizes unit_scratch_elements(const tiled_plan& p, const attention_shape& s,
@@ -235,7 +242,7 @@ unit_scratch_sizes unit_scratch_elements(const tiled_plan& p, const attention_sh
   n.stats = (p.rows ? 2 : 3) * w;
   if (copy_k) n.k_copy = checked_mul(fn, p.kv_tile, s.head_dim);
   if (copy_v) n.v_copy = checked_mul(fn, p.kv_tile, s.value_dim);
-  if (pairs && !p.rows) n.pairs = pair_scratch_elements(p, s);
+  if (pairs && !p.rows) n.pairs = pair_scratch_layout(p, s).total;
   return n;
 }
 
