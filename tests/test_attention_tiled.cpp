@@ -51,8 +51,8 @@ struct problem : xattn_test::problem<T> {
   void run_and_check(const xattn::attention_options<T>& opts, const xattn::tile_options& t,
                      bool with_weights = true) {
     xattn_test::problem<T>::run_and_check(
-        [&t](auto q, auto k, auto v, auto out, const auto& o) {
-          xattn::tiled_attention<T>(q, k, v, out, o, t);
+        [&t](auto q_in, auto k_in, auto v_in, auto out_view, const auto& o) {
+          xattn::tiled_attention<T>(q_in, k_in, v_in, out_view, o, t);
         },
         opts, with_weights);
   }
@@ -308,6 +308,11 @@ TYPED_TEST(TiledAttention, VectorisedExpIsAccurateAndFlushesBelowTheSmallestNorm
         EXPECT_TRUE(std::isnan(g));
       } else if (std::isinf(want)) {
         EXPECT_EQ(g, want);
+      } else if (level == xattn::detail::cpu_level::eigen && std::is_same_v<T, float> &&
+                 x[n] > T(88.37)) {
+        // the eigen level's documented limit (detail/simd.hpp): Eigen's exp may overflow early
+        // here, but what it returns is inf or accurate
+        EXPECT_TRUE(std::isinf(g) || std::abs(g - want) <= 4 * eps * want);
       } else if (want < tiny * T(0.999)) {
         EXPECT_EQ(g, T(0));
       } else if (want > tiny * T(1.001)) {

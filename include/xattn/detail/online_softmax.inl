@@ -145,14 +145,15 @@ void row_scores(const T* q, const K* k, index_t ldk, index_t head_dim, index_t n
     simd::reduce_add4(a, s + j);
     simd::reduce_add4(a + 4, s + j + 4);
     for (index_t d = full; d < head_dim; ++d)
-      for (int r = 0; r < keys; ++r) s[j + r] += q[d] * static_cast<T>(kj[r * ldk + d]);
+      for (int r = 0; r < keys; ++r)
+        s[j + r] = simd::scalar_fma(q[d], static_cast<T>(kj[r * ldk + d]), s[j + r]);
   }
   for (; j < n; ++j) {
     const K* kj = k + j * ldk;
     P a = simd::zero<T>();
     for (index_t d = 0; d < full; d += L) a = simd::fma(simd::load(kj + d), simd::load(q + d), a);
     T r = simd::reduce_add(a);
-    for (index_t d = full; d < head_dim; ++d) r += q[d] * static_cast<T>(kj[d]);
+    for (index_t d = full; d < head_dim; ++d) r = simd::scalar_fma(q[d], static_cast<T>(kj[d]), r);
     s[j] = r;
   }
 }
@@ -204,8 +205,8 @@ void row_values(const T* p, const V* v, index_t ldv, index_t value_dim, index_t 
     simd::store(acc + e, a);
   }
   for (; e < value_dim; ++e) {
-    T a = corr * acc[e];
-    for (index_t j = 0; j < n; ++j) a += p[j] * static_cast<T>(v[j * ldv + e]);
+    T a = simd::scalar_mul(corr, acc[e]);
+    for (index_t j = 0; j < n; ++j) a = simd::scalar_fma(p[j], static_cast<T>(v[j * ldv + e]), a);
     acc[e] = a;
   }
 }

@@ -7,12 +7,19 @@
 //   load, store, broadcast, zero<T>  (load also widens fp16 or bf16 elements to floats)
 //   in_register(x)               x, kept in a register (not re-read from memory by each use)
 //   add, sub, mul, max, fma(a, b, c) = a·b + c
+//   scalar_mul, scalar_fma       the same for one element (the row path's last elements)
 //   finite_shift(m)              m, with 0 where m = -inf (the online softmax's shift)
 //   reduce_add, reduce_max       over the lanes of one packet
 //   reduce_add4(a, out)          out[r] = reduce_add(a[r]) for four packets at once
 //   exp_flushed<T>(x)            exp lane by lane, 0 below the smallest normal number
 //   widen(x, n, y)               fp16 or bf16 x to float y for a prefix of n; returns its length
 //   narrow(x, n, y)              float x rounded to fp16 or bf16 y, likewise
+//
+// Every multiply-add of the loops is written as fma or scalar_fma, which are fused (one
+// rounding) on every level with FMA and never fused on the others, and a product that feeds an
+// add is written mul or scalar_mul: so the compiler has no a·b + c left to contract, and a
+// level's results are the same bits whatever the optimisation level, -march or -ffp-contract
+// of the translation unit (half.hpp's bit-for-bit promise rests on this).
 //
 // The x86-64 levels are written with intrinsics (detail/simd_sse2.hpp, simd_avx2.hpp,
 // simd_avx512.hpp) and share one exp (detail/simd_exp.inl). This file has the level of a build
@@ -26,6 +33,7 @@
 
 #include <Eigen/Core>
 
+#include <cmath>
 #include <limits>
 
 #if !XATTN_DISPATCH
@@ -78,6 +86,24 @@ template <class P>
 EIGEN_STRONG_INLINE P mul(const P& a, const P& b) {
   return Eigen::internal::pmul(a, b);
 }
+/// One element: a·b + c rounded once where the target has FMA, else a multiply and an add
+/// kept apart (as the packets' pmadd does).
+template <class T>
+EIGEN_STRONG_INLINE T scalar_mul(T a, T b) {
+  T p = a * b;
+#  if defined(__GNUC__) && !defined(__FMA__) && (defined(__x86_64__) || defined(__i386__))
+  __asm__("" : "+x"(p));
+#  endif
+  return p;
+}
+template <class T>
+EIGEN_STRONG_INLINE T scalar_fma(T a, T b, T c) {
+#  if defined(__FMA__) || defined(__aarch64__)
+  return std::fma(a, b, c);
+#  else
+  return scalar_mul(a, b) + c;
+#  endif
+}
 template <class P>
 EIGEN_STRONG_INLINE P add(const P& a, const P& b) {
   return Eigen::internal::padd(a, b);
@@ -110,7 +136,11 @@ EIGEN_STRONG_INLINE void reduce_add4(const P* a, T* out) {
 }
 /// Eigen's vectorised exp clamps its argument from below, so exp(-inf) would come out as a tiny
 /// number instead of 0, and a masked key would keep a sliver of weight: results below the
-/// smallest normal number are flushed to 0 (a NaN compares false and is kept).
+/// smallest normal number are flushed to 0 (a NaN compares false and is kept). At the top of
+/// float's range Eigen's exp (3.4) overflows early on some targets: with AVX-512 packets it
+/// returns inf from x = 88.61, where exp(x) is still below FLT_MAX (up to 88.72), because its
+/// power-of-two scaling does not reach 2^128. So this level's contract is the x86 levels' for
+/// x <= 88.37 (= 127.5 ln 2) in float; the kernels take exp only of s - max <= 0.
 template <class T>
 EIGEN_STRONG_INLINE packet<T> exp_flushed(const packet<T>& x) {
   using namespace Eigen::internal;

@@ -88,6 +88,17 @@ XATTN_DETAIL_SIMD_INLINE __m256 fma(__m256 a, __m256 b, __m256 c) {
 XATTN_DETAIL_SIMD_INLINE __m256d fma(__m256d a, __m256d b, __m256d c) {
   return _mm256_fmadd_pd(a, b, c);
 }
+/// One element: a·b, and a·b + c rounded once (vfmadd...ss).
+template <class T>
+XATTN_DETAIL_SIMD_INLINE T scalar_mul(T a, T b) {
+  return a * b;
+}
+XATTN_DETAIL_SIMD_INLINE float scalar_fma(float a, float b, float c) {
+  return __builtin_fmaf(a, b, c);
+}
+XATTN_DETAIL_SIMD_INLINE double scalar_fma(double a, double b, double c) {
+  return __builtin_fma(a, b, c);
+}
 /// c - a·b, rounded once
 XATTN_DETAIL_SIMD_INLINE __m256 fnma(__m256 a, __m256 b, __m256 c) {
   return _mm256_fnmadd_ps(a, b, c);

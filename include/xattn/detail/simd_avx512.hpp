@@ -80,6 +80,17 @@ XATTN_DETAIL_SIMD_INLINE __m512 fma(__m512 a, __m512 b, __m512 c) {
 XATTN_DETAIL_SIMD_INLINE __m512d fma(__m512d a, __m512d b, __m512d c) {
   return _mm512_fmadd_pd(a, b, c);
 }
+/// One element: a·b, and a·b + c rounded once (vfmadd...ss).
+template <class T>
+XATTN_DETAIL_SIMD_INLINE T scalar_mul(T a, T b) {
+  return a * b;
+}
+XATTN_DETAIL_SIMD_INLINE float scalar_fma(float a, float b, float c) {
+  return __builtin_fmaf(a, b, c);
+}
+XATTN_DETAIL_SIMD_INLINE double scalar_fma(double a, double b, double c) {
+  return __builtin_fma(a, b, c);
+}
 /// c - a·b, rounded once
 XATTN_DETAIL_SIMD_INLINE __m512 fnma(__m512 a, __m512 b, __m512 c) {
   return _mm512_fnmadd_ps(a, b, c);

@@ -73,9 +73,26 @@ XATTN_DETAIL_SIMD_INLINE __m128 add(__m128 a, __m128 b) { return _mm_add_ps(a, b
 XATTN_DETAIL_SIMD_INLINE __m128d add(__m128d a, __m128d b) { return _mm_add_pd(a, b); }
 XATTN_DETAIL_SIMD_INLINE __m128 sub(__m128 a, __m128 b) { return _mm_sub_ps(a, b); }
 XATTN_DETAIL_SIMD_INLINE __m128d sub(__m128d a, __m128d b) { return _mm_sub_pd(a, b); }
-XATTN_DETAIL_SIMD_INLINE __m128 mul(__m128 a, __m128 b) { return _mm_mul_ps(a, b); }
-XATTN_DETAIL_SIMD_INLINE __m128d mul(__m128d a, __m128d b) { return _mm_mul_pd(a, b); }
-/// a·b + c
+/// a·b, kept apart from the add that may follow: GCC would otherwise fuse a product and an
+/// add into one FMA wherever the translation unit's own target has FMA (-march=native, or a
+/// consumer's -mfma), in some instantiations and not others, and this level's results would
+/// depend on the build (detail/simd.hpp: no level's arithmetic may).
+XATTN_DETAIL_SIMD_INLINE __m128 mul(__m128 a, __m128 b) { return in_register(_mm_mul_ps(a, b)); }
+XATTN_DETAIL_SIMD_INLINE __m128d mul(__m128d a, __m128d b) {
+  return in_register(_mm_mul_pd(a, b));
+}
+/// One element: a·b, kept apart from any add (as mul), and a·b + c as a multiply and an add.
+template <class T>
+XATTN_DETAIL_SIMD_INLINE T scalar_mul(T a, T b) {
+  T p = a * b;
+  __asm__("" : "+x"(p));
+  return p;
+}
+template <class T>
+XATTN_DETAIL_SIMD_INLINE T scalar_fma(T a, T b, T c) {
+  return scalar_mul(a, b) + c;
+}
+/// a·b + c, a multiply and an add
 XATTN_DETAIL_SIMD_INLINE __m128 fma(__m128 a, __m128 b, __m128 c) { return add(mul(a, b), c); }
 XATTN_DETAIL_SIMD_INLINE __m128d fma(__m128d a, __m128d b, __m128d c) { return add(mul(a, b), c); }
 /// c - a·b
