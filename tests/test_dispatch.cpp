@@ -55,6 +55,35 @@ TEST(Dispatch, TheAutomaticPathIsTheFastestThisMachineRuns) {
 #endif
 }
 
+TEST(Dispatch, TheBf16ProductsAreChosenByWhatTheCoreDoes) {
+  // The rule (detail::bf16_products_pay): bf16 products where vdpbf16ps runs at least 1.3x the
+  // FMA's FLOP rate, as on AMD Zen 4 and Zen 5, not on the Intel Xeons, where it runs at half.
+  using id = xattn::detail::cpu_identity;
+  using vendor = id::vendor_id;
+  EXPECT_TRUE(xattn::detail::bf16_products_pay(id{vendor::amd, 0x19}));   // Zen 4
+  EXPECT_TRUE(xattn::detail::bf16_products_pay(id{vendor::amd, 0x1a}));   // Zen 5
+  EXPECT_FALSE(xattn::detail::bf16_products_pay(id{vendor::amd, 0x17}));  // Zen 2: no BF16
+  EXPECT_FALSE(xattn::detail::bf16_products_pay(id{vendor::intel, 6}));   // Xeons
+  EXPECT_FALSE(xattn::detail::bf16_products_pay(id{vendor::other, 0x19}));
+#if XATTN_DISPATCH
+  const std::vector<std::string_view> paths = xattn::cpu_paths();
+  if (std::find(paths.begin(), paths.end(), "avx512bf16") == paths.end())
+    GTEST_SKIP() << "this CPU has no AVX-512 BF16";
+  const char* env = std::getenv("XATTN_CPU_PATH");
+  const bool pay = xattn::detail::bf16_products_pay(xattn::detail::this_cpu());
+  xattn::reset_cpu_path();
+  if (env == nullptr) {
+    EXPECT_EQ(xattn::cpu_path_for<Eigen::bfloat16>(),
+              pay ? "avx512bf16+dpbf16" : "avx512bf16+shift");
+  }
+  xattn::set_cpu_path("avx512bf16");  // named: the products whatever the core
+  EXPECT_EQ(xattn::cpu_path_for<Eigen::bfloat16>(), "avx512bf16+dpbf16");
+  xattn::set_cpu_path("avx512");
+  EXPECT_EQ(xattn::cpu_path_for<Eigen::bfloat16>(), "avx512+shift");
+  xattn::reset_cpu_path();
+#endif
+}
+
 TEST(Dispatch, TheEnvironmentLowersTheAutomaticChoice) {
   // CTest runs this test with XATTN_CPU_PATH=sse2 (dispatch.environment_sse2) and with a
   // name no build has (dispatch.environment_avx9): a path this machine runs is taken, another

@@ -35,10 +35,14 @@ inline std::string_view cpu_path() noexcept { return detail::level_name(detail::
 /// and double; for the half types, cpu_path() and how each tile of keys and values is widened
 /// to float (half.hpp): "+f16c" (vcvtph2ps) or "+scalar" for fp16, "+shift" (a bf16 is the high
 /// half of a float: shifts, byte shuffles or interleaving) or "+scalar" for bf16. On avx512bf16,
-/// bf16 is "+dpbf16": a bf16 call's query tiles (the lanes path: at least a packet of queries)
+/// bf16 is "+dpbf16" where the core multiplies bf16 faster than it widens (detail::
+/// bf16_products_pay: AMD Zen 4 and Zen 5, whose vdpbf16ps runs 1.8x the FMA's FLOP rate; not
+/// the Intel Xeons, where it runs at half of it) or where the path was named by set_cpu_path
+/// or XATTN_CPU_PATH: a bf16 call's query tiles (the lanes path: at least a packet of queries)
 /// multiply bf16 pairs into float sums with vdpbf16ps, the probabilities rounded to bf16 for
 /// P·V, as GPU FlashAttention does; its few-query rows (a decoder step), the mixed call (float
-/// queries, half keys and values) and the backward widen to float as on avx512.
+/// queries, half keys and values) and the backward widen to float as on avx512. Elsewhere on
+/// avx512bf16, bf16 is "+shift", widened as on avx512.
 /// ("+dpbf16-emulated" is the avx2 level under a test hook, detail::emulate_bf16_products.)
 template <class T>
 std::string cpu_path_for() {
@@ -48,9 +52,9 @@ std::string cpu_path_for() {
     name += int(l) >= int(detail::cpu_level::avx2) ? "+f16c" : "+scalar";
   else if constexpr (std::is_same_v<T, Eigen::bfloat16>)
     name += l == detail::cpu_level::eigen             ? "+scalar"
+            : detail::bf16_products_for(l) == nullptr ? "+shift"
             : l == detail::cpu_level::avx512bf16      ? "+dpbf16"
-            : detail::bf16_products_for(l) != nullptr ? "+dpbf16-emulated"
-                                                      : "+shift";
+                                                      : "+dpbf16-emulated";
   return name;
 }
 

@@ -89,6 +89,46 @@ inline bool cpu_has_avx512_bf16() noexcept {
 }
 #endif
 
+/// The CPU's vendor (CPUID leaf 0) and display family (leaf 1: base family, plus the extended
+/// family where the base is 15), for choices that depend on the core rather than on its
+/// instruction set (bf16_products_pay).
+struct cpu_identity {
+  enum class vendor_id { other, amd, intel } vendor = vendor_id::other;
+  unsigned family = 0;
+};
+#if XATTN_DISPATCH
+inline cpu_identity this_cpu() noexcept {
+  cpu_identity id;
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (__get_cpuid(0, &a, &b, &c, &d) == 0) return id;
+  // the vendor string is EBX, EDX, ECX: "AuthenticAMD", "GenuineIntel"
+  if (b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u)
+    id.vendor = cpu_identity::vendor_id::amd;
+  else if (b == 0x756e6547u && d == 0x49656e69u && c == 0x6c65746eu)
+    id.vendor = cpu_identity::vendor_id::intel;
+  if (__get_cpuid(1, &a, &b, &c, &d) != 0) {
+    const unsigned base = (a >> 8) & 0xfu, ext = (a >> 20) & 0xffu;
+    id.family = base == 0xfu ? base + ext : base;
+  }
+  return id;
+}
+#endif
+
+/// Whether bf16 calls gain by multiplying in bf16 (vdpbf16ps, detail/bf16_products.inl) rather
+/// than widening bf16 to float on a core of this identity: the rule is that vdpbf16ps (two
+/// products per lane) must run at least 1.3x the FLOP rate of vfmadd231ps, since the products
+/// path also rounds the probabilities and packs pairs. Measured on 2-core cloud instances
+/// (512-bit throughput loops, 12 independent accumulators; bench_attention):
+///   AMD Zen 4 (family 0x19) and Zen 5 (0x1a): vdpbf16ps 1.8x the FMA rate (Zen 5: 375-386
+///     against 204-216 GFLOP/s); the products path ran 1.6x float at 1024^2.  -> products
+///   Intel Xeons with AVX-512 BF16 (Cooper Lake, Sapphire Rapids and later): vdpbf16ps at
+///     about half the FMA rate; the products path ran 0.55x float where widening ran 0.8x.
+///     -> widen
+/// A core not in this table widens: never slower than the float loops on widened tiles.
+inline constexpr bool bf16_products_pay(const cpu_identity& id) noexcept {
+  return id.vendor == cpu_identity::vendor_id::amd && id.family >= 0x19u;
+}
+
 /// Whether this build has the level's loops and this CPU (and its operating system, which must
 /// save the wider registers) can run them.
 inline bool level_available(cpu_level l) noexcept {

@@ -181,10 +181,33 @@ inline std::atomic<bool>& emulate_bf16_products() noexcept {
   return on;
 }
 
-/// The bf16-product loops of level l, or null where bf16 tiles are widened to float.
+/// Whether the avx512bf16 level was asked for by name (set_cpu_path or XATTN_CPU_PATH): then
+/// bf16 calls multiply in bf16 whatever the core, else only where bf16_products_pay says so.
+inline bool avx512bf16_named() noexcept {
+  static const bool by_environment = [] {
+    const char* env = std::getenv("XATTN_CPU_PATH");
+    return env != nullptr && std::strcmp(env, level_name(cpu_level::avx512bf16)) == 0;
+  }();
+  const int f = forced_level().load(std::memory_order_relaxed);
+  return f == int(cpu_level::avx512bf16) || (f < 0 && by_environment);
+}
+
+/// Whether this core gains by the bf16 products (bf16_products_pay), read once per process.
+inline bool bf16_products_pay_here() noexcept {
+#if XATTN_DISPATCH
+  static const bool pay = bf16_products_pay(this_cpu());
+  return pay;
+#else
+  return false;
+#endif
+}
+
+/// The bf16-product loops of level l, or null where bf16 tiles are widened to float: on the
+/// avx512bf16 level where the core gains by them or the level was named.
 inline const bf16_product_kernels* bf16_products_for(cpu_level l) noexcept {
 #if XATTN_DISPATCH
-  if (l == cpu_level::avx512bf16) return &cpu_avx512bf16::bf16_products;
+  if (l == cpu_level::avx512bf16 && (bf16_products_pay_here() || avx512bf16_named()))
+    return &cpu_avx512bf16::bf16_products;
   if (l == cpu_level::avx2 && emulate_bf16_products().load(std::memory_order_relaxed))
     return &cpu_avx2::bf16_products;
 #else
