@@ -274,4 +274,72 @@ TEST(ModuleBackwardErrors, AreNamedAndWriteNothing) {
       {"training_forward", "average_weights_out"}));
 }
 
+TEST(ModuleBackwardErrors, ARejectedForwardLeavesSavedAsItWas) {
+  // A second training_forward into the same saved with a weights_out of the wrong shape, or a
+  // bias mask of the wrong shape, is rejected before saved is written: the backward from saved
+  // still gives the first forward's gradients, bit for bit.
+  module_problem p(cases[0], xattn::attention_kernel::tiled);
+  const index_t B = p.mc.batch, Lq = p.mc.q_len, Lk = p.mc.kv_len, H = p.mha.config().num_heads;
+  tensor<double, 3> out(p.dout.extents), dq(p.query.extents), dc(p.context.extents),
+      dv(p.values.extents);
+  xattn::cross_attention_saved<double> saved;
+  xattn::training_forward(p.mha, p.query.cview(), p.context.cview(), p.values.cview(), out.view(),
+                          saved, p.opts);
+  auto want = xattn::zero_weights<double>(p.mha.config());
+  xattn::training_backward(p.mha, saved, p.dout.cview(), dq.view(), dc.view(), dv.view(), want);
+  const auto other_query = random_tensor<double, 3>(p.query.extents, 99);
+  tensor<double, 4> small_weights({B, H, Lq, Lk + 1});
+  auto bias = random_tensor<double, 4>({1, 1, Lq + 1, Lk}, 5);
+  for (int kind = 0; kind < 2; ++kind) {
+    auto opts = p.opts;
+    if (kind == 0) opts.weights_out = small_weights.view();
+    if (kind == 1) opts.mask.bias = bias.cview();
+    tensor<double, 3> out2(p.dout.extents, -7);
+    EXPECT_TRUE(xattn_test::throws_with<xattn::shape_error>(
+        [&] {
+          xattn::training_forward(p.mha, other_query.cview(), p.context.cview(), p.values.cview(),
+                                  out2.view(), saved, opts);
+        },
+        {"training_forward", kind == 0 ? "weights_out" : "mask.bias"}));
+    for (double x : out2.data) ASSERT_EQ(x, -7.0);
+    auto got = xattn::zero_weights<double>(p.mha.config());
+    xattn::training_backward(p.mha, saved, p.dout.cview(), dq.view(), dc.view(), dv.view(), got);
+    EXPECT_EQ(got.q_proj.weight, want.q_proj.weight) << "kind " << kind;
+    EXPECT_EQ(got.out_proj.weight, want.out_proj.weight) << "kind " << kind;
+  }
+}
+
+TEST(ModuleBackwardErrors, AnOutputInsideTheGradientsItAddsToIsRejected) {
+  module_problem p(cases[0], xattn::attention_kernel::tiled);
+  tensor<double, 3> out(p.dout.extents), dq(p.query.extents), dc(p.context.extents),
+      dv(p.values.extents);
+  xattn::cross_attention_saved<double> saved;
+  xattn::training_forward(p.mha, p.query.cview(), p.context.cview(), p.values.cview(), out.view(),
+                          saved, p.opts);
+  auto grads = xattn::zero_weights<double>(p.mha.config());
+  grads.out_proj.weight.setConstant(0.25);
+  ASSERT_GE(grads.out_proj.weight.size(), index_t(dq.data.size()));
+  const xattn::tensor_view<double, 3> inside(grads.out_proj.weight.data(), dq.extents);
+  EXPECT_TRUE(xattn_test::throws_with<xattn::shape_error>(
+      [&] {
+        xattn::training_backward(p.mha, saved, p.dout.cview(), inside, dc.view(), dv.view(),
+                                 grads);
+      },
+      {"training_backward", "dquery overlaps grads.out_proj.weight"}));
+  EXPECT_TRUE(grads.out_proj.weight.isConstant(0.25, 0.0));
+}
+
+TEST(ModuleBackward, AcceptsMutableViews) {
+  // T comes from the module: views of T (not const T) are accepted as inputs.
+  module_problem p(cases[0], xattn::attention_kernel::tiled);
+  tensor<double, 3> out(p.dout.extents), dq(p.query.extents), dc(p.context.extents),
+      dv(p.values.extents);
+  xattn::cross_attention_saved<double> saved;
+  xattn::training_forward(p.mha, p.query.view(), p.context.view(), p.values.view(), out.view(),
+                          saved, p.opts);
+  auto grads = xattn::zero_weights<double>(p.mha.config());
+  xattn::training_backward(p.mha, saved, p.dout.view(), dq.view(), dc.view(), dv.view(), grads);
+  EXPECT_FALSE(grads.q_proj.weight.isZero(0.0));
+}
+
 }  // namespace

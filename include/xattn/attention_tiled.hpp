@@ -118,22 +118,22 @@ struct tiled_job {
 
   /// The row path's products on keys or values of type E: C, or KV read in place.
   template <class E>
-  void row_scores(const C* q, const E* k, index_t ldk, index_t n, C* s) const {
+  void row_scores(const C* qrow, const E* keys, index_t ldk, index_t n, C* s) const {
     if constexpr (std::is_same_v<E, C>)
-      loops.row_scores(q, k, ldk, shape.head_dim, n, s);
+      loops.row_scores(qrow, keys, ldk, shape.head_dim, n, s);
     else if constexpr (std::is_same_v<E, Eigen::half>)
-      loops.row_scores_fp16(q, k, ldk, shape.head_dim, n, s);
+      loops.row_scores_fp16(qrow, keys, ldk, shape.head_dim, n, s);
     else
-      loops.row_scores_bf16(q, k, ldk, shape.head_dim, n, s);
+      loops.row_scores_bf16(qrow, keys, ldk, shape.head_dim, n, s);
   }
   template <class E>
-  void row_values(const C* p, const E* v, index_t ldv, index_t n, C corr, C* acc) const {
+  void row_values(const C* p, const E* values, index_t ldv, index_t n, C corr, C* acc) const {
     if constexpr (std::is_same_v<E, C>)
-      loops.row_values(p, v, ldv, shape.value_dim, n, corr, acc);
+      loops.row_values(p, values, ldv, shape.value_dim, n, corr, acc);
     else if constexpr (std::is_same_v<E, Eigen::half>)
-      loops.row_values_fp16(p, v, ldv, shape.value_dim, n, corr, acc);
+      loops.row_values_fp16(p, values, ldv, shape.value_dim, n, corr, acc);
     else
-      loops.row_values_bf16(p, v, ldv, shape.value_dim, n, corr, acc);
+      loops.row_values_bf16(p, values, ldv, shape.value_dim, n, corr, acc);
   }
 
  private:

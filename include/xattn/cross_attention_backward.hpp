@@ -20,6 +20,7 @@
 
 #include <memory>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace xattn {
@@ -130,6 +131,14 @@ void fold_key_padding(const char* fn, const tensor_view<const bool, 2>& pad,
 }
 
 template <class T>
+void training_forward_fill(const char* fn, const multi_head_cross_attention<T>& mha,
+                           const tensor_view<const T, 3>& query, const context_cache<T>* cache,
+                           const tensor_view<const T, 3>& context,
+                           const tensor_view<const T, 3>& values, const tensor_view<T, 3>& out,
+                           cross_attention_saved<T>& saved, const cross_attention_options<T>& opts,
+                           const attention_shape& s);
+
+template <class T>
 void training_forward_impl(const char* fn, const multi_head_cross_attention<T>& mha,
                            const tensor_view<const T, 3>& query, const context_cache<T>* cache,
                            const tensor_view<const T, 3>& context,
@@ -139,10 +148,8 @@ void training_forward_impl(const char* fn, const multi_head_cross_attention<T>& 
   static_assert(std::is_floating_point_v<T>,
                 "training needs a float or double module; a half module runs inference only");
   const cross_attention_config& c = mha.config();
-  const cross_attention_weights<T>& w = mha.weights();
   const index_t B = query.extent(0), Lq = query.extent(1), Lk = context.extent(1);
-  const index_t H = c.num_heads, width = c.num_heads * c.head_dim;
-  const index_t kv_width = c.num_kv_heads * c.head_dim;
+  const index_t H = c.num_heads;
   require_extent(fn, "query", 2, query.extent(2), c.model_dim);
   require_extent(fn, "context", 0, context.extent(0), B);
   require_extent(fn, "context", 2, context.extent(2), c.context_dim);
@@ -171,7 +178,53 @@ void training_forward_impl(const char* fn, const multi_head_cross_attention<T>& 
   require_disjoint(fn, "out", out, "query", query);
   require_disjoint(fn, "out", out, "context", context);
   require_disjoint(fn, "out", out, "values", values);
+  // The attention's arguments too, before saved is written: a rejected call leaves it as it
+  // was (the kernel would check them only after the projections had filled saved).
+  const attention_shape s{B, H, Lq, Lk, c.head_dim, c.head_dim, c.num_kv_heads};
+  {
+    attention_options<T> ao;
+    ao.scale = opts.scale ? opts.scale : c.scale;
+    ao.mask = opts.mask;
+    (void)check_scale_and_mask<T>(fn, s, ao);
+    if (opts.weights_out) {
+      const tensor_view<T, 4>& wo = *opts.weights_out;
+      const index_t want[4] = {B, H, Lq, Lk};
+      for (int r = 0; r < 4; ++r)
+        require_extent(fn, "weights_out", r, wo.extent(std::size_t(r)), want[r]);
+      require_no_self_overlap(fn, "weights_out", wo);
+      require_disjoint(fn, "weights_out", wo, "out", out);
+      require_disjoint(fn, "weights_out", wo, "query", query);
+      require_disjoint(fn, "weights_out", wo, "context", context);
+      require_disjoint(fn, "weights_out", wo, "values", values);
+    }
+    if (opts.key_padding_mask) {
+      require_extent(fn, "key_padding_mask", 0, opts.key_padding_mask->extent(0), B);
+      require_extent(fn, "key_padding_mask", 1, opts.key_padding_mask->extent(1), Lk);
+    }
+    if (opts.kernel == attention_kernel::tiled) check_tile_options(fn, opts.tiles);
+  }
+  // Past the checks only a failure to allocate can throw; saved is then emptied, so that
+  // training_backward rejects it instead of mixing two forwards.
+  try {
+    training_forward_fill(fn, mha, query, cache, context, values, out, saved, opts, s);
+  } catch (...) {
+    saved.q.resize(0, 0);
+    saved.opts.lse_out.reset();
+    throw;
+  }
+}
 
+template <class T>
+void training_forward_fill(const char* fn, const multi_head_cross_attention<T>& mha,
+                           const tensor_view<const T, 3>& query, const context_cache<T>* cache,
+                           const tensor_view<const T, 3>& context,
+                           const tensor_view<const T, 3>& values, const tensor_view<T, 3>& out,
+                           cross_attention_saved<T>& saved, const cross_attention_options<T>& opts,
+                           const attention_shape& s) {
+  const cross_attention_config& c = mha.config();
+  const cross_attention_weights<T>& w = mha.weights();
+  const index_t B = s.batch, Lq = s.q_len, Lk = s.kv_len, H = s.num_heads;
+  const index_t width = c.num_heads * c.head_dim, kv_width = c.num_kv_heads * c.head_dim;
   saved.batch = B;
   saved.q_len = Lq;
   saved.kv_len = Lk;
@@ -184,7 +237,6 @@ void training_forward_impl(const char* fn, const multi_head_cross_attention<T>& 
   saved.opts.scale = opts.scale ? opts.scale : c.scale;
   saved.opts.mask = opts.mask;
   saved.opts.weights_out = opts.weights_out;
-  const attention_shape s{B, H, Lq, Lk, c.head_dim, c.head_dim, c.num_kv_heads};
   if (opts.key_padding_mask) fold_key_padding(fn, *opts.key_padding_mask, s, saved);
 
   saved.q.resize(checked_mul(fn, B, Lq), width);
@@ -237,9 +289,11 @@ void require_same_shape(const char* fn, const char* name, const linear<T>& g, co
 /// opts as for forward (masks, key_padding_mask, scale, kernel, tiles, weights_out);
 /// average_weights_out is not supported here (a value_error).
 template <class T>
-void training_forward(const multi_head_cross_attention<T>& mha, tensor_view<const T, 3> query,
-                      tensor_view<const T, 3> context, tensor_view<const T, 3> values,
-                      tensor_view<T, 3> out, cross_attention_saved<T>& saved,
+void training_forward(const multi_head_cross_attention<T>& mha,
+                      detail::identity_t<tensor_view<const T, 3>> query,
+                      detail::identity_t<tensor_view<const T, 3>> context,
+                      detail::identity_t<tensor_view<const T, 3>> values,
+                      detail::identity_t<tensor_view<T, 3>> out, cross_attention_saved<T>& saved,
                       const cross_attention_options<T>& opts = {}) {
   detail::training_forward_impl<T>("training_forward", mha, query, nullptr, context, values, out,
                                    saved, opts);
@@ -250,9 +304,12 @@ void training_forward(const multi_head_cross_attention<T>& mha, tensor_view<cons
 /// forcing against one encoded context. context and values are still needed: the backward
 /// computes their gradients, and those of k_proj and v_proj, from them.
 template <class T>
-void training_forward(const multi_head_cross_attention<T>& mha, tensor_view<const T, 3> query,
-                      const context_cache<T>& cache, tensor_view<const T, 3> context,
-                      tensor_view<const T, 3> values, tensor_view<T, 3> out,
+void training_forward(const multi_head_cross_attention<T>& mha,
+                      detail::identity_t<tensor_view<const T, 3>> query,
+                      const context_cache<T>& cache,
+                      detail::identity_t<tensor_view<const T, 3>> context,
+                      detail::identity_t<tensor_view<const T, 3>> values,
+                      detail::identity_t<tensor_view<T, 3>> out,
                       cross_attention_saved<T>& saved,
                       const cross_attention_options<T>& opts = {}) {
   detail::training_forward_impl<T>("training_forward", mha, query, &cache, context, values, out,
@@ -276,9 +333,12 @@ void training_forward(const multi_head_cross_attention<T>& mha, tensor_view<cons
 /// through Eigen's GEMM, as in forward.
 template <class T>
 void training_backward(const multi_head_cross_attention<T>& mha,
-                       const cross_attention_saved<T>& saved, tensor_view<const T, 3> dout,
-                       tensor_view<T, 3> dquery, tensor_view<T, 3> dcontext,
-                       tensor_view<T, 3> dvalues, cross_attention_weights<T>& grads) {
+                       const cross_attention_saved<T>& saved,
+                       detail::identity_t<tensor_view<const T, 3>> dout,
+                       detail::identity_t<tensor_view<T, 3>> dquery,
+                       detail::identity_t<tensor_view<T, 3>> dcontext,
+                       detail::identity_t<tensor_view<T, 3>> dvalues,
+                       cross_attention_weights<T>& grads) {
   static_assert(std::is_floating_point_v<T>,
                 "training needs a float or double module; a half module runs inference only");
   constexpr const char* fn = "training_backward";
@@ -302,12 +362,31 @@ void training_backward(const multi_head_cross_attention<T>& mha,
   detail::require_same_shape(fn, "k_proj", grads.k_proj, w.k_proj);
   detail::require_same_shape(fn, "v_proj", grads.v_proj, w.v_proj);
   detail::require_same_shape(fn, "out_proj", grads.out_proj, w.out_proj);
+  // The gradients the call adds to, and the module's weights it reads, as flat views.
+  const auto flat = [](const auto& m) {
+    return tensor_view<const T, 1>(m.data(), {index_t(m.size())});
+  };
+  const std::pair<const char*, const linear<T>*> layers[] = {
+      {"q_proj", &grads.q_proj},
+      {"k_proj", &grads.k_proj},
+      {"v_proj", &grads.v_proj},
+      {"out_proj", &grads.out_proj}};
   const auto apart = [&](const char* name, const auto& o) {
     detail::require_no_self_overlap(fn, name, o);
     detail::require_disjoint(fn, name, o, "dout", dout);
     detail::require_disjoint(fn, name, o, "query", saved.query);
     detail::require_disjoint(fn, name, o, "context", saved.context);
     detail::require_disjoint(fn, name, o, "values", saved.values);
+    for (const auto& [layer, g] : layers) {
+      detail::require_disjoint(fn, name, o, detail::message("grads.", layer, ".weight").c_str(),
+                               flat(g->weight));
+      detail::require_disjoint(fn, name, o, detail::message("grads.", layer, ".bias").c_str(),
+                               flat(g->bias));
+    }
+    for (const linear<T>* l : {&w.q_proj, &w.k_proj, &w.v_proj, &w.out_proj}) {
+      detail::require_disjoint(fn, name, o, "the module's weights", flat(l->weight));
+      detail::require_disjoint(fn, name, o, "the module's weights", flat(l->bias));
+    }
   };
   apart("dquery", dquery);
   apart("dcontext", dcontext);
