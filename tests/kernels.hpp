@@ -51,6 +51,20 @@ inline xattn::tile_options tiles(xattn::index_t q_tile, xattn::index_t kv_tile, 
   return t;
 }
 
+/// An emulated instruction-set level (tests/emulated_levels.hpp registers avx512-emulated and
+/// avx512bf16-emulated where a test includes it): its loops for float and double, and its bf16
+/// products (null: bf16 is widened).
+struct emulated_level {
+  const char* name;
+  const xattn::detail::tile_kernels<float>* floats;
+  const xattn::detail::tile_kernels<double>* doubles;
+  const xattn::detail::bf16_product_kernels* products;
+};
+inline std::vector<emulated_level>& emulated_levels() {
+  static std::vector<emulated_level> levels;
+  return levels;
+}
+
 /// Runs f(name) with each CPU path this build and machine have forced in turn (dispatch.hpp),
 /// and restores the automatic choice afterwards, also on failure. With emulated_products, one
 /// more pass where the avx2 level runs the bf16-product loops of the avx512bf16 level, each
@@ -60,6 +74,7 @@ struct each_path {
   bool emulated_products = false;
   ~each_path() {
     xattn::detail::emulate_bf16_products() = false;
+    xattn::detail::substitute_kernels(nullptr, nullptr, nullptr);
     xattn::reset_cpu_path();
   }
   template <class F>
@@ -71,6 +86,22 @@ struct each_path {
       f(name);
     }
     if (emulated_products) products_pass(f);
+    emulated_pass(f);
+  }
+  /// f(name) on each registered emulated level (none unless the test includes
+  /// tests/emulated_levels.hpp), on CPUs with AVX2, whose instructions they run on; the
+  /// automatic choice restored after.
+  template <class F>
+  static void emulated_pass(F&& f) {
+    const auto paths = xattn::cpu_paths();
+    if (std::find(paths.begin(), paths.end(), "avx2") == paths.end()) return;
+    for (const emulated_level& e : emulated_levels()) {
+      SCOPED_TRACE(std::string("path ") + e.name);
+      const each_path restore;
+      xattn::set_cpu_path("avx2");
+      xattn::detail::substitute_kernels(e.floats, e.doubles, e.products);
+      f(std::string_view(e.name));
+    }
   }
   /// f(name) on the bf16-product loops alone: the avx512bf16 path where this CPU has it, else
   /// the emulated pass on avx2 (nothing without AVX2); the automatic choice restored after.

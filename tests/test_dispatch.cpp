@@ -8,15 +8,20 @@
 
 #include "xattn/attention_tiled.hpp"
 
+#include "emulated_levels.hpp"
 #include "kernels.hpp"
 #include "test_support.hpp"
 
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <random>
+#include <sstream>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -28,6 +33,7 @@ using xattn_test::each_path;
 using xattn_test::problem;
 using xattn_test::shape;
 using xattn_test::throws_with;
+using xattn_test::tensor;
 using xattn_test::tiles;
 
 TEST(Dispatch, TheAutomaticPathIsTheFastestThisMachineRuns) {
@@ -105,7 +111,11 @@ TEST(Dispatch, TheEnvironmentLowersTheAutomaticChoice) {
 TEST(Dispatch, SetCpuPathForcesAPathAndResetReturnsToTheAutomaticOne) {
   xattn::reset_cpu_path();
   const std::string automatic(xattn::cpu_path());
-  each_path()([](std::string_view name) { EXPECT_EQ(xattn::cpu_path(), name); });
+  each_path()([](std::string_view name) {
+    // an emulated level runs under the avx2 path's name, with its own loops
+    const bool emulated = name.find("-emulated") != std::string_view::npos;
+    EXPECT_EQ(xattn::cpu_path(), emulated ? std::string_view("avx2") : name);
+  });
   EXPECT_EQ(xattn::cpu_path(), automatic);
 }
 
@@ -222,7 +232,7 @@ TEST(Dispatch, PlansFollowThePathsPacketWidth) {
   // A call's plan takes the packet width of the path it runs on: the query count below which
   // the row path runs, and the row path's score buffer padded to whole packets.
   each_path()([](std::string_view name) {
-    const index_t want = name == "avx512" || name == "avx512bf16" ? 16
+    const index_t want = name.substr(0, 6) == "avx512" ? 16
                          : name == "avx2"                         ? 8
                          : name == "sse2"                         ? 4
                                                                   : 0;
@@ -236,5 +246,148 @@ TEST(Dispatch, PlansFollowThePathsPacketWidth) {
     EXPECT_EQ(xattn::detail::make_tiled_plan<double>(s, {}, false).lanes * 2, plan.lanes);
   });
 }
+
+#if XATTN_DISPATCH
+// Equal bits, or NaN in both (a NaN's payload is not part of any promise).
+template <class T>
+bool same_bits(const std::vector<T>& a, const std::vector<T>& b, std::string& where) {
+  if (a.size() != b.size()) return false;
+  for (std::size_t n = 0; n < a.size(); ++n) {
+    const float x = float(a[n]), y = float(b[n]);
+    if ((std::isnan(x) && std::isnan(y)) || std::memcmp(&a[n], &b[n], sizeof(T)) == 0) continue;
+    std::ostringstream m;
+    m << "element " << n << ": " << std::hexfloat << x << " against " << y;
+    where = m.str();
+    return false;
+  }
+  return true;
+}
+
+TEST(DispatchEmulated, SaysWhichLevelsRunNativelyAndWhichEmulated) {
+  // The report the CI log shows; the emulated levels run in every machine's suite with AVX2.
+  const std::vector<std::string_view> paths = xattn::cpu_paths();
+  std::string native, emulated;
+  for (std::string_view p : paths) native += std::string(native.empty() ? "" : ", ") + std::string(p);
+  const bool avx2 = std::find(paths.begin(), paths.end(), "avx2") != paths.end();
+  for (const auto& e : xattn_test::emulated_levels())
+    if (avx2) emulated += std::string(emulated.empty() ? "" : ", ") + e.name;
+  std::printf("levels run natively: %s; emulated on avx2: %s\n", native.c_str(),
+              emulated.empty() ? "none" : emulated.c_str());
+  EXPECT_EQ(xattn_test::emulated_levels().size(), 2u);
+}
+
+TEST(DispatchEmulated, TheEmulatedLevelsEqualTheNativeOnesBitForBit) {
+  // Where the CPU runs avx512 (and avx512bf16), each emulated level gives the native level's
+  // bits on random calls: float, double, fp16, bf16 (the products on avx512bf16, with subnormal
+  // inputs in some cases, which vdpbf16ps flushes) and the mixed call, every mask kind, tiles
+  // that do and do not divide, 1 to 4 threads; and the same exp on a grid over float's range.
+  const std::vector<std::string_view> paths = xattn::cpu_paths();
+  const auto has = [&](std::string_view n) {
+    return std::find(paths.begin(), paths.end(), n) != paths.end();
+  };
+  if (!has("avx512")) GTEST_SKIP() << "this CPU has no AVX-512: nothing to compare against";
+  const auto& levels = xattn_test::emulated_levels();
+  ASSERT_EQ(levels.size(), 2u);
+  std::mt19937 rng(2026);
+  const auto pick = [&](index_t lo, index_t hi) {
+    return index_t(std::uniform_int_distribution<long long>(lo, hi)(rng));
+  };
+  int compared = 0;
+  for (int level = 0; level < 2; ++level) {
+    const char* native = level == 0 ? "avx512" : "avx512bf16";
+    if (!has(native)) continue;
+    const xattn_test::emulated_level& e = levels[std::size_t(level)];
+    SCOPED_TRACE(e.name);
+    // Runs call() on the native level, then on the emulated one, and compares what it returns.
+    const auto both = [&](auto call) {
+      const xattn_test::each_path restore;
+      xattn::set_cpu_path(native);
+      const auto want = call();
+      xattn::set_cpu_path("avx2");
+      xattn::detail::substitute_kernels(e.floats, e.doubles, e.products);
+      const auto got = call();
+      xattn::detail::substitute_kernels(nullptr, nullptr, nullptr);
+      std::string where;
+      ++compared;
+      return same_bits(got, want, where) ? ::testing::AssertionSuccess()
+                                         : ::testing::AssertionFailure() << where;
+    };
+    {
+      std::vector<float> x;
+      for (double t = -110; t < 95; t += 0.0173) x.push_back(float(t));
+      x.resize(x.size() / 16 * 16);
+      EXPECT_TRUE(both([&] {
+        std::vector<float> y(x.size());
+        xattn::detail::active_kernels<float>().exp_flushed(x.data(), index_t(x.size()), y.data());
+        return y;
+      })) << "exp";
+    }
+    for (int c = 0; c < 150; ++c) {
+      const index_t hkv = pick(1, 2), group = pick(1, 2);
+      const auto s = shape(pick(1, 2), hkv * group, pick(1, 3) == 1 ? pick(1, 5) : pick(6, 40),
+                           pick(1, 300), pick(1, 70), pick(1, 70), hkv);
+      const xattn::tile_options t =
+          pick(0, 1) ? tiles(0, 0, int(pick(1, 4))) : tiles(pick(1, 40), pick(1, 200), int(pick(1, 4)));
+      const int mask = int(pick(0, 4)), type = int(pick(0, 4));
+      const bool tiny = pick(0, 4) == 0;  // bf16 and fp16 inputs scaled into the subnormals
+      SCOPED_TRACE(::testing::Message() << "case " << c << " type " << type << " mask " << mask
+                                        << " Lq " << s.q_len << " Lk " << s.kv_len << " Dk "
+                                        << s.head_dim << " Dv " << s.value_dim << " "
+                                        << xattn_test::describe(t) << (tiny ? " tiny" : ""));
+      const std::vector<index_t> lengths(std::size_t(s.batch), pick(0, s.kv_len));
+      const auto run = [&](auto tag, auto kv_tag) {
+        using T = decltype(tag);
+        using KV = decltype(kv_tag);
+        const unsigned seed = unsigned(c) * 7u + 1u;
+        auto q = xattn_test::random_tensor<T, 4>({s.batch, s.num_heads, s.q_len, s.head_dim},
+                                                 seed, -2.0, 2.0);
+        auto k = xattn_test::random_tensor<KV, 4>({s.batch, hkv, s.kv_len, s.head_dim},
+                                                  seed + 1, -2.0, 2.0);
+        auto v = xattn_test::random_tensor<KV, 4>({s.batch, hkv, s.kv_len, s.value_dim},
+                                                  seed + 2, -2.0, 2.0);
+        if constexpr (xattn::is_half_v<KV>)
+          if (tiny)
+            for (auto* t4 : {&k, &v})
+              for (KV& x : t4->data) x = KV(float(x) * 1e-39f);
+        auto bias = xattn_test::random_tensor<T, 4>({1, 1, s.q_len, s.kv_len}, seed + 3, -3.0, 3.0);
+        xattn::attention_options<T> opts;
+        if (mask == 1) opts.mask.kv_lengths = xattn::make_view(lengths.data(), {s.batch});
+        if (mask == 2) opts.mask.causal = xattn::causal_mask::bottom_right;
+        if (mask == 3) opts.mask.bias = bias.cview();
+        opts.scale = tiny ? 1e30 : 0.3;
+        tensor<xattn::statistic_t<T>, 3> lse({s.batch, s.num_heads, s.q_len});
+        opts.lse_out = lse.view();
+        return both([&] {
+          tensor<T, 4> out({s.batch, s.num_heads, s.q_len, s.value_dim}, T(-7.0f));
+          std::fill(lse.data.begin(), lse.data.end(), xattn::statistic_t<T>(-7.0f));
+          xattn::tiled_attention<T>(q.cview(), xattn::tensor_view<const KV, 4>(k.cview()),
+                                    xattn::tensor_view<const KV, 4>(v.cview()), out.view(), opts, t);
+          std::vector<float> all;
+          for (const T& o : out.data) all.push_back(float(o));
+          all.insert(all.end(), lse.data.begin(), lse.data.end());
+          return all;
+        });
+      };
+      switch (type) {
+        case 0:
+          EXPECT_TRUE(run(float{}, float{}));
+          break;
+        case 1:
+          EXPECT_TRUE(run(double{}, double{}));
+          break;
+        case 2:
+          EXPECT_TRUE(run(Eigen::half{}, Eigen::half{}));
+          break;
+        case 3:
+          EXPECT_TRUE(run(Eigen::bfloat16{}, Eigen::bfloat16{}));
+          break;
+        default:
+          EXPECT_TRUE(run(float{}, Eigen::bfloat16{}));
+      }
+    }
+  }
+  EXPECT_GT(compared, 150);
+}
+#endif
 
 }  // namespace

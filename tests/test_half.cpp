@@ -14,6 +14,7 @@
 #include "xattn/cross_attention.hpp"
 #include "xattn/dispatch.hpp"
 
+#include "emulated_levels.hpp"
 #include "kernels.hpp"
 #include "test_support.hpp"
 
@@ -633,10 +634,14 @@ TEST(HalfCache, AWhisperBaseContextInBf16IsHalfTheFloatOne) {
 
 TEST(HalfPaths, ThePathNamesSayHowValuesAreConverted) {
   each_path{true}([](std::string_view path) {
-    if (path == "avx2+dpbf16-emulated") {
+    if (path == "avx2+dpbf16-emulated" || path == "avx512bf16-emulated") {
       EXPECT_EQ(xattn::cpu_path_for<float>(), "avx2");
       EXPECT_EQ(xattn::cpu_path_for<Eigen::half>(), "avx2+f16c");
-      EXPECT_EQ(xattn::cpu_path_for<Eigen::bfloat16>(), path);
+      EXPECT_EQ(xattn::cpu_path_for<Eigen::bfloat16>(), "avx2+dpbf16-emulated");
+      return;
+    }
+    if (path == "avx512-emulated") {  // the avx2 path's name, with the emulated loops
+      EXPECT_EQ(xattn::cpu_path_for<Eigen::bfloat16>(), "avx2+shift");
       return;
     }
     const std::string p(path);

@@ -154,9 +154,31 @@ inline cpu_level active_level() noexcept {
   return f >= 0 ? cpu_level(f) : automatic_level();
 }
 
+/// Test hook: loops that stand in for every level's (an emulated level's, tests/
+/// emulated_levels.hpp), or null. Not for production.
+template <class T>
+std::atomic<const tile_kernels<T>*>& substitute_loops() noexcept {
+  static std::atomic<const tile_kernels<T>*> loops{nullptr};
+  return loops;
+}
+inline std::atomic<const bf16_product_kernels*>& substitute_products() noexcept {
+  static std::atomic<const bf16_product_kernels*> products{nullptr};
+  return products;
+}
+/// Sets the stand-ins (null: none); products are used only while floats is set.
+inline void substitute_kernels(const tile_kernels<float>* floats,
+                               const tile_kernels<double>* doubles,
+                               const bf16_product_kernels* products) noexcept {
+  substitute_loops<float>().store(floats, std::memory_order_relaxed);
+  substitute_loops<double>().store(doubles, std::memory_order_relaxed);
+  substitute_products().store(products, std::memory_order_relaxed);
+}
+
 /// The inner loops of level l, which must be one of built_levels.
 template <class T>
 const tile_kernels<T>& kernels_for(cpu_level l) noexcept {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>)
+    if (const tile_kernels<T>* s = substitute_loops<T>().load(std::memory_order_relaxed)) return *s;
 #if XATTN_DISPATCH
   switch (l) {
     case cpu_level::avx512bf16:
@@ -205,6 +227,8 @@ inline bool bf16_products_pay_here() noexcept {
 /// The bf16-product loops of level l, or null where bf16 tiles are widened to float: on the
 /// avx512bf16 level where the core gains by them or the level was named.
 inline const bf16_product_kernels* bf16_products_for(cpu_level l) noexcept {
+  if (substitute_loops<float>().load(std::memory_order_relaxed) != nullptr)
+    return substitute_products().load(std::memory_order_relaxed);
 #if XATTN_DISPATCH
   if (l == cpu_level::avx512bf16 && (bf16_products_pay_here() || avx512bf16_named()))
     return &cpu_avx512bf16::bf16_products;

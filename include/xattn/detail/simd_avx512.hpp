@@ -125,10 +125,30 @@ XATTN_DETAIL_SIMD_INLINE __m512d flush_tiny(__m512d x) {
   const __m512d tiny = _mm512_set1_pd(std::numeric_limits<double>::min());
   return _mm512_maskz_mov_pd(__mmask8(~_mm512_cmp_pd_mask(x, tiny, _CMP_LT_OQ)), x);
 }
-XATTN_DETAIL_SIMD_INLINE float reduce_add(__m512 x) { return _mm512_reduce_add_ps(x); }
-XATTN_DETAIL_SIMD_INLINE double reduce_add(__m512d x) { return _mm512_reduce_add_pd(x); }
-XATTN_DETAIL_SIMD_INLINE float reduce_max(__m512 x) { return _mm512_reduce_max_ps(x); }
-XATTN_DETAIL_SIMD_INLINE double reduce_max(__m512d x) { return _mm512_reduce_max_pd(x); }
+/// The reductions in a fixed order (the compiler's _mm512_reduce_* may choose its own): the high
+/// 256 bits added to the low, then pairs of 128-bit halves, then of lanes, as the avx2 level.
+XATTN_DETAIL_SIMD_INLINE float reduce_add(__m512 x) {
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1));
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+XATTN_DETAIL_SIMD_INLINE double reduce_add(__m512d x) {
+  const __m256d h = _mm256_add_pd(_mm512_castpd512_pd256(x), _mm512_extractf64x4_pd(x, 1));
+  const __m128d s = _mm_add_pd(_mm256_castpd256_pd128(h), _mm256_extractf128_pd(h, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
+XATTN_DETAIL_SIMD_INLINE float reduce_max(__m512 x) {
+  const __m256 h = _mm256_max_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1));
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+XATTN_DETAIL_SIMD_INLINE double reduce_max(__m512d x) {
+  const __m256d h = _mm256_max_pd(_mm512_castpd512_pd256(x), _mm512_extractf64x4_pd(x, 1));
+  const __m128d s = _mm_max_pd(_mm256_castpd256_pd128(h), _mm256_extractf128_pd(h, 1));
+  return _mm_cvtsd_f64(_mm_max_sd(s, _mm_unpackhi_pd(s, s)));
+}
 /// out[r] = reduce_add(a[r]) for r < 4: each folded to 256 bits, then the four sums in one
 /// transposing pass.
 XATTN_DETAIL_SIMD_INLINE void reduce_add4(const __m512* a, float* out) {
