@@ -385,6 +385,28 @@ TEST(DistributedErrors, OneRanksBadArgumentIsEveryRanksError) {
   EXPECT_TRUE(std::all_of(p.out.data.begin(), p.out.data.end(), [](float x) { return x == -7.0f; }));
 }
 
+TEST(DistributedErrors, ARankThatCannotHaveItsScratchFailsEveryRank) {
+  // The last rank's shard is 2^40 keys (a zero stride) and kv_tile is 2^40: every argument
+  // check passes, but its tiles' scratch cannot be had. That rank used to throw std::bad_alloc
+  // after the exchange, while the others waited in MPI_Alltoallv for ever (CTest's timeout);
+  // now the scratch is reserved before any data moves, and every rank throws.
+  const xattn::communicator comm(MPI_COMM_WORLD);
+  const int bad = comm.size() - 1;
+  const index_t Lk = comm.rank() == bad ? index_t(1) << 40 : 5;
+  xattn_test::problem<float> p(xattn_test::shape(1, 2, 32, 5, 4, 4), 1);
+  const float kv[4] = {0.5f, -0.5f, 0.25f, 1.0f};
+  const xattn::tensor_view<const float, 4> huge(kv, {1, 2, Lk, 4}, {0, 0, 0, 1});
+  const auto k = comm.rank() == bad ? huge : p.k.cview();
+  const auto v = comm.rank() == bad ? huge : p.v.cview();
+  xattn::tile_options t;
+  t.kv_tile = index_t(1) << 40;
+  t.num_threads = 1;
+  EXPECT_TRUE(throws_everywhere<std::bad_alloc>(
+      [&] { xattn::sharded_attention<float>(comm, p.q.cview(), k, v, p.out.view(), {}, t); },
+      "bad_alloc"));
+  EXPECT_TRUE(std::all_of(p.out.data.begin(), p.out.data.end(), [](float x) { return x == -7.0f; }));
+}
+
 TEST(DistributedErrors, MasksScaleAndRootAreCheckedOnEveryRank) {
   const xattn::communicator comm(MPI_COMM_WORLD);
   const int me = comm.rank(), P = comm.size();

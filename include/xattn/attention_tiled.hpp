@@ -624,6 +624,53 @@ void run_merge(const tiled_job<T, KV>& job, int thread, index_t item) {
 }
 
 /// Runs one tiled_attention call: T is the element type of q, out and opts, KV that of k and v.
+/// What a call of shape s runs with: its path's loops, its plan, the bf16-product loops (or
+/// null) and its team's scratch, reserved in full on the calling thread before any thread
+/// starts (a later call with the same plan allocates nothing).
+template <class C>
+struct tiled_setup {
+  const tile_kernels<C>* loops;
+  tiled_plan plan;
+  const bf16_product_kernels* products;
+  team_scratch<C>* team;
+};
+template <class T, class KV>
+tiled_setup<compute_t<T>> prepare_tiled(const attention_shape& s, const tensor_view<const KV, 4>& k,
+                                        const tensor_view<const KV, 4>& v, bool need_weights,
+                                        const tile_options& tiles) {
+  using C = compute_t<T>;
+  const cpu_level level = active_level();
+  const tile_kernels<C>& loops = kernels_for<C>(level);
+  const tiled_plan plan = make_tiled_plan<C>(s, tiles, need_weights, loops.lanes);
+  const bf16_product_kernels* products = nullptr;
+  if constexpr (std::is_same_v<T, Eigen::bfloat16> && std::is_same_v<KV, Eigen::bfloat16>)
+    if (!plan.rows) products = bf16_products_for(level);
+  XATTN_ASSERT(!products || products->lanes == loops.lanes);
+  // Keys and values of another type than C are widened into the copies a tile at a time (the
+  // lanes path, and the row path on strided rows).
+  constexpr bool widen = !std::is_same_v<KV, C>;
+  const bool strided_k = k.stride(3) != 1 && s.head_dim > 1;
+  const bool strided_v = v.stride(3) != 1 && s.value_dim > 1;
+  const bool rows_in_place = plan.rows && !strided_k && !strided_v;  // see row_unit
+  // (The bf16-product loops copy into their own pairs, never into these.)
+  const bool copy_k = !products && (strided_k || (widen && !rows_in_place));
+  const bool copy_v = !products && (strided_v || (widen && !rows_in_place));
+  team_scratch<C>& team = reserve_team_scratch<C>(plan, s, copy_k, copy_v, products != nullptr);
+  return {&loops, plan, products, &team};
+}
+
+/// Reserves the calling thread's scratch for tiled_attention<T>(q, k, v, out, opts, tiles)
+/// without computing anything (arguments already checked): a caller that must fail before it
+/// commits (the sharded calls, before their ranks exchange data) gets std::bad_alloc here
+/// rather than in the call.
+template <class T, class KV = T>
+void reserve_tiled_attention(const attention_shape& s, const tensor_view<const KV, 4>& k,
+                             const tensor_view<const KV, 4>& v, bool need_weights,
+                             const tile_options& tiles) {
+  if (s.batch == 0 || s.num_heads == 0 || s.q_len == 0) return;
+  (void)prepare_tiled<T, KV>(s, k, v, need_weights, tiles);
+}
+
 template <class T, class KV>
 void run_tiled(const char* fn, const tensor_view<const T, 4>& q, const tensor_view<const KV, 4>& k,
                const tensor_view<const KV, 4>& v, const tensor_view<T, 4>& out,
@@ -634,24 +681,11 @@ void run_tiled(const char* fn, const tensor_view<const T, 4>& q, const tensor_vi
   const attention_shape& s = pr.shape;
   if (s.batch == 0 || s.num_heads == 0 || s.q_len == 0) return;
 
-  const cpu_level level = active_level();
-  const tile_kernels<C>& loops = kernels_for<C>(level);
-  const tiled_plan plan = make_tiled_plan<C>(s, tiles, opts.weights_out.has_value(), loops.lanes);
-  const bf16_product_kernels* products = nullptr;
-  if constexpr (std::is_same_v<T, Eigen::bfloat16> && std::is_same_v<KV, Eigen::bfloat16>)
-    if (!plan.rows) products = bf16_products_for(level);
-  XATTN_ASSERT(!products || products->lanes == loops.lanes);
-  // All scratch is allocated here, on the calling thread, before any thread starts. Keys and
-  // values of another type than C are widened into the copies a tile at a time (the lanes
-  // path, and the row path on strided rows).
-  constexpr bool widen = !std::is_same_v<KV, C>;
-  const bool strided_k = k.stride(3) != 1 && s.head_dim > 1;
-  const bool strided_v = v.stride(3) != 1 && s.value_dim > 1;
-  const bool rows_in_place = plan.rows && !strided_k && !strided_v;  // see row_unit
-  // (The bf16-product loops copy into their own pairs, never into these.)
-  const bool copy_k = !products && (strided_k || (widen && !rows_in_place));
-  const bool copy_v = !products && (strided_v || (widen && !rows_in_place));
-  team_scratch<C>& team = reserve_team_scratch<C>(plan, s, copy_k, copy_v, products != nullptr);
+  const tiled_setup<C> setup = prepare_tiled<T, KV>(s, k, v, opts.weights_out.has_value(), tiles);
+  const tile_kernels<C>& loops = *setup.loops;
+  const tiled_plan& plan = setup.plan;
+  const bf16_product_kernels* products = setup.products;
+  team_scratch<C>& team = *setup.team;
   const tiled_job<T, KV> job{q,
                              k,
                              v,

@@ -156,6 +156,8 @@ class call_check {
   void agree_scale(double scale) { report_.scale = scale; }
   /// This rank's own value (its shard's length), handed to every rank by exchange().
   void own(std::int64_t value) { report_.own = value; }
+  /// Whether this rank's own checks have passed so far.
+  bool passed() const noexcept { return report_.error == 0; }
 
   /// Runs this rank's own checks; an xattn argument error is kept for exchange() to report.
   template <class F>
@@ -579,6 +581,14 @@ void sharded_attention(const communicator& comm, detail::identity_t<tensor_view<
   check.agree("sharding.result", std::int64_t(sharding.result), false);
   check.agree("sharding.root", sharding.root, false);
   check.local([&] { detail::check_root(fn, sharding, comm.size()); });
+  // The kernel's scratch for this rank's shard, reserved before any data moves: a rank that
+  // cannot have it fails every rank here (std::bad_alloc) instead of leaving them waiting.
+  check.local([&] {
+    if (!check.passed()) return;
+    const attention_shape s{q.extent(0), q.extent(1), q.extent(2), k.extent(2),
+                            q.extent(3), v.extent(3), k.extent(1)};
+    detail::reserve_tiled_attention<T>(s, k, v, opts.weights_out.has_value(), tiles);
+  });
   const position_window w = detail::exchange_shards(comm, fn, check, opts.mask);
   detail::sharded_attention_run<T>(
       comm, fn, q, k, v, out, opts, sharding, w,
@@ -765,6 +775,11 @@ void sharded_forward(const communicator& comm, const multi_head_cross_attention<
     (void)detail::check_attention_args<T>(
         fn, split_heads(tensor_view<const T, 3>(q_buf.data(), {B, Lq, width}), H), shard.keys(),
         shard.values(), split_heads(tensor_view<T, 3>(o_buf.data(), {B, Lq, width}), H), local);
+    if (opts.kernel == attention_kernel::tiled)  // its scratch too, before the exchange
+      detail::reserve_tiled_attention<T>(
+          attention_shape{B, H, Lq, shard.keys().extent(2), c.head_dim, c.head_dim,
+                          c.num_kv_heads},
+          shard.keys(), shard.values(), ao.weights_out.has_value(), opts.tiles);
   });
   const position_window window = detail::exchange_shards(comm, fn, check, opts.mask);
 
