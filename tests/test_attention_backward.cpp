@@ -363,6 +363,31 @@ TEST(AttentionBackward, FullyMaskedRowsGiveZeroGradients) {
   }
 }
 
+TEST(AttentionBackward, AKeyEveryQueryMasksPassesNoGradientEvenWithNaNInDout) {
+  // Key 4 is masked for every query by `allowed`, query 2 sees no key at all, and dout holds
+  // NaN in rows 1 and 2: dK and dV of key 4 stay 0 (dV += Pᵀ dO used to make 0 · NaN of them),
+  // while the keys the NaN rows weigh do get NaN.
+  const auto s = shape(1, 2, 5, 8, 4, 3);
+  bool_mask allowed({1, 1, 5, 8}, true);
+  for (index_t i = 0; i < 5; ++i) allowed.view()(0, 0, i, 4) = false;
+  for (index_t j = 0; j < 8; ++j) allowed.view()(0, 0, 2, j) = false;
+  xattn::attention_options<float> opts;
+  opts.mask.allowed = allowed.cview();
+  for (const auto& kern : backward_kernels<float>()) {
+    SCOPED_TRACE(kern.name);
+    grad_problem<float> p(s);
+    for (index_t h = 0; h < 2; ++h)
+      for (index_t e = 0; e < 3; ++e) {
+        p.dout.view()(0, h, 1, e) = std::numeric_limits<float>::quiet_NaN();
+        p.dout.view()(0, h, 2, e) = std::numeric_limits<float>::quiet_NaN();
+      }
+    p.backward(kern, opts);
+    for (index_t d = 0; d < 4; ++d) EXPECT_EQ(p.dk.view()(0, 0, 4, d), 0.0f) << "dk " << d;
+    for (index_t e = 0; e < 3; ++e) EXPECT_EQ(p.dv.view()(0, 0, 4, e), 0.0f) << "dv " << e;
+    EXPECT_TRUE(std::isnan(p.dv.view()(0, 0, 3, 0)));  // a key row 1 weighs
+  }
+}
+
 TEST(AttentionBackward, NeverReadsKeysPastTheKeyPadding) {
   // NaN in k and v past each length: it must not leak, and those keys get zero gradients.
   for (index_t lq : {1, 40}) {

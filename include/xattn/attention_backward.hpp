@@ -139,6 +139,29 @@ void row_score_grad(const T* p, T* dp, index_t n, T d) noexcept {
   for (index_t j = 0; j < n; ++j) dp[j] = p[j] == T(0) ? T(0) : p[j] * (dp[j] - d);
 }
 
+/// seen[j] = 1 for every key j that some row of P [rows, n] (row stride ld) weighs (p != 0, NaN
+/// included); other entries are left as they are.
+template <class T>
+void mark_weighed_keys(const T* p, index_t rows, index_t n, T* seen, index_t ld = -1) noexcept {
+  if (ld < 0) ld = n;
+  for (index_t i = 0; i < rows; ++i)
+    for (index_t j = 0; j < n; ++j)
+      if (p[i * ld + j] != T(0)) seen[j] = T(1);
+}
+
+/// A key no query weighs (masked for every query, or its weight flushed everywhere) passes no
+/// gradient: its rows of dK [n, dk] and dV [n, dv] are set to 0, also where a NaN or Inf in
+/// dO (of a fully masked row, say) made 0 · NaN of them in dV += Pᵀ dO.
+template <class T>
+void zero_unweighed_keys(const T* seen, index_t n, T* dk_acc, index_t dk, T* dv_acc,
+                         index_t dv) noexcept {
+  for (index_t j = 0; j < n; ++j)
+    if (seen[j] == T(0)) {
+      std::fill(dk_acc + j * dk, dk_acc + (j + 1) * dk, T(0));
+      std::fill(dv_acc + j * dv, dv_acc + (j + 1) * dv, T(0));
+    }
+}
+
 /// The weights of one row from its scores and the forward's log-sum-exp: p = exp(s - lse),
 /// flushed to 0 below the smallest normal number as in the forward. A row whose every key was
 /// masked (lse = -inf) gets weights of 0.
@@ -263,7 +286,7 @@ void naive_backward(detail::identity_t<tensor_view<const T, 4>> q,
   row_matrix<T> P(work ? s.q_len : 0, s.kv_len), dS(work ? s.q_len : 0, s.kv_len);
   row_matrix<T> q_scaled(s.q_len, s.head_dim), dq_head(s.q_len, s.head_dim), dk_acc, dv_acc, k_copy,
       v_copy, dout_copy;
-  Eigen::Matrix<T, Eigen::Dynamic, 1> D(s.q_len);
+  Eigen::Matrix<T, Eigen::Dynamic, 1> D(s.q_len), seen;
   detail::fill_zero(grads.dk);
   detail::fill_zero(grads.dv);
   if (grads.dbias) detail::fill_zero(*grads.dbias);
@@ -282,6 +305,7 @@ void naive_backward(detail::identity_t<tensor_view<const T, 4>> q,
           detail::contiguous_rows(detail::first_rows(v.select(0, b).select(0, hkv), n), v_copy);
       dk_acc.setZero(n, s.head_dim);
       dv_acc.setZero(n, s.value_dim);
+      seen.setZero(n);
       for (index_t h = hkv * p.group; h < (hkv + 1) * p.group; ++h) {
         const auto dO = detail::contiguous_rows(dout.select(0, b).select(0, h), dout_copy);
         const auto O = detail::as_strided_matrix(out.select(0, b).select(0, h));
@@ -297,6 +321,7 @@ void naive_backward(detail::identity_t<tensor_view<const T, 4>> q,
           detail::softmax_row(row, n);
         }
 
+        detail::mark_weighed_keys(P.data(), s.q_len, n, seen.data(), s.kv_len);
         dv_acc.noalias() += Ph.transpose() * dO;
         dSh.noalias() = dO * V.transpose();  // dP, turned into dS in place
         D = (dO.array() * O.array()).rowwise().sum().matrix();
@@ -315,6 +340,8 @@ void naive_backward(detail::identity_t<tensor_view<const T, 4>> q,
               db(bb, hh, db.extent(2) == 1 ? 0 : i, db.extent(3) == 1 ? 0 : j) += dS(i, j);
         }
       }
+      detail::zero_unweighed_keys(seen.data(), n, dk_acc.data(), s.head_dim, dv_acc.data(),
+                                  s.value_dim);
       detail::as_strided_matrix(detail::first_rows(grads.dk.select(0, b).select(0, hkv), n)) =
           dk_acc;
       detail::as_strided_matrix(detail::first_rows(grads.dv.select(0, b).select(0, hkv), n)) =
@@ -410,8 +437,10 @@ inline backward_plan make_backward_plan(const attention_shape& s, const tile_opt
 
 /// One thread's scratch for any unit of a backward_plan (elements; see backward_unit).
 struct backward_scratch_sizes {
-  index_t qs, dout, lse, p, ds, k, v, acc_a, acc_b;
-  index_t total() const noexcept { return qs + dout + lse + p + ds + k + v + acc_a + acc_b; }
+  index_t qs, dout, lse, p, ds, k, v, acc_a, acc_b, seen;
+  index_t total() const noexcept {
+    return qs + dout + lse + p + ds + k + v + acc_a + acc_b + seen;
+  }
 };
 
 inline backward_scratch_sizes backward_scratch_elements(const backward_plan& p,
@@ -428,12 +457,13 @@ inline backward_scratch_sizes backward_scratch_elements(const backward_plan& p,
   n.v = checked_mul(fn, nk, s.value_dim);
   n.acc_a = std::max(checked_mul(fn, nk, s.head_dim), n.qs);  // dK (pass 1) or dQ (pass 2)
   n.acc_b = n.v;                                              // dV (pass 1)
+  n.seen = nk;  // pass 1: 1 for the keys some query weighs, 0 for the others
   return n;
 }
 
 template <class T>
 struct backward_thread_scratch {
-  aligned_vector<T> qs, dout, lse, p, ds, k, v, acc_a, acc_b;
+  aligned_vector<T> qs, dout, lse, p, ds, k, v, acc_a, acc_b, seen;
 };
 
 /// The backward's scratch for a whole thread team, kept by the calling thread and sized before
@@ -455,6 +485,7 @@ std::vector<backward_thread_scratch<T>>& reserve_backward_scratch(const backward
     at_least(ws.v, n.v);
     at_least(ws.acc_a, n.acc_a);
     at_least(ws.acc_b, n.acc_b);
+    at_least(ws.seen, n.seen);
   }
   return team;
 }
@@ -592,6 +623,8 @@ void backward_keys(const backward_job<T>& job, int thread, index_t u) {
   T* dv_acc = ws.acc_b.data();
   std::fill(dk_acc, dk_acc + n_tile * dk, T(0));
   std::fill(dv_acc, dv_acc + n_tile * dv, T(0));
+  T* seen = ws.seen.data();
+  std::fill(seen, seen + n_tile, T(0));
   if (nk > 0) {
     index_t ldk = 0, ldv = 0;
     const T* kp = key_rows(job.k.select(0, b).select(0, hkv), j0, nk, ws.k, ldk);
@@ -602,12 +635,14 @@ void backward_keys(const backward_job<T>& job, int thread, index_t u) {
         const index_t mq = std::min(pl.q_tile, s.q_len - i0);
         unit.load_queries(b, h, i0, mq);
         if (!unit.tile(j0, nk, kp, ldk, vp, ldv)) continue;
+        mark_weighed_keys(unit.p(), mq, nk, seen);
         tile_gemm<true, false>(nk, dv, mq, unit.p(), nk, unit.dout(), unit.ld_dout(), dv_acc, dv,
                                T(1), true);  // dV += Pᵀ dO
         tile_gemm<true, false>(nk, dk, mq, unit.ds(), nk, unit.qs(), dk, dk_acc, dk, T(1),
                                true);  // dK += dSᵀ (s·Q)
       }
   }
+  zero_unweighed_keys(seen, n_tile, dk_acc, dk, dv_acc, dv);
   const auto gk = job.grads.dk.select(0, b).select(0, hkv);
   const auto gv = job.grads.dv.select(0, b).select(0, hkv);
   for (index_t j = 0; j < n_tile; ++j) {
