@@ -162,6 +162,23 @@ TEST(Checkpoints, UnknownLayoutListsWhatItFoundAndWhatItTried) {
        "found 'enc.attn.Wk', 'enc.attn.Wq'", "diffusers (to_q.weight)", "t5 (q.weight)"}));
 }
 
+TEST(Checkpoints, TwoLayoutsUnderOnePrefixAreAnErrorNamingBoth) {
+  // Hugging Face and diffusers names side by side: the first layout tried used to win silently.
+  xattn::safetensors_writer w;
+  const float x[4] = {1, 2, 3, 4};
+  for (const char* n : {"q_proj", "k_proj", "v_proj", "out_proj", "to_q", "to_k", "to_v", "to_out.0"})
+    w.add(std::string("blk.attn.") + n + ".weight", {2, 2}, x, xattn::safetensors_dtype::f32);
+  const xattn::safetensors_file f(w.bytes(), "both.safetensors");
+  EXPECT_TRUE(throws_with<xattn::format_error>(
+      [&] { (void)xattn::load_cross_attention<float>(f, "blk.attn", {1}); },
+      {"both.safetensors", "two attention layers under prefix 'blk.attn'", "hugging_face",
+       "diffusers", "checkpoint_options::layout"}));
+  xattn::checkpoint_options o;
+  o.num_heads = 1;
+  o.layout = checkpoint_layout::diffusers;  // naming one loads it
+  EXPECT_EQ(xattn::checkpoint_config(f, "blk.attn", o).head_dim, 2);
+}
+
 TEST(Checkpoints, HeadCountsTheShapesDoNotAllowAreValueErrors) {
   const auto f = fixture("layout_t5");  // inner width 24
   const std::string p = "decoder.block.0.layer.1.EncDecAttention";

@@ -130,6 +130,23 @@ TEST(Safetensors, SavesAndLoadsAFile) {
       {"no/such/file.safetensors", "cannot open"}));
 }
 
+TEST(Safetensors, ACopiedFileIsNotReachedByChangesToTheFile) {
+  // load_copy reads the file whole: truncating the file afterwards (which makes a mapped
+  // reader die with SIGBUS on its next read) changes nothing it returns.
+  const std::string path = std::string(XATTN_TEST_BINARY_DIR) + "/rewritten.safetensors";
+  const xattn::row_matrix<float> m = xattn::row_matrix<float>::Random(64, 64);
+  xattn::safetensors_writer w;
+  w.add("m", m, safetensors_dtype::f32);
+  w.save(path);
+  const auto f = xattn::safetensors_file::load_copy(path);
+  ASSERT_EQ(::truncate(path.c_str(), 16), 0);
+  const auto got = f.read<float>("m", {64, 64});
+  EXPECT_TRUE(std::equal(got.begin(), got.end(), m.data()));
+  EXPECT_TRUE(throws_with<xattn::io_error>(
+      [&] { (void)xattn::safetensors_file::load_copy(std::string(XATTN_TEST_BINARY_DIR)); },
+      {"not a regular file"}));
+}
+
 // Each malformed file is a format_error whose message names the file and the tensor involved.
 TEST(Safetensors, MalformedFilesThrowNamingFileAndTensor) {
   using E = xattn::format_error;
@@ -150,6 +167,10 @@ TEST(Safetensors, MalformedFilesThrowNamingFileAndTensor) {
   }
   EXPECT_TRUE(expect_bad("{\"a\": [1, 2", 0, {"bad.safetensors", "not valid JSON"}));
   EXPECT_TRUE(expect_bad("[1, 2]", 0, {"bad.safetensors", "not a JSON object"}));
+  // A name given twice: the last entry used to win silently, the first never checked.
+  EXPECT_TRUE(expect_bad(R"({"w": {"dtype": "F32", "shape": [9], "data_offsets": [0, 36]},
+                             "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})",
+                         4, {"bad.safetensors", "names 'w' more than once"}));
   EXPECT_TRUE(expect_bad(R"({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})", 4,
                          {"bad.safetensors", "tensor 'w'", "run past the 4-byte data section"}));
   EXPECT_TRUE(expect_bad(R"({"w": {"dtype": "F32", "shape": [0], "data_offsets": [8, 4]}})", 8,

@@ -186,10 +186,17 @@ inline layer_plan plan_layer(const safetensors_file& f, const std::string& prefi
   layer_plan p;
   p.prefix = prefix;
   if (layout == checkpoint_layout::automatic) {
+    // Two complete layouts under one prefix (Hugging Face and diffusers names side by side)
+    // would make the choice arbitrary: an error naming both, and how to pick one.
     for (checkpoint_layout l : known_layouts)
       if (has_layer(f, prefix, l)) {
+        if (layout != checkpoint_layout::automatic)
+          safetensors_file::fail(
+              f.name(), std::string("two attention layers under prefix '") + prefix + "': " +
+                            layout_name(layout) + " (" + anchor_of(layout) + ") and " +
+                            layout_name(l) + " (" + anchor_of(l) +
+                            "); name the one to load in checkpoint_options::layout");
         layout = l;
-        break;
       }
     if (layout == checkpoint_layout::automatic) {
       std::string found, tried;

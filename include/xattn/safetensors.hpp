@@ -30,6 +30,7 @@
 #include <limits>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -367,6 +368,10 @@ struct safetensors_tensor {
 /// A safetensors file, its header checked in full on construction. A file opened with load()
 /// is memory-mapped where the system allows it (POSIX), so reading one layer out of a
 /// multi-gigabyte checkpoint touches only that layer's pages; elsewhere it is read whole.
+/// A mapped file must not shrink while it is open: if another process truncates or rewrites
+/// it, reading a tensor whose pages are gone ends the process with SIGBUS (as every reader of a
+/// memory-mapped file does). For a file that may change, open it with load_copy(), which reads
+/// it whole into memory first.
 class safetensors_file {
  public:
   /// Opens and checks the file at path: io_error if it is not a regular file or cannot be read,
@@ -374,19 +379,8 @@ class safetensors_file {
   /// writer) or a device such as /dev/zero (endless) is refused before anything is read.
   static safetensors_file load(const std::string& path) {
 #if defined(__unix__) || defined(__APPLE__)
-    // O_NONBLOCK: opening a FIFO returns at once, and fstat then refuses it.
-    const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
-    if (fd < 0)
-      XATTN_THROW(io_error("safetensors: " + path + ": cannot open the file (" +
-                           std::strerror(errno) + ")"));
-    struct ::stat st {};
-    const bool stat_ok = ::fstat(fd, &st) == 0;
-    if (!stat_ok || !S_ISREG(st.st_mode)) {
-      ::close(fd);
-      XATTN_THROW(io_error("safetensors: " + path +
-                           (stat_ok ? ": not a regular file" : ": cannot stat the file")));
-    }
-    const std::size_t size = std::size_t(st.st_size);
+    std::size_t size = 0;
+    const int fd = open_regular_file(path, size);
     if (size > 0) {
       void* map = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
       ::close(fd);
@@ -400,6 +394,17 @@ class safetensors_file {
       ::close(fd);
     }
     // An empty file, or a file system that cannot map: read it whole below.
+#endif
+    return load_copy(path);
+  }
+
+  /// Opens and checks the file at path as load() does, reading it whole into memory instead of
+  /// mapping it: later changes to the file cannot reach it (for a checkpoint that another
+  /// process may rewrite while it is open), at the cost of the whole file's bytes in memory.
+  static safetensors_file load_copy(const std::string& path) {
+#if defined(__unix__) || defined(__APPLE__)
+    std::size_t size = 0;
+    ::close(open_regular_file(path, size));
 #else
     std::error_code ec;
     const auto status = std::filesystem::status(path, ec);
@@ -416,6 +421,28 @@ class safetensors_file {
     return safetensors_file(std::move(bytes), path);
   }
 
+ private:
+#if defined(__unix__) || defined(__APPLE__)
+  /// The open file descriptor of the regular file at path, and its size: io_error otherwise
+  /// (O_NONBLOCK: opening a FIFO returns at once, and fstat then refuses it).
+  static int open_regular_file(const std::string& path, std::size_t& size) {
+    const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0)
+      XATTN_THROW(io_error("safetensors: " + path + ": cannot open the file (" +
+                           std::strerror(errno) + ")"));
+    struct ::stat st {};
+    const bool stat_ok = ::fstat(fd, &st) == 0;
+    if (!stat_ok || !S_ISREG(st.st_mode)) {
+      ::close(fd);
+      XATTN_THROW(io_error("safetensors: " + path +
+                           (stat_ok ? ": not a regular file" : ": cannot stat the file")));
+    }
+    size = std::size_t(st.st_size);
+    return fd;
+  }
+#endif
+
+ public:
   /// Checks the bytes of a whole file; `name` stands for the file in error messages.
   safetensors_file(std::vector<unsigned char> bytes, std::string name) : name_(std::move(name)) {
     auto held = std::make_shared<std::vector<unsigned char>>(std::move(bytes));
@@ -506,9 +533,21 @@ class safetensors_file {
     const std::uint64_t data_size = size - 8 - n;
 
     const auto* begin = reinterpret_cast<const char*>(data_.get() + 8);
-    const nlohmann::json header = nlohmann::json::parse(begin, begin + n, nullptr, false);
+    // A name given twice is an error (JSON would keep the last silently, and the other entry
+    // would never be checked), as in the safetensors reference implementation.
+    std::set<std::string> names;
+    std::string twice;
+    const auto note_names = [&](int depth, nlohmann::json::parse_event_t event,
+                                nlohmann::json& parsed) {
+      if (event == nlohmann::json::parse_event_t::key && depth == 1 && twice.empty() &&
+          !names.insert(parsed.get<std::string>()).second)
+        twice = parsed.get<std::string>();
+      return true;
+    };
+    const nlohmann::json header = nlohmann::json::parse(begin, begin + n, note_names, false);
     if (header.is_discarded()) fail(name_, "the header is not valid JSON");
     if (!header.is_object()) fail(name_, "the header is not a JSON object");
+    if (!twice.empty()) fail(name_, "the header names '" + twice + "' more than once");
 
     for (const auto& item : header.items()) {
       const std::string& key = item.key();

@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: MIT
-// The umbrella header: includes every public xattn header except heatmap_png.hpp, which needs
-// stb_image_write. Start reading at tensor_view.hpp, then attention_naive.hpp.
+// The umbrella header: includes every public xattn header that needs nothing beyond Eigen. Not
+// here: heatmap_png.hpp (needs stb_image_write), safetensors.hpp and checkpoints.hpp (need
+// nlohmann_json, target xattn::safetensors) and distributed.hpp (needs MPI, target xattn::mpi).
+// Start reading at tensor_view.hpp, then attention_naive.hpp.
 #pragma once
 
 #include "xattn/attention.hpp"
