@@ -9,6 +9,7 @@
 // report, a failed XATTN_ASSERT, any other exception (std::bad_alloc from a size the file
 // claims included), or a read of an accepted tensor that throws is a bug.
 #include "xattn/errors.hpp"
+#include "xattn/checkpoints.hpp"
 #include "xattn/safetensors.hpp"
 
 #include <cstddef>

@@ -3,6 +3,7 @@
 // kind of malformed file rejected with a format_error naming the file and the tensor, the three
 // weight namings, and the module against PyTorch's nn.MultiheadAttention on the fixtures that
 // tests/make_fixtures.py wrote.
+#include "xattn/checkpoints.hpp"
 #include "xattn/safetensors.hpp"
 
 #include "test_support.hpp"

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
 // Reading and writing safetensors files (the format PyTorch and Hugging Face export weights in).
-// checkpoints.hpp loads multi_head_cross_attention layers from them. Optional: this header needs
-// nlohmann_json besides Eigen, and the umbrella xattn.hpp does not include it.
+// This header is the format alone: tensors, dtypes and the mapping, nothing of a layer;
+// checkpoints.hpp loads multi_head_cross_attention layers from such files. Optional: this header
+// needs nlohmann_json besides Eigen, and the umbrella xattn.hpp does not include it.
 //
 // The format: an 8-byte little-endian header length N, N bytes of JSON mapping each tensor name
 // to {"dtype", "shape", "data_offsets": [begin, end]} (byte offsets into the data that follows
@@ -11,12 +12,11 @@
 #pragma once
 
 #include "xattn/config.hpp"
-#include "xattn/cross_attention.hpp"
 #include "xattn/errors.hpp"
 #include "xattn/half.hpp"
-#include "xattn/projection.hpp"
 #include "xattn/tensor_view.hpp"
 
+#include <Eigen/Core>
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
@@ -756,6 +756,3 @@ class safetensors_writer {
 
 }  // namespace xattn
 
-// The model layouts (which tensor names, which biases, which scale) and loading a layer from a
-// file are in checkpoints.hpp; including either header gives both.
-#include "xattn/checkpoints.hpp"
