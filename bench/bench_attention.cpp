@@ -20,7 +20,10 @@
 #include <benchmark/benchmark.h>
 #include <Eigen/Core>
 
+#include <chrono>
 #include <random>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -63,12 +66,21 @@ void BM_TiledAttention(benchmark::State& state) {
   xattn::tile_options tiles;
   tiles.num_threads = use_threads(state, 3);
   attention_inputs<T> io(s);
+  xattn::tiled_attention<T>(io.q(), io.k(), io.v(), io.out(), {}, tiles);  // scratch, peaks
+  (void)xattn_bench::peaks();
+  const auto t0 = std::chrono::steady_clock::now();
   for (auto _ : state) {
     xattn::tiled_attention<T>(io.q(), io.k(), io.v(), io.out(), {}, tiles);
     benchmark::DoNotOptimize(io.out().data());
     benchmark::ClobberMemory();
   }
+  const double seconds = xattn_bench::seconds_since(t0);
   report_flops(state, xattn::attention_flops(s));
+  // the bf16-product path's lanes path runs on vdpbf16ps; its row path (Lq < 16) widens
+  const bool products = std::is_same_v<T, Eigen::bfloat16> && s.q_len >= 16 &&
+                        xattn::cpu_path_for<T>().find("+dpbf16") != std::string::npos;
+  xattn_bench::report_peak_fraction(state, xattn::attention_flops(s), seconds,
+                                    *tiles.num_threads, products);
   state.counters["scratch_KiB"] =
       double(xattn::tiled_attention_scratch_bytes<T>(s, tiles)) / 1024.0;
 }

@@ -12,6 +12,8 @@
 #include <benchmark/benchmark.h>
 #include <Eigen/Core>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <random>
 #include <string>
@@ -95,6 +97,112 @@ inline void label_build(benchmark::State& state) {
 #endif
 }
 
+// ---- the core's peak, measured once per process ------------------------------------------------
+// Throughput loops of 12 independent accumulators (more than the FMA latency times the pipes on
+// every core measured), written in assembly so that the compiler cannot shorten them: the
+// widest FMA the CPU has (vfmadd231ps on zmm with AVX-512, on ymm with AVX2), 2 FLOPs per lane,
+// and vdpbf16ps on zmm (AVX-512 BF16), 4 FLOPs per lane (two products, two additions).
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#  define XATTN_BENCH_PEAK_LOOP(isa, zero, op, reg)                                          \
+    __attribute__((target(isa))) inline void peak_loop_##reg(long n) {                       \
+      const float one = 1.0f, tiny = 1e-30f;                                                    \
+      __asm__ volatile(zero "vbroadcastss %[one], %%" #reg "12\n"                              \
+                       "vbroadcastss %[tiny], %%" #reg "13\n"                                  \
+                       "1:\n" op(0) op(1) op(2) op(3) op(4) op(5) op(6) op(7) op(8) op(9)      \
+                           op(10) op(11) "dec %[n]\n"                                          \
+                       "jnz 1b\n"                                                              \
+                       : [n] "+r"(n)                                                            \
+                       : [one] "m"(one), [tiny] "m"(tiny)                                       \
+                       : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7",       \
+                         "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "cc");             \
+    }
+#  define XATTN_BENCH_ZERO                                                                      \
+    "vxorps %%xmm0, %%xmm0, %%xmm0\n vxorps %%xmm1, %%xmm1, %%xmm1\n"                         \
+    "vxorps %%xmm2, %%xmm2, %%xmm2\n vxorps %%xmm3, %%xmm3, %%xmm3\n"                         \
+    "vxorps %%xmm4, %%xmm4, %%xmm4\n vxorps %%xmm5, %%xmm5, %%xmm5\n"                         \
+    "vxorps %%xmm6, %%xmm6, %%xmm6\n vxorps %%xmm7, %%xmm7, %%xmm7\n"                         \
+    "vxorps %%xmm8, %%xmm8, %%xmm8\n vxorps %%xmm9, %%xmm9, %%xmm9\n"                         \
+    "vxorps %%xmm10, %%xmm10, %%xmm10\n vxorps %%xmm11, %%xmm11, %%xmm11\n"
+#  define XATTN_BENCH_FMA_ZMM(r) "vfmadd231ps %%zmm12, %%zmm13, %%zmm" #r "\n"
+#  define XATTN_BENCH_FMA_YMM(r) "vfmadd231ps %%ymm12, %%ymm13, %%ymm" #r "\n"
+#  define XATTN_BENCH_DPBF16(r) "vdpbf16ps %%zmm12, %%zmm13, %%zmm" #r "\n"
+XATTN_BENCH_PEAK_LOOP("avx512f", XATTN_BENCH_ZERO, XATTN_BENCH_FMA_ZMM, zmm)
+XATTN_BENCH_PEAK_LOOP("avx2,fma", XATTN_BENCH_ZERO, XATTN_BENCH_FMA_YMM, ymm)
+__attribute__((target("avx512f,avx512bf16"))) inline void peak_loop_dpbf16(long n) {
+  const float one = 1.0f, tiny = 1e-30f;
+  __asm__ volatile(XATTN_BENCH_ZERO
+                   "vbroadcastss %[one], %%zmm12\n"
+                   "vbroadcastss %[tiny], %%zmm13\n"
+                   "1:\n" XATTN_BENCH_DPBF16(0) XATTN_BENCH_DPBF16(1) XATTN_BENCH_DPBF16(2)
+                       XATTN_BENCH_DPBF16(3) XATTN_BENCH_DPBF16(4) XATTN_BENCH_DPBF16(5)
+                           XATTN_BENCH_DPBF16(6) XATTN_BENCH_DPBF16(7) XATTN_BENCH_DPBF16(8)
+                               XATTN_BENCH_DPBF16(9) XATTN_BENCH_DPBF16(10)
+                                   XATTN_BENCH_DPBF16(11) "dec %[n]\n"
+                   "jnz 1b\n"
+                   : [n] "+r"(n)
+                   : [one] "m"(one), [tiny] "m"(tiny)
+                   : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",
+                     "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "cc");
+}
+#endif
+
+/// GFLOP/s of one of the loops above (the best of 3 runs of about 50 ms), 0 where the CPU or
+/// the build has no such loop.
+inline double measure_peak(void (*loop)(long), double flops_per_iteration) {
+  double best = 0;
+  const long n = 10'000'000;
+  for (int run = 0; run < 3; ++run) {
+    const auto t0 = std::chrono::steady_clock::now();
+    loop(n);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, double(n) * flops_per_iteration / s * 1e-9);
+  }
+  return best;
+}
+
+/// The core's float FMA peak and its vdpbf16ps peak (GFLOP/s, one thread), measured on the
+/// first call; 0 where not measurable.
+struct core_peaks {
+  double fma = 0, dpbf16 = 0;
+  const char* fma_loop = "none";
+};
+inline const core_peaks& peaks() {
+  static const core_peaks p = [] {
+    core_peaks r;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) {
+      r.fma = measure_peak(&peak_loop_zmm, 12 * 16 * 2);
+      r.fma_loop = "vfmadd231ps zmm";
+    } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      r.fma = measure_peak(&peak_loop_ymm, 12 * 8 * 2);
+      r.fma_loop = "vfmadd231ps ymm";
+    }
+    if (xattn::detail::level_available(xattn::detail::cpu_level::avx512bf16))
+      r.dpbf16 = measure_peak(&peak_loop_dpbf16, 12 * 16 * 4);
+#endif
+    return r;
+  }();
+  return p;
+}
+
+/// Sets the counter peak_frac: the case's FLOP rate (over `seconds`, the timed loop's wall
+/// time) over the core's peak times its threads (the vdpbf16ps peak for bf16 calls on the
+/// bf16-product path, else the FMA peak).
+inline void report_peak_fraction(benchmark::State& state, double flops_per_iteration,
+                                 double seconds, int threads, bool bf16_products = false) {
+  const core_peaks& p = peaks();
+  const double peak = (bf16_products && p.dpbf16 > 0 ? p.dpbf16 : p.fma) * 1e9 * threads;
+  if (peak > 0 && seconds > 0)
+    state.counters["peak_frac"] = flops_per_iteration * double(state.iterations()) / seconds / peak;
+}
+
+/// Wall-clock seconds since t0.
+inline double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
 /// Adds how the binary was built to the report's context (the console header and the JSON
 /// "context" object), so saved results say what they measured.
 inline void add_build_context() {
@@ -108,6 +216,11 @@ inline void add_build_context() {
   benchmark::AddCustomContext("xattn_cpu_path", std::string(xattn::cpu_path()));
   benchmark::AddCustomContext("xattn_cpu_path_fp16", xattn::cpu_path_for<Eigen::half>());
   benchmark::AddCustomContext("xattn_cpu_path_bf16", xattn::cpu_path_for<Eigen::bfloat16>());
+  const core_peaks& p = peaks();
+  benchmark::AddCustomContext("fma_peak_gflops_1_thread",
+                              std::to_string(int(p.fma)) + " (" + p.fma_loop + ")");
+  if (p.dpbf16 > 0)
+    benchmark::AddCustomContext("dpbf16_peak_gflops_1_thread", std::to_string(int(p.dpbf16)));
 #ifdef NDEBUG
   benchmark::AddCustomContext("xattn_asserts", "off");
 #else
