@@ -36,8 +36,8 @@ inline std::string_view cpu_path() noexcept { return detail::level_name(detail::
 /// to float (half.hpp): "+f16c" (vcvtph2ps) or "+scalar" for fp16, "+shift" (a bf16 is the high
 /// half of a float: shifts, byte shuffles or interleaving) or "+scalar" for bf16. On avx512bf16,
 /// bf16 is "+dpbf16" where the core multiplies bf16 faster than it widens (detail::
-/// bf16_products_pay: AMD Zen 4 and Zen 5, whose vdpbf16ps runs 1.8x the FMA's FLOP rate; not
-/// the Intel Xeons, where it runs at half of it) or where the path was named by set_cpu_path
+/// bf16_products_pay: AMD Zen 4 and Zen 5, whose vdpbf16ps runs 2.0x and 1.8x the FMA's FLOP
+/// rate; not the Intel Xeons, where it runs at half of it) or where the path was named by set_cpu_path
 /// or XATTN_CPU_PATH: a bf16 call's query tiles (the lanes path: at least a packet of queries)
 /// multiply bf16 pairs into float sums with vdpbf16ps, the probabilities rounded to bf16 for
 /// P·V, as GPU FlashAttention does; its few-query rows (a decoder step), the mixed call (float

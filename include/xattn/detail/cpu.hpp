@@ -119,8 +119,10 @@ inline cpu_identity this_cpu() noexcept {
 /// products per lane) must run at least 1.3x the FLOP rate of vfmadd231ps, since the products
 /// path also rounds the probabilities and packs pairs. Measured on 2-core cloud instances
 /// (512-bit throughput loops, 12 independent accumulators; bench_attention):
-///   AMD Zen 4 (family 0x19) and Zen 5 (0x1a): vdpbf16ps 1.8x the FMA rate (Zen 5: 375-386
-///     against 204-216 GFLOP/s); the products path ran 1.6x float at 1024^2.  -> products
+///   AMD Zen 4 (family 0x19): vdpbf16ps 231 against vfmadd231ps 115 GFLOP/s (2.0x); the
+///     products path ran 1.46x float at 1024^2 and 1.51x at 4096^2.  -> products
+///   AMD Zen 5 (family 0x1a): 375-386 against 204-216 GFLOP/s (1.8x); the products path ran
+///     1.6x float at 1024^2.  -> products
 ///   Intel Xeons with AVX-512 BF16 (Cooper Lake, Sapphire Rapids and later): vdpbf16ps at
 ///     about half the FMA rate; the products path ran 0.55x float where widening ran 0.8x.
 ///     -> widen
