@@ -689,6 +689,25 @@ TEST(HalfPaths, Bf16ProductsRoundTheProbabilitiesToBf16) {
   });
 }
 
+TEST(HalfPaths, Bf16ProductsTreatSubnormalInputsAsZeroAsTheInstructionDoes) {
+  // vdpbf16ps counts subnormal inputs as zeros (whatever MXCSR says), and so does the emulated
+  // avx512bf16 level: 32 queries over 4 keys of equal score whose values are the subnormal
+  // 2^-130 give 0 on the bf16-product paths, and 2^-130 (exactly: every weight is 1/4) on the
+  // widening paths. The avx2 test hook's emulation models products, not this flushing.
+  using B = Eigen::bfloat16;
+  const float tiny = std::ldexp(1.0f, -130);
+  tensor<B, 4> q({1, 1, 32, 1}, B(1.0f)), k({1, 1, 4, 1}, B(0.0f)), v({1, 1, 4, 1}, B(tiny)),
+      out({1, 1, 32, 1});
+  ASSERT_EQ(float(B(tiny)), tiny);
+  each_path{true}([&](std::string_view path) {
+    if (path == "avx2+dpbf16-emulated") return;
+    const bool products = xattn::cpu_path_for<B>().find("dpbf16") != std::string::npos;
+    std::fill(out.data.begin(), out.data.end(), B(-7.0f));
+    xattn::tiled_attention<B>(q.cview(), k.cview(), v.cview(), out.view());
+    for (const B& o : out.data) EXPECT_EQ(float(o), products ? 0.0f : tiny);
+  });
+}
+
 TEST(HalfPaths, Bf16ProductsReserveTheirPairsAndNoFloatCopies) {
   // The product loops read bf16 keys in place or copy them into their own pairs, so a call
   // reserves no float tiles of K or V, and tiled_attention_scratch_bytes counts what it reserves.
