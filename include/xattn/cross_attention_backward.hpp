@@ -130,13 +130,61 @@ void fold_key_padding(const char* fn, const tensor_view<const bool, 2>& pad,
   mask.allowed = tensor_view<const bool, 4>(allowed);
 }
 
+/// training_forward past its checks: fills saved and writes out (throws only std::bad_alloc).
 template <class T>
 void training_forward_fill(const char* fn, const multi_head_cross_attention<T>& mha,
                            const tensor_view<const T, 3>& query, const context_cache<T>* cache,
                            const tensor_view<const T, 3>& context,
                            const tensor_view<const T, 3>& values, const tensor_view<T, 3>& out,
                            cross_attention_saved<T>& saved, const cross_attention_options<T>& opts,
-                           const attention_shape& s);
+                           const attention_shape& s) {
+  const cross_attention_config& c = mha.config();
+  const cross_attention_weights<T>& w = mha.weights();
+  const index_t B = s.batch, Lq = s.q_len, Lk = s.kv_len, H = s.num_heads;
+  const index_t width = c.num_heads * c.head_dim, kv_width = c.num_kv_heads * c.head_dim;
+  saved.batch = B;
+  saved.q_len = Lq;
+  saved.kv_len = Lk;
+  saved.query = query;
+  saved.context = context;
+  saved.values = values;
+  saved.kernel = opts.kernel;
+  saved.tiles = opts.tiles;
+  saved.opts = attention_options<T>{};
+  saved.opts.scale = opts.scale ? opts.scale : c.scale;
+  saved.opts.mask = opts.mask;
+  saved.opts.weights_out = opts.weights_out;
+  if (opts.key_padding_mask) fold_key_padding(fn, *opts.key_padding_mask, s, saved);
+
+  saved.q.resize(checked_mul(fn, B, Lq), width);
+  saved.o.resize(B * Lq, width);
+  saved.lse.resize(B * H, Lq);
+  row_matrix<T> scratch;
+  w.q_proj.forward(query, rows_view(saved.q, B, Lq), scratch);
+  if (cache) {
+    saved.k.resize(0, 0);
+    saved.v.resize(0, 0);
+    saved.keys = cache->keys();
+    saved.vals = cache->values();
+  } else {
+    saved.k.resize(checked_mul(fn, B, Lk), kv_width);
+    saved.v.resize(B * Lk, kv_width);
+    w.k_proj.forward(context, rows_view(saved.k, B, Lk), scratch);
+    w.v_proj.forward(values, rows_view(saved.v, B, Lk), scratch);
+    const index_t hkv = c.num_kv_heads;
+    saved.keys = split_heads(tensor_view<const T, 3>(rows_view(saved.k, B, Lk)), hkv);
+    saved.vals = split_heads(tensor_view<const T, 3>(rows_view(saved.v, B, Lk)), hkv);
+  }
+  saved.opts.lse_out = tensor_view<T, 3>(saved.lse.data(), {B, H, Lq});
+  const auto qh = split_heads(tensor_view<const T, 3>(rows_view(saved.q, B, Lq)), H);
+  const auto oh = split_heads(rows_view(saved.o, B, Lq), H);
+  if (saved.kernel == attention_kernel::naive)
+    naive_attention<T>(qh, saved.keys, saved.vals, oh, saved.opts);
+  else
+    tiled_attention<T>(qh, saved.keys, saved.vals, oh, saved.opts, saved.tiles);
+  saved.opts.weights_out.reset();  // an output of the forward only
+  w.out_proj.forward(tensor_view<const T, 3>(rows_view(saved.o, B, Lq)), out, scratch);
+}
 
 template <class T>
 void training_forward_impl(const char* fn, const multi_head_cross_attention<T>& mha,
@@ -212,61 +260,6 @@ void training_forward_impl(const char* fn, const multi_head_cross_attention<T>& 
     saved.opts.lse_out.reset();
     throw;
   }
-}
-
-template <class T>
-void training_forward_fill(const char* fn, const multi_head_cross_attention<T>& mha,
-                           const tensor_view<const T, 3>& query, const context_cache<T>* cache,
-                           const tensor_view<const T, 3>& context,
-                           const tensor_view<const T, 3>& values, const tensor_view<T, 3>& out,
-                           cross_attention_saved<T>& saved, const cross_attention_options<T>& opts,
-                           const attention_shape& s) {
-  const cross_attention_config& c = mha.config();
-  const cross_attention_weights<T>& w = mha.weights();
-  const index_t B = s.batch, Lq = s.q_len, Lk = s.kv_len, H = s.num_heads;
-  const index_t width = c.num_heads * c.head_dim, kv_width = c.num_kv_heads * c.head_dim;
-  saved.batch = B;
-  saved.q_len = Lq;
-  saved.kv_len = Lk;
-  saved.query = query;
-  saved.context = context;
-  saved.values = values;
-  saved.kernel = opts.kernel;
-  saved.tiles = opts.tiles;
-  saved.opts = attention_options<T>{};
-  saved.opts.scale = opts.scale ? opts.scale : c.scale;
-  saved.opts.mask = opts.mask;
-  saved.opts.weights_out = opts.weights_out;
-  if (opts.key_padding_mask) fold_key_padding(fn, *opts.key_padding_mask, s, saved);
-
-  saved.q.resize(checked_mul(fn, B, Lq), width);
-  saved.o.resize(B * Lq, width);
-  saved.lse.resize(B * H, Lq);
-  row_matrix<T> scratch;
-  w.q_proj.forward(query, rows_view(saved.q, B, Lq), scratch);
-  if (cache) {
-    saved.k.resize(0, 0);
-    saved.v.resize(0, 0);
-    saved.keys = cache->keys();
-    saved.vals = cache->values();
-  } else {
-    saved.k.resize(checked_mul(fn, B, Lk), kv_width);
-    saved.v.resize(B * Lk, kv_width);
-    w.k_proj.forward(context, rows_view(saved.k, B, Lk), scratch);
-    w.v_proj.forward(values, rows_view(saved.v, B, Lk), scratch);
-    const index_t hkv = c.num_kv_heads;
-    saved.keys = split_heads(tensor_view<const T, 3>(rows_view(saved.k, B, Lk)), hkv);
-    saved.vals = split_heads(tensor_view<const T, 3>(rows_view(saved.v, B, Lk)), hkv);
-  }
-  saved.opts.lse_out = tensor_view<T, 3>(saved.lse.data(), {B, H, Lq});
-  const auto qh = split_heads(tensor_view<const T, 3>(rows_view(saved.q, B, Lq)), H);
-  const auto oh = split_heads(rows_view(saved.o, B, Lq), H);
-  if (saved.kernel == attention_kernel::naive)
-    naive_attention<T>(qh, saved.keys, saved.vals, oh, saved.opts);
-  else
-    tiled_attention<T>(qh, saved.keys, saved.vals, oh, saved.opts, saved.tiles);
-  saved.opts.weights_out.reset();  // an output of the forward only
-  w.out_proj.forward(tensor_view<const T, 3>(rows_view(saved.o, B, Lq)), out, scratch);
 }
 
 template <class T>
