@@ -130,7 +130,8 @@ void fold_key_padding(const char* fn, const tensor_view<const bool, 2>& pad,
   mask.allowed = tensor_view<const bool, 4>(allowed);
 }
 
-/// training_forward past its checks: fills saved and writes out (throws only std::bad_alloc).
+/// training_forward past its checks: fills saved and writes out (the caller empties saved if
+/// anything here throws: an allocation, or a key padding folded into a position window).
 template <class T>
 void training_forward_fill(const char* fn, const multi_head_cross_attention<T>& mha,
                            const tensor_view<const T, 3>& query, const context_cache<T>* cache,
