@@ -252,8 +252,8 @@ void training_forward_impl(const char* fn, const multi_head_cross_attention<T>& 
     }
     if (opts.kernel == attention_kernel::tiled) check_tile_options(fn, opts.tiles);
   }
-  // Past the checks only a failure to allocate can throw; saved is then emptied, so that
-  // training_backward rejects it instead of mixing two forwards.
+  // Past the checks what can still throw (above all a failure to allocate) empties saved, so
+  // that training_backward rejects it instead of mixing two forwards.
   try {
     training_forward_fill(fn, mha, query, cache, context, values, out, saved, opts, s);
   } catch (...) {
