@@ -4,12 +4,13 @@
 // registers, every operation the one the AVX-512 instruction performs (the same lanes, the same
 // order of additions in every reduction, vscalef's one rounding, vdpbf16ps's and
 // vcvtne2ps2bf16's treatment of subnormal numbers), compiled for AVX2 and run through the same
-// loops (detail/online_softmax.inl, detail/bf16_products.inl). The tests that include this file
+// loops (detail/online_softmax.inl, detail/bf16_products.inl, detail/gemm.inl). The tests that include this file
 // run every case on these levels too (each_path, tests/kernels.hpp), and on a CPU with
 // AVX-512 a test holds them equal, bit for bit, to the native levels (test_dispatch.cpp), so the
 // emulation cannot drift from the hardware. Test-only: nothing in include/ uses it.
 #pragma once
 
+#include "xattn/detail/gemm.hpp"
 #include "xattn/detail/kernels.hpp"
 
 #include "kernels.hpp"
@@ -229,6 +230,7 @@ inline constexpr cpu_level level = cpu_level::avx512;
 #  define XATTN_DETAIL_LOOP_INLINE inline __attribute__((always_inline))
 #  include "xattn/detail/bf16_products.inl"
 #  include "xattn/detail/online_softmax.inl"
+#  include "xattn/detail/gemm.inl"
 #  undef XATTN_DETAIL_LOOP_INLINE
 
 }  // namespace xattn::detail::cpu_avx512_emulated

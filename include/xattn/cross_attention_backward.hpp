@@ -391,9 +391,10 @@ void training_backward(const multi_head_cross_attention<T>& mha,
 
   // out = O Woᵀ + bo:  dWo += dOutᵀ O,  dbo += Σ_rows dOut,  dO = dOut Wo
   const row_matrix<T> g_out = detail::gather_rows(dout);
-  grads.out_proj.weight.noalias() += g_out.transpose() * saved.o;
+  detail::product<T>(grads.out_proj.weight, g_out, true, saved.o, false, true);
   if (grads.out_proj.has_bias()) grads.out_proj.bias += g_out.colwise().sum();
-  row_matrix<T> d_o = g_out * w.out_proj.weight;
+  row_matrix<T> d_o(g_out.rows(), w.out_proj.weight.cols());
+  detail::product<T>(d_o, g_out, false, w.out_proj.weight, false, false);
 
   // The attention itself (attention_backward.hpp).
   row_matrix<T> d_q(B * Lq, H * c.head_dim), d_k(B * Lk, hkv * c.head_dim),
@@ -417,9 +418,11 @@ void training_backward(const multi_head_cross_attention<T>& mha,
   const auto through = [](const tensor_view<const T, 3>& x, const row_matrix<T>& dy,
                           const linear<T>& lin, linear<T>& g, const tensor_view<T, 3>& dx) {
     const row_matrix<T> xm = detail::gather_rows(x);
-    g.weight.noalias() += dy.transpose() * xm;
+    detail::product<T>(g.weight, dy, true, xm, false, true);
     if (g.has_bias()) g.bias += dy.colwise().sum();
-    detail::scatter_rows(dx, dy * lin.weight);
+    row_matrix<T> dxm(dy.rows(), lin.weight.cols());
+    detail::product<T>(dxm, dy, false, lin.weight, false, false);
+    detail::scatter_rows(dx, dxm);
   };
   through(saved.query, d_q, w.q_proj, grads.q_proj, dquery);
   through(saved.context, d_k, w.k_proj, grads.k_proj, dcontext);

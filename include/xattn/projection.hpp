@@ -5,6 +5,7 @@
 
 #include "xattn/config.hpp"
 #include "xattn/detail/eigen_interop.hpp"
+#include "xattn/detail/gemm.hpp"
 #include "xattn/detail/kernels.hpp"
 #include "xattn/detail/overlap.hpp"
 #include "xattn/detail/tiling.hpp"
@@ -33,16 +34,46 @@
 
 namespace xattn {
 
-/// The engine of the projections' matrix products: "blas" (built with XATTN_USE_BLAS) or
-/// "eigen".
-inline const char* gemm_engine() noexcept { return XATTN_USE_BLAS ? "blas" : "eigen"; }
+/// The engine of the projections' matrix products: "blas" (built with XATTN_USE_BLAS: the
+/// forward products go through the BLAS) or "xattn" (detail/gemm.hpp, compiled for every
+/// instruction-set level and chosen at run time like the attention's loops).
+inline const char* gemm_engine() noexcept { return XATTN_USE_BLAS ? "blas" : "xattn"; }
 
 namespace detail {
 
-/// C = A Bᵀ for row-major A [m, k], B [n, k] and C [m, n] (rows contiguous, any row strides):
-/// one cblas_sgemm/dgemm call with XATTN_USE_BLAS, else Eigen's GEMM.
+/// C = op(A) op(B) (+ C when accumulate) (+ bias on every row) for row-major Eigen matrices or
+/// maps with contiguous rows, op(X) = Xᵀ when its flag is set; C is resized by the caller and
+/// must not overlap A, B or bias. On detail::gemm (any XATTN_USE_BLAS).
 template <class T, class A, class B, class C>
-void gemm_nt(const A& a, const B& b, C& c) {
+void product(C& c, const A& a, bool trans_a, const B& b, bool trans_b, bool accumulate,
+             const T* bias = nullptr) {
+  const index_t lda = index_t(a.outerStride()), ldb = index_t(b.outerStride());
+  const index_t m = index_t(c.rows()), n = index_t(c.cols());
+  const index_t k = trans_a ? index_t(a.rows()) : index_t(a.cols());
+  XATTN_ASSERT((trans_a ? index_t(a.cols()) : index_t(a.rows())) == m);
+  XATTN_ASSERT((trans_b ? index_t(b.cols()) : index_t(b.rows())) == k);
+  XATTN_ASSERT((trans_b ? index_t(b.rows()) : index_t(b.cols())) == n);
+  const gemm_args<T> g{m,
+                       n,
+                       k,
+                       a.data(),
+                       trans_a ? 1 : lda,
+                       trans_a ? lda : 1,
+                       b.data(),
+                       trans_b ? 1 : ldb,
+                       trans_b ? ldb : 1,
+                       c.data(),
+                       index_t(c.outerStride()),
+                       accumulate,
+                       bias};
+  gemm(g);
+}
+
+/// C = A Bᵀ (+ bias on every row) for row-major A [m, k], B [n, k] and C [m, n] (rows
+/// contiguous, any row strides): one cblas_sgemm/dgemm call with XATTN_USE_BLAS (the bias added
+/// after), else detail::gemm with the bias added as each block is stored.
+template <class T, class A, class B, class C>
+void gemm_nt(const A& a, const B& b, C& c, const T* bias) {
 #if XATTN_USE_BLAS
   // CBLAS counts in int and needs every leading dimension >= max(1, row length).
   constexpr index_t most = INT_MAX;
@@ -57,16 +88,17 @@ void gemm_nt(const A& a, const B& b, C& c) {
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, a.data(),
                   int(a.outerStride()), b.data(), int(b.outerStride()), 0.0f, c.data(),
                   int(c.outerStride()));
-      return;
-    } else if constexpr (std::is_same_v<T, double>) {
+    } else {
       cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0, a.data(),
                   int(a.outerStride()), b.data(), int(b.outerStride()), 0.0, c.data(),
                   int(c.outerStride()));
-      return;
     }
+    if (bias)
+      c.rowwise() += Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>(bias, c.cols());
+    return;
   }
 #endif
-  c.noalias() = a * b.transpose();
+  product<T>(c, a, false, b, true, false, bias);
 }
 
 }  // namespace detail
@@ -170,35 +202,41 @@ struct linear {
           detail::matrix_map<T>(y.data(), rows, y.extent(2), Eigen::OuterStride<>(row_step(y)));
       if (rows <= gemv_rows) {
         // A decoder step has one row per sequence: a matrix-vector product per row reads W
-        // once, where GEMM would first pack all of W into its blocking buffers.
-        for (index_t r = 0; r < rows; ++r)
-          Y.row(r).transpose().noalias() = weight * X.row(r).transpose();
+        // once, where GEMM would first pack all of W into its blocking buffers. The dot
+        // products are the tiled attention's row kernel (one query against rows of keys).
+        const detail::tile_kernels<T>& kern = detail::active_kernels<T>();
+        for (index_t r = 0; r < rows; ++r) {
+          T* yr = Y.row(r).data();
+          kern.row_scores(X.row(r).data(), weight.data(), in_features(), in_features(),
+                          out_features(), yr);
+          if (has_bias())
+            for (index_t o = 0; o < out_features(); ++o) yr[o] += bias[o];
+        }
       } else {
-        detail::gemm_nt<T>(X, weight, Y);
+        detail::gemm_nt<T>(X, weight, Y, has_bias() ? bias.data() : nullptr);
       }
-      if (has_bias()) Y.rowwise() += bias;
     } else {
       scratch.resize(rows, out_features());
-      detail::gemm_nt<T>(X, weight, scratch);
-      if (has_bias()) scratch.rowwise() += bias;
+      detail::gemm_nt<T>(X, weight, scratch, has_bias() ? bias.data() : nullptr);
       for (index_t b = 0, r = 0; b < y.extent(0); ++b)
         for (index_t l = 0; l < y.extent(1); ++l, ++r)
           for (index_t o = 0; o < y.extent(2); ++o) y(b, l, o) = scratch(r, o);
     }
   }
 
-  // Half storage: float arithmetic. The weight is widened once per call into scratch (after the
-  // bias), then each block of up to half_block rows is widened, multiplied by Eigen's GEMM
-  // kernel (tile_gemm: one thread per block, its packing buffers allocated before anything is
-  // written and reused by every block) and rounded; the blocks are shared among OpenMP threads,
-  // as many as the work is worth (the rule of tiled_attention: no thread for less than
-  // min_flops_per_thread). Up to gemv_rows rows read the half weight in place (the row kernels
-  // of the tiled attention, dot products of one float row with half rows). Every output is
-  // rounded once, after its bias is added. Neither the blocks nor any block's bits depend on
-  // the thread count; an allocation that fails does so before y is written.
+  // Half storage: float arithmetic. The weight is widened once per call and packed for the
+  // GEMM's micro-kernel (detail/gemm.hpp) into scratch (after the bias); then each block of up
+  // to half_block rows is widened, multiplied on the active level's GEMM loops (one thread per
+  // block, every buffer allocated before anything is written) and rounded. The blocks are
+  // shared among OpenMP threads, as many as the work is worth (the rule of tiled_attention: no
+  // thread for less than min_flops_per_thread). Up to gemv_rows rows read the half weight in
+  // place (the row kernels of the tiled attention, dot products of one float row with half
+  // rows). Every output is rounded once, after its bias is added. Neither the blocks nor any
+  // block's bits depend on the thread count.
   void forward_half(const tensor_view<const T, 3>& x, const tensor_view<T, 3>& y, index_t rows,
                     row_matrix<float>& scratch) const {
     const detail::tile_kernels<float>& kern = detail::active_kernels<float>();
+    const detail::gemm_kernels<float>& gk = detail::gemm_kernels_for<float>(kern.level);
     const index_t in = in_features(), out = out_features(), L = x.extent(1);
     const bool gemv = rows <= gemv_rows;
     const index_t block = std::min(rows, half_block);
@@ -208,27 +246,33 @@ struct linear {
         gemv ? 1
              : int(std::max(1.0, std::min({double(detail::default_threads()), double(blocks),
                                            flops / detail::min_flops_per_thread})));
-    // scratch: [bias | W (GEMM only) | per thread: x block, y block]; grown, never shrunk.
-    const index_t per_thread = block * (in + out);
-    const index_t need = out + (gemv ? 0 : out * in) + index_t(threads) * per_thread;
+    const auto round_up = [](index_t v, index_t to) { return (v + to - 1) / to * to; };
+    const index_t kc = detail::gemm_panel_depth<float>(in);
+    // scratch: [bias | W | W packed (GEMM only) | per thread: x block, y block, A panel];
+    // grown, never shrunk.
+    const index_t packed = gemv ? 0 : round_up(out, gk.nr) * in;
+    const index_t panel = gemv ? 0 : round_up(block, gk.mr) * kc;
+    const index_t per_thread = block * (in + out) + panel;
+    const index_t need = out + (gemv ? 0 : out * in) + packed + index_t(threads) * per_thread;
     if (scratch.size() < need) scratch.resize(1, need);
-    std::vector<std::unique_ptr<detail::gemm_blocking<float>>> blocking;
-    if (!gemv)
-      for (int t = 0; t < threads; ++t) {
-        blocking.push_back(std::make_unique<detail::gemm_blocking<float>>(block, out, in, 1, true));
-        blocking.back()->allocateAll();
-      }
     float* const bf = scratch.data();
     float* const wf = bf + out;
-    float* const blocks_at = wf + (gemv ? 0 : out * in);
+    float* const bp = wf + (gemv ? 0 : out * in);
+    float* const blocks_at = bp + packed;
     if (has_bias())
       widen(kern, bias.data(), out, bf);
     else
       std::fill(bf, bf + out, 0.0f);
-    if (!gemv) widen(kern, weight.data(), out * in, wf);
+    if (!gemv) {
+      widen(kern, weight.data(), out * in, wf);
+      const detail::gemm_args<float> w{0, out, in, nullptr, 0, 0, wf, 1, in, nullptr, 0, false,
+                                       nullptr};
+      gk.pack_b(w, 0, out, kc, bp);
+    }
     detail::parallel_for(blocks, threads, [&](index_t blk, int thread) {
       float* const xf = blocks_at + index_t(thread) * per_thread;
       float* const yf = xf + block * in;
+      float* const ap = yf + block * out;
       const index_t r0 = blk * block, m = std::min(block, rows - r0);
       for (index_t r = 0; r < m; ++r) {
         const index_t b = (r0 + r) / L, l = (r0 + r) % L;
@@ -241,18 +285,21 @@ struct linear {
       }
       if (gemv) {
         for (index_t r = 0; r < m; ++r) {
+          float* yr = yf + r * out;
           if constexpr (std::is_same_v<T, Eigen::half>)
-            kern.row_scores_fp16(xf + r * in, weight.data(), in, in, out, yf + r * out);
+            kern.row_scores_fp16(xf + r * in, weight.data(), in, in, out, yr);
           else
-            kern.row_scores_bf16(xf + r * in, weight.data(), in, in, out, yf + r * out);
+            kern.row_scores_bf16(xf + r * in, weight.data(), in, in, out, yr);
+          for (index_t o = 0; o < out; ++o) yr[o] += bf[o];
         }
+      } else if (in == 0) {
+        for (index_t r = 0; r < m; ++r) std::copy(bf, bf + out, yf + r * out);
       } else {
-        detail::tile_gemm<false, true>(m, out, in, xf, in, wf, in, yf, out, 1.0f, false,
-                                       blocking[std::size_t(thread)].get());
+        const detail::gemm_args<float> g{m, out, in, xf, in, 1, wf, 1, in, yf, out, false, bf};
+        gk.item(g, 0, m, 0, out, kc, bp, ap);
       }
       for (index_t r = 0; r < m; ++r) {
-        float* yr = yf + r * out;
-        for (index_t o = 0; o < out; ++o) yr[o] += bf[o];
+        const float* yr = yf + r * out;
         const index_t b = (r0 + r) / L, l = (r0 + r) % L;
         T* dst = y.data() + b * y.stride(0) + l * y.stride(1);
         if (y.stride(2) == 1 || out <= 1)
