@@ -23,12 +23,20 @@ void gemm_pack_a(index_t m, index_t kc, const T* a, index_t rsa, index_t csa, T*
   constexpr index_t R = gemm_mr;
   for (index_t i0 = 0; i0 < m; i0 += R, ap += kc * R) {
     const index_t rows = std::min(R, m - i0);
+    if (rows == R && csa == 1) {
+      // The common case, a row-major A: R rows read side by side, the sliver written in order.
+      const T* src[R];
+      XATTN_DETAIL_UNROLL
+      for (index_t r = 0; r < R; ++r) src[r] = a + (i0 + r) * rsa;
+      for (index_t p = 0; p < kc; ++p) {
+        XATTN_DETAIL_UNROLL
+        for (index_t r = 0; r < R; ++r) ap[p * R + r] = src[r][p];
+      }
+      continue;
+    }
     for (index_t r = 0; r < rows; ++r) {
       const T* src = a + (i0 + r) * rsa;
-      if (csa == 1)
-        for (index_t p = 0; p < kc; ++p) ap[p * R + r] = src[p];
-      else
-        for (index_t p = 0; p < kc; ++p) ap[p * R + r] = src[p * csa];
+      for (index_t p = 0; p < kc; ++p) ap[p * R + r] = src[p * csa];
     }
     for (index_t r = rows; r < R; ++r)
       for (index_t p = 0; p < kc; ++p) ap[p * R + r] = T(0);
@@ -50,13 +58,16 @@ void gemm_pack_b(index_t kc, index_t n, const T* b, index_t rsb, index_t csb, T*
         for (index_t c = cols; c < N; ++c) dst[c] = T(0);
       }
     } else {
-      // B = Wᵀ for a row-major weight W: each column of B is a row of W, read along its length.
-      for (index_t c = 0; c < cols; ++c) {
-        const T* src = b + (j0 + c) * csb;
-        for (index_t p = 0; p < kc; ++p) bp[p * N + c] = src[p * rsb];
+      // B = Wᵀ for a row-major weight W: each column of B is a row of W. The rows are read
+      // side by side, so that the writes run along the sliver (one cache line of each row serves
+      // several steps of p).
+      const T* rows[N];
+      for (index_t c = 0; c < cols; ++c) rows[c] = b + (j0 + c) * csb;
+      for (index_t p = 0; p < kc; ++p) {
+        T* dst = bp + p * N;
+        for (index_t c = 0; c < cols; ++c) dst[c] = rows[c][p * rsb];
+        for (index_t c = cols; c < N; ++c) dst[c] = T(0);
       }
-      for (index_t p = 0; p < kc; ++p)
-        for (index_t c = cols; c < N; ++c) bp[p * N + c] = T(0);
     }
   }
 }
