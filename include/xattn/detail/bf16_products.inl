@@ -22,18 +22,25 @@ XATTN_DETAIL_LOOP_INLINE void pair_score_block(const Eigen::bfloat16* k, index_t
   using P = simd::packet<float>;
   constexpr index_t L = simd::lanes<float>;
   P acc[R][C];
+  XATTN_DETAIL_UNROLL
   for (int r = 0; r < R; ++r)
+    XATTN_DETAIL_UNROLL
     for (int c = 0; c < C; ++c) acc[r][c] = simd::zero<float>();
   for (index_t d = 0; d < dpairs; ++d) {
     simd::pairs q[C];
+    XATTN_DETAIL_UNROLL
     for (int c = 0; c < C; ++c) q[c] = simd::load_pairs(qp + d * ldq + c * 2 * L);
+    XATTN_DETAIL_UNROLL
     for (int r = 0; r < R; ++r) {
       const simd::pairs kb = simd::broadcast_pair(k + r * ldk + 2 * d);
+      XATTN_DETAIL_UNROLL
       for (int c = 0; c < C; ++c) acc[r][c] = simd::dot2(acc[r][c], kb, q[c]);
     }
   }
   const P sc = simd::broadcast(scale);
+  XATTN_DETAIL_UNROLL
   for (int r = 0; r < R; ++r)
+    XATTN_DETAIL_UNROLL
     for (int c = 0; c < C; ++c) simd::store(s + r * lds + c * L, simd::mul(acc[r][c], sc));
 }
 
@@ -47,19 +54,26 @@ XATTN_DETAIL_LOOP_INLINE void pair_value_block(const Eigen::bfloat16* vp, index_
   using P = simd::packet<float>;
   constexpr index_t L = simd::lanes<float>;
   P acc[R][C];
+  XATTN_DETAIL_UNROLL
   for (int c = 0; c < C; ++c) {
     const P cf = simd::load(corr + c * L);
+    XATTN_DETAIL_UNROLL
     for (int r = 0; r < R; ++r) acc[r][c] = simd::mul(simd::load(ot + r * ldo + c * L), cf);
   }
   for (index_t j = 0; j < kpairs; ++j) {
     simd::pairs p[C];
+    XATTN_DETAIL_UNROLL
     for (int c = 0; c < C; ++c) p[c] = simd::load_pairs(pp + j * ldp + c * 2 * L);
+    XATTN_DETAIL_UNROLL
     for (int r = 0; r < R; ++r) {
       const simd::pairs vb = simd::broadcast_pair(vp + j * ldv + 2 * r);
+      XATTN_DETAIL_UNROLL
       for (int c = 0; c < C; ++c) acc[r][c] = simd::dot2(acc[r][c], vb, p[c]);
     }
   }
+  XATTN_DETAIL_UNROLL
   for (int r = 0; r < R; ++r)
+    XATTN_DETAIL_UNROLL
     for (int c = 0; c < C; ++c) simd::store(ot + r * ldo + c * L, acc[r][c]);
 }
 

@@ -23,17 +23,24 @@ XATTN_DETAIL_LOOP_INLINE void score_block(const T* k, index_t ldk, const T* qt, 
   using P = simd::packet<T>;
   constexpr index_t L = simd::lanes<T>;
   P acc[R][C];
+  XATTN_DETAIL_UNROLL
   for (int r = 0; r < R; ++r)
+    XATTN_DETAIL_UNROLL
     for (int c = 0; c < C; ++c) acc[r][c] = simd::zero<T>();
   for (index_t d = 0; d < head_dim; ++d) {
     P q[C];
+    XATTN_DETAIL_UNROLL
     for (int c = 0; c < C; ++c) q[c] = simd::in_register(simd::load(qt + d * ldq + c * L));
+    XATTN_DETAIL_UNROLL
     for (int r = 0; r < R; ++r) {
       const P kb = simd::broadcast(k[r * ldk + d]);
+      XATTN_DETAIL_UNROLL
       for (int c = 0; c < C; ++c) acc[r][c] = simd::fma(kb, q[c], acc[r][c]);
     }
   }
+  XATTN_DETAIL_UNROLL
   for (int r = 0; r < R; ++r)
+    XATTN_DETAIL_UNROLL
     for (int c = 0; c < C; ++c) simd::store(s + r * lds + c * L, acc[r][c]);
 }
 
@@ -45,19 +52,26 @@ XATTN_DETAIL_LOOP_INLINE void value_block(const T* v, index_t ldv, const T* pt, 
   using P = simd::packet<T>;
   constexpr index_t L = simd::lanes<T>;
   P acc[R][C];
+  XATTN_DETAIL_UNROLL
   for (int c = 0; c < C; ++c) {
     const P cf = simd::load(corr + c * L);
+    XATTN_DETAIL_UNROLL
     for (int r = 0; r < R; ++r) acc[r][c] = simd::mul(simd::load(ot + r * ldo + c * L), cf);
   }
   for (index_t j = 0; j < n; ++j) {
     P p[C];
+    XATTN_DETAIL_UNROLL
     for (int c = 0; c < C; ++c) p[c] = simd::in_register(simd::load(pt + j * ldp + c * L));
+    XATTN_DETAIL_UNROLL
     for (int r = 0; r < R; ++r) {
       const P vb = simd::broadcast(v[j * ldv + r]);
+      XATTN_DETAIL_UNROLL
       for (int c = 0; c < C; ++c) acc[r][c] = simd::fma(vb, p[c], acc[r][c]);
     }
   }
+  XATTN_DETAIL_UNROLL
   for (int r = 0; r < R; ++r)
+    XATTN_DETAIL_UNROLL
     for (int c = 0; c < C; ++c) simd::store(ot + r * ldo + c * L, acc[r][c]);
 }
 
@@ -137,14 +151,17 @@ void row_scores(const T* q, const K* k, index_t ldk, index_t head_dim, index_t n
   for (; j + keys <= n; j += keys) {
     const K* kj = k + j * ldk;
     P a[keys];
+    XATTN_DETAIL_UNROLL
     for (int r = 0; r < keys; ++r) a[r] = simd::zero<T>();
     for (index_t d = 0; d < full; d += L) {
       const P qv = simd::in_register(simd::load(q + d));
+      XATTN_DETAIL_UNROLL
       for (int r = 0; r < keys; ++r) a[r] = simd::fma(simd::load(kj + r * ldk + d), qv, a[r]);
     }
     simd::reduce_add4(a, s + j);
     simd::reduce_add4(a + 4, s + j + 4);
     for (index_t d = full; d < head_dim; ++d)
+      XATTN_DETAIL_UNROLL
       for (int r = 0; r < keys; ++r)
         s[j + r] = simd::scalar_fma(q[d], static_cast<T>(kj[r * ldk + d]), s[j + r]);
   }
