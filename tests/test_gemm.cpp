@@ -83,8 +83,8 @@ struct problem {
     for (T& x : c0) x = T(u(gen));
     for (T& x : bias) x = T(u(gen));
   }
-  T at_a(index_t i, index_t p) const { return s.trans_a ? a[p * lda + i] : a[i * lda + p]; }
-  T at_b(index_t p, index_t j) const { return s.trans_b ? b[j * ldb + p] : b[p * ldb + j]; }
+  T at_a(index_t i, index_t p) const { return s.trans_a ? a.data()[p * lda + i] : a.data()[i * lda + p]; }
+  T at_b(index_t p, index_t j) const { return s.trans_b ? b.data()[j * ldb + p] : b.data()[p * ldb + j]; }
   gemm_args<T> args(std::vector<T>& c) const {
     return {s.m,
             s.n,
@@ -123,21 +123,22 @@ void expect_near_reference(const problem<T>& p, const std::vector<T>& c) {
         mag += std::fabs(t);
       }
       if (p.s.accumulate) {
-        sum += p.c0[i * p.ldc + j];
-        mag += std::fabs((long double)p.c0[i * p.ldc + j]);
+        sum += p.c0.data()[i * p.ldc + j];
+        mag += std::fabs((long double)p.c0.data()[i * p.ldc + j]);
       }
       if (p.s.bias) {
-        sum += p.bias[j];
-        mag += std::fabs((long double)p.bias[j]);
+        sum += p.bias.data()[j];
+        mag += std::fabs((long double)p.bias.data()[j]);
       }
-      const long double err = std::fabs((long double)c[i * p.ldc + j] - sum);
+      const long double err = std::fabs((long double)c.data()[i * p.ldc + j] - sum);
       if (!(err <= (p.s.k + 2) * u * mag) && reported++ < 5)
-        ADD_FAILURE() << "C(" << i << ", " << j << ") = " << c[i * p.ldc + j] << ", reference "
-                      << (double)sum << ", bound " << (double)((p.s.k + 2) * u * mag);
+        ADD_FAILURE() << "C(" << i << ", " << j << ") = " << c.data()[i * p.ldc + j]
+                      << ", reference " << (double)sum << ", bound "
+                      << (double)((p.s.k + 2) * u * mag);
     }
     // The padding after each row is not C's: untouched.
     for (index_t j = p.s.n; j < p.ldc; ++j)
-      if (c[i * p.ldc + j] != p.c0[i * p.ldc + j] && reported++ < 5)
+      if (c.data()[i * p.ldc + j] != p.c0.data()[i * p.ldc + j] && reported++ < 5)
         ADD_FAILURE() << "wrote the padding at (" << i << ", " << j << ")";
   }
   EXPECT_EQ(c.back(), p.c0.back()) << "wrote past C";
