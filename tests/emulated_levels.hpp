@@ -12,6 +12,8 @@
 
 #include "xattn/detail/gemm.hpp"
 #include "xattn/detail/kernels.hpp"
+#include "xattn/detail/simd.hpp"  // the packets, in builds whose loops are prebuilt too
+#include "xattn/detail/simd_avx2.hpp"
 
 #include "kernels.hpp"
 

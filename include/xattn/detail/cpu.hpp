@@ -18,6 +18,29 @@
 #  endif
 #endif
 
+// XATTN_PREBUILT_LOOPS (a config hook, default 0): 1 leaves the inner loops of every level (the
+// tiled kernel's, the bf16 products', the projections' GEMM) out of each translation unit, which
+// then only declares the tables of them; src/prebuilt_loops.cpp compiles them once, for the
+// whole program (CMake: link xattn::prebuilt instead of xattn::xattn). A program that includes
+// xattn in many files, or a build that wants them to compile fast, compiles each loop once
+// instead of once per file. Every file of the program must see the same value.
+#ifndef XATTN_PREBUILT_LOOPS
+#  define XATTN_PREBUILT_LOOPS 0
+#endif
+// Whether this translation unit compiles the loops: always, but for the users of prebuilt loops
+// (src/prebuilt_loops.cpp defines XATTN_DETAIL_BUILDING_LOOPS). XATTN_DETAIL_LOOPS_LINKAGE is
+// the linkage of the functions that hand out their tables: inline where every file has them.
+#if !XATTN_PREBUILT_LOOPS
+#  define XATTN_DETAIL_LOOPS_HERE 1
+#  define XATTN_DETAIL_LOOPS_LINKAGE inline
+#elif defined(XATTN_DETAIL_BUILDING_LOOPS)
+#  define XATTN_DETAIL_LOOPS_HERE 1
+#  define XATTN_DETAIL_LOOPS_LINKAGE
+#else
+#  define XATTN_DETAIL_LOOPS_HERE 0
+#  define XATTN_DETAIL_LOOPS_LINKAGE
+#endif
+
 // A region of code compiled for more instruction-set extensions than the rest of the translation
 // unit: every function defined between XATTN_DETAIL_TARGET_PUSH("avx2,fma") and
 // XATTN_DETAIL_TARGET_POP may use them (GCC's target pragma, Clang's attribute pragma, which

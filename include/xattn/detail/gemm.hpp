@@ -16,10 +16,12 @@
 #include "xattn/config.hpp"
 #include "xattn/detail/cpu.hpp"
 #include "xattn/detail/kernels.hpp"
-#include "xattn/detail/simd.hpp"
-#include "xattn/detail/simd_avx2.hpp"
-#include "xattn/detail/simd_avx512.hpp"
-#include "xattn/detail/simd_sse2.hpp"
+#if XATTN_DETAIL_LOOPS_HERE  // the packets the loops are written in
+#  include "xattn/detail/simd.hpp"
+#  include "xattn/detail/simd_avx2.hpp"
+#  include "xattn/detail/simd_avx512.hpp"
+#  include "xattn/detail/simd_sse2.hpp"
+#endif
 #include "xattn/detail/tiling.hpp"
 
 #include <algorithm>
@@ -90,7 +92,7 @@ inline index_t gemm_panel_depth(index_t k) noexcept {
 #  define XATTN_DETAIL_LOOP_INLINE EIGEN_STRONG_INLINE
 #endif
 
-#if XATTN_DISPATCH
+#if XATTN_DETAIL_LOOPS_HERE && XATTN_DISPATCH
 XATTN_DETAIL_TARGET_PUSH(XATTN_DETAIL_TARGET_SSE2)
 namespace xattn::detail::cpu_sse2 {
 #  include "xattn/detail/gemm.inl"
@@ -108,7 +110,7 @@ namespace xattn::detail::cpu_avx512 {
 #  include "xattn/detail/gemm.inl"
 }  // namespace xattn::detail::cpu_avx512
 XATTN_DETAIL_TARGET_POP
-#else
+#elif XATTN_DETAIL_LOOPS_HERE
 namespace xattn::detail::cpu_eigen {
 #  include "xattn/detail/gemm.inl"
 }  // namespace xattn::detail::cpu_eigen
@@ -125,11 +127,15 @@ std::atomic<const gemm_kernels<T>*>& substitute_gemm() noexcept {
   return loops;
 }
 
-/// The GEMM loops of level l, which must be one of built_levels (avx512bf16 runs avx512's).
+/// The compiled GEMM loops of level l (one of built_levels; avx512bf16 runs avx512's): in this
+/// file or, with XATTN_PREBUILT_LOOPS, in src/prebuilt_loops.cpp for float and double.
 template <class T>
-const gemm_kernels<T>& gemm_kernels_for(cpu_level l) noexcept {
-  if (const gemm_kernels<T>* s = substitute_gemm<T>().load(std::memory_order_relaxed)) return *s;
-#if XATTN_DISPATCH
+const gemm_kernels<T>& level_gemm_kernels(cpu_level l) noexcept;
+
+#if XATTN_DETAIL_LOOPS_HERE
+template <class T>
+const gemm_kernels<T>& level_gemm_kernels(cpu_level l) noexcept {
+#  if XATTN_DISPATCH
   switch (l) {
     case cpu_level::avx512bf16:
     case cpu_level::avx512:
@@ -139,10 +145,18 @@ const gemm_kernels<T>& gemm_kernels_for(cpu_level l) noexcept {
     default:
       return cpu_sse2::gemm_loops<T>;
   }
-#else
+#  else
   (void)l;
   return cpu_eigen::gemm_loops<T>;
+#  endif
+}
 #endif
+
+/// The GEMM loops of level l, which must be one of built_levels.
+template <class T>
+const gemm_kernels<T>& gemm_kernels_for(cpu_level l) noexcept {
+  if (const gemm_kernels<T>* s = substitute_gemm<T>().load(std::memory_order_relaxed)) return *s;
+  return level_gemm_kernels<T>(l);
 }
 
 /// The threads a product of these sizes is worth: at most `threads`, at most one per work item

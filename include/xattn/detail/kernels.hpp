@@ -7,11 +7,13 @@
 
 #include "xattn/config.hpp"
 #include "xattn/detail/cpu.hpp"
-#include "xattn/detail/simd.hpp"
-#include "xattn/detail/simd_avx2.hpp"
-#include "xattn/detail/simd_avx512.hpp"
-#include "xattn/detail/simd_avx512bf16.hpp"
-#include "xattn/detail/simd_sse2.hpp"
+#if XATTN_DETAIL_LOOPS_HERE  // the packets the loops are written in
+#  include "xattn/detail/simd.hpp"
+#  include "xattn/detail/simd_avx2.hpp"
+#  include "xattn/detail/simd_avx512.hpp"
+#  include "xattn/detail/simd_avx512bf16.hpp"
+#  include "xattn/detail/simd_sse2.hpp"
+#endif
 
 #include <Eigen/Core>
 
@@ -81,7 +83,7 @@ struct bf16_product_kernels {
 #  define XATTN_DETAIL_LOOP_INLINE EIGEN_STRONG_INLINE
 #endif
 
-#if XATTN_DISPATCH
+#if XATTN_DETAIL_LOOPS_HERE && XATTN_DISPATCH
 XATTN_DETAIL_TARGET_PUSH(XATTN_DETAIL_TARGET_SSE2)
 namespace xattn::detail::cpu_sse2 {
 inline constexpr cpu_level level = cpu_level::sse2;
@@ -110,7 +112,7 @@ inline constexpr cpu_level level = cpu_level::avx512bf16;
 #  include "xattn/detail/bf16_products.inl"  // the float loops are the avx512 level's
 }  // namespace xattn::detail::cpu_avx512bf16
 XATTN_DETAIL_TARGET_POP
-#else
+#elif XATTN_DETAIL_LOOPS_HERE
 namespace xattn::detail::cpu_eigen {
 inline constexpr cpu_level level = cpu_level::eigen;
 #  include "xattn/detail/online_softmax.inl"
@@ -174,12 +176,17 @@ inline void substitute_kernels(const tile_kernels<float>* floats,
   substitute_products().store(products, std::memory_order_relaxed);
 }
 
-/// The inner loops of level l, which must be one of built_levels.
+/// The compiled tables of level l (one of built_levels): where the loops are compiled, in this
+/// file or, with XATTN_PREBUILT_LOOPS, in src/prebuilt_loops.cpp for float and double.
 template <class T>
-const tile_kernels<T>& kernels_for(cpu_level l) noexcept {
-  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>)
-    if (const tile_kernels<T>* s = substitute_loops<T>().load(std::memory_order_relaxed)) return *s;
-#if XATTN_DISPATCH
+const tile_kernels<T>& level_kernels(cpu_level l) noexcept;
+/// The bf16-product loops of level l (avx512bf16, or avx2's emulated ones), or null.
+XATTN_DETAIL_LOOPS_LINKAGE const bf16_product_kernels* level_bf16_products(cpu_level l) noexcept;
+
+#if XATTN_DETAIL_LOOPS_HERE
+template <class T>
+const tile_kernels<T>& level_kernels(cpu_level l) noexcept {
+#  if XATTN_DISPATCH
   switch (l) {
     case cpu_level::avx512bf16:
     case cpu_level::avx512:
@@ -189,10 +196,28 @@ const tile_kernels<T>& kernels_for(cpu_level l) noexcept {
     default:
       return cpu_sse2::kernels<T>;
   }
-#else
+#  else
   (void)l;
   return cpu_eigen::kernels<T>;
+#  endif
+}
+
+XATTN_DETAIL_LOOPS_LINKAGE const bf16_product_kernels* level_bf16_products(cpu_level l) noexcept {
+#  if XATTN_DISPATCH
+  if (l == cpu_level::avx512bf16) return &cpu_avx512bf16::bf16_products;
+  if (l == cpu_level::avx2) return &cpu_avx2::bf16_products;
+#  endif
+  (void)l;
+  return nullptr;
+}
 #endif
+
+/// The inner loops of level l, which must be one of built_levels.
+template <class T>
+const tile_kernels<T>& kernels_for(cpu_level l) noexcept {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>)
+    if (const tile_kernels<T>* s = substitute_loops<T>().load(std::memory_order_relaxed)) return *s;
+  return level_kernels<T>(l);
 }
 
 /// Test hook: when set, the avx2 level's bf16 calls run the bf16-product loops too, with each
@@ -229,14 +254,10 @@ inline bool bf16_products_pay_here() noexcept {
 inline const bf16_product_kernels* bf16_products_for(cpu_level l) noexcept {
   if (substitute_loops<float>().load(std::memory_order_relaxed) != nullptr)
     return substitute_products().load(std::memory_order_relaxed);
-#if XATTN_DISPATCH
   if (l == cpu_level::avx512bf16 && (bf16_products_pay_here() || avx512bf16_named()))
-    return &cpu_avx512bf16::bf16_products;
+    return level_bf16_products(l);
   if (l == cpu_level::avx2 && emulate_bf16_products().load(std::memory_order_relaxed))
-    return &cpu_avx2::bf16_products;
-#else
-  (void)l;
-#endif
+    return level_bf16_products(l);
   return nullptr;
 }
 
