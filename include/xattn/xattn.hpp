@@ -18,6 +18,7 @@
 #include "xattn/heatmap.hpp"
 #include "xattn/options.hpp"
 #include "xattn/projection.hpp"
+#include "xattn/quantized.hpp"
 #include "xattn/shapes.hpp"
 #include "xattn/tensor_view.hpp"
 #include "xattn/version.hpp"
