@@ -19,9 +19,11 @@
 
 #include <Eigen/Core>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 
 int main() {
   using matrix = xattn::row_matrix<float>;
@@ -85,7 +87,10 @@ int main() {
 
   // What the cache saves: a step without it projects all Lk context rows again.
   using clock = std::chrono::steady_clock;
-  const int reps = 2000;
+  // XATTN_EXAMPLE_REPS (scripts/memcheck.sh sets 0, taken as 1): under valgrind a time means
+  // nothing.
+  const char* reps_env = std::getenv("XATTN_EXAMPLE_REPS");
+  const int reps = reps_env ? std::max(1, std::atoi(reps_env)) : 2000;
   auto t0 = clock::now();
   for (int r = 0; r < reps; ++r)
     attn.forward(xattn::make_view(q.data(), {B, 1, Dm}), cache,
