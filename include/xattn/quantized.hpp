@@ -128,6 +128,14 @@ inline void set_code(q4_block& b, index_t i, int c) noexcept {
   byte = i < 16 ? std::uint8_t((byte & 0xF0u) | n) : std::uint8_t((byte & 0x0Fu) | (n << 4));
 }
 
+/// The largest magnitude of values [j0, j0 + n) of a row.
+template <class V>
+double block_magnitude(const tensor_view<const V, 1>& row, index_t j0, index_t n) {
+  double a = 0;
+  for (index_t j = j0; j < j0 + n; ++j) a = std::max(a, std::fabs(static_cast<double>(row(j))));
+  return a;
+}
+
 /// Calls f(row view of x, row view of y) for each row of two views of equal leading extents.
 template <class X, class Y, std::size_t Rank, class F>
 void for_each_row(const tensor_view<X, Rank>& x, const tensor_view<Y, Rank>& y, F&& f) {
@@ -179,16 +187,15 @@ void quantize(const tensor_view<T, Rank>& x_in, const tensor_view<B, Rank>& out)
   // First pass: every value finite and every block's scale within fp16's range.
   index_t row = 0;
   detail::for_each_row(x, out, [&](const tensor_view<const V, 1>& xr, const tensor_view<B, 1>&) {
+    for (index_t j = 0; j < d; ++j) {
+      const double v = static_cast<double>(xr(j));
+      if (!std::isfinite(v))
+        detail::fail_value(detail::message(fn, ": x has a non-finite value (", v, ") in row ",
+                                           row, " at ", j, " (NaN and infinity have no code)"));
+    }
     for (index_t j0 = 0; j0 < d; j0 += quant_block_values) {
-      double a = 0;
       const index_t n = std::min(quant_block_values, d - j0);
-      for (index_t j = j0; j < j0 + n; ++j) {
-        const double v = static_cast<double>(xr(j));
-        if (!std::isfinite(v))
-          detail::fail_value(detail::message(fn, ": x has a non-finite value (", v, ") in row ",
-                                             row, " at ", j, " (NaN and infinity have no code)"));
-        a = std::max(a, std::fabs(v));
-      }
+      const double a = detail::block_magnitude(xr, j0, n);
       if (a / c > 65504.0)
         detail::fail_value(detail::message(
             fn, ": x's block at row ", row, ", values ", j0, "..", j0 + n - 1,
@@ -202,10 +209,8 @@ void quantize(const tensor_view<T, Rank>& x_in, const tensor_view<B, Rank>& out)
     for (index_t b = 0; b < br.extent(0); ++b) {
       const index_t j0 = b * quant_block_values;
       const index_t n = std::min(quant_block_values, d - j0);
-      double a = 0;
-      for (index_t j = 0; j < n; ++j) a = std::max(a, std::fabs(static_cast<double>(xr(j0 + j))));
       B blk{};
-      blk.scale = detail::quant_scale<B>(a);
+      blk.scale = detail::quant_scale<B>(detail::block_magnitude(xr, j0, n));
       const long double s = static_cast<long double>(static_cast<float>(blk.scale));
       for (index_t j = 0; j < quant_block_values; ++j) {
         // |x / s| <= C by the scale's choice, so the code is in range.
