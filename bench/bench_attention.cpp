@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: MIT
 // Attention benchmarks: tiled_attention (in float, bf16 and fp16: BM_TiledAttention_bf16, _fp16),
-// one decoder step against a float, bf16 or fp16 context (BM_DecoderStep[_bf16|_fp16]),
+// one decoder step against a float, bf16 or fp16 context (BM_DecoderStep[_bf16|_fp16]), decoder
+// steps over float, bf16, q8 and q4 caches as bytes per second against the memory's measured
+// read bandwidth (BM_DecodeCache_*) beside the Eigen loop a user would write (BM_EigenDecodeLoop),
 // naive_attention, the backward passes, the two Eigen GEMMs they are built on with nothing else,
 // and one large Eigen SGEMM as the machine's ceiling, each at 1 and 2 threads. Run a Release
 // build with -march=native (the bench preset), e.g.
@@ -14,6 +16,7 @@
 #include "xattn/attention_backward.hpp"
 #include "xattn/attention_naive.hpp"
 #include "xattn/attention_tiled.hpp"
+#include "xattn/quantized.hpp"
 #include "xattn/shapes.hpp"
 #include "xattn/tensor_view.hpp"
 
@@ -21,6 +24,7 @@
 #include <Eigen/Core>
 
 #include <chrono>
+#include <cmath>
 #include <random>
 #include <string>
 #include <type_traits>
@@ -109,6 +113,109 @@ void BM_DecoderStep(benchmark::State& state) {
   report_flops(state, xattn::attention_flops(s));
   state.counters["kv_bytes"] =
       double(2 * s.num_heads * s.kv_len * s.head_dim * index_t(sizeof(KV)));
+}
+
+// A decoder's context cache in quantized blocks B (quantized.hpp): fixed-seed keys and values
+// uniform in [-1, 1], quantized once.
+template <class B>
+struct quantized_cache {
+  std::vector<B> k, v;
+  xattn::attention_shape s;
+  explicit quantized_cache(const xattn::attention_shape& shape) : s(shape) {
+    const attention_inputs<float> f(s);
+    const index_t nk = xattn::quant_blocks_per_row(s.head_dim);
+    const index_t nv = xattn::quant_blocks_per_row(s.value_dim);
+    k.resize(std::size_t(s.batch * s.kv_heads() * s.kv_len * nk));
+    v.resize(std::size_t(s.batch * s.kv_heads() * s.kv_len * nv));
+    xattn::quantize(f.k(), keys_out());
+    xattn::quantize(f.v(), values_out());
+  }
+  xattn::tensor_view<const B, 4> keys() const {
+    return xattn::make_view(k.data(), {s.batch, s.kv_heads(), s.kv_len,
+                                       xattn::quant_blocks_per_row(s.head_dim)});
+  }
+  xattn::tensor_view<const B, 4> values() const {
+    return xattn::make_view(v.data(), {s.batch, s.kv_heads(), s.kv_len,
+                                       xattn::quant_blocks_per_row(s.value_dim)});
+  }
+
+ private:
+  xattn::tensor_view<B, 4> keys_out() {
+    return xattn::make_view(k.data(), {s.batch, s.kv_heads(), s.kv_len,
+                                       xattn::quant_blocks_per_row(s.head_dim)});
+  }
+  xattn::tensor_view<B, 4> values_out() {
+    return xattn::make_view(v.data(), {s.batch, s.kv_heads(), s.kv_len,
+                                       xattn::quant_blocks_per_row(s.value_dim)});
+  }
+};
+
+// One decoder step, Lq = 1, float queries, over a cache of element (or block) type KV: float,
+// bf16, q8 or q4 (arguments Lk, H, Hkv, D, threads). It reads every key and value once, so its
+// speed is the cache's bytes per second (kv_GBps), reported also as a fraction of the memory's
+// measured read bandwidth at the same thread count (bw_frac; a cache that fits the L2 or L3
+// cache can exceed 1).
+template <class KV>
+void BM_DecodeCache(benchmark::State& state) {
+  xattn_bench::label_build(state);
+  xattn::attention_shape s;
+  s.kv_len = state.range(0);
+  s.num_heads = state.range(1);
+  s.num_kv_heads = state.range(2);
+  s.q_len = 1;
+  s.head_dim = s.value_dim = state.range(3);
+  xattn::tile_options tiles;
+  tiles.num_threads = use_threads(state, 4);
+  attention_inputs<float> queries(s);  // q and out
+  double bytes = 0;
+  const auto measure = [&](const auto& k, const auto& v) {
+    xattn::tiled_attention<float>(queries.q(), k, v, queries.out(), {}, tiles);  // warm-up
+    const auto t0 = std::chrono::steady_clock::now();
+    for (auto _ : state) {
+      xattn::tiled_attention<float>(queries.q(), k, v, queries.out(), {}, tiles);
+      benchmark::DoNotOptimize(queries.out().data());
+      benchmark::ClobberMemory();
+    }
+    xattn_bench::report_bandwidth(state, bytes, xattn_bench::seconds_since(t0), *tiles.num_threads);
+  };
+  const double rows = double(s.kv_heads() * s.kv_len);
+  if constexpr (xattn::is_quant_block_v<KV>) {
+    const quantized_cache<KV> cache(s);
+    bytes = 2 * rows * double(xattn::quantized_bytes<KV>(1, s.head_dim));
+    measure(cache.keys(), cache.values());
+  } else {
+    const attention_inputs<KV> cache(s);
+    bytes = 2 * rows * double(s.head_dim) * sizeof(KV);
+    measure(cache.k(), cache.v());
+  }
+  report_flops(state, xattn::attention_flops(s));
+  state.counters["kv_MiB"] = bytes / double(1 << 20);
+}
+
+// What a user writes with Eigen for one head's decoder step: the scores as a GEMV, a softmax,
+// and a second GEMV (arguments Lk, D; one thread). The row path must beat it.
+void BM_EigenDecodeLoop(benchmark::State& state) {
+  xattn_bench::label_build(state);
+  const index_t lk = state.range(0), d = state.range(1);
+  Eigen::setNbThreads(1);
+  const auto k = xattn_bench::random_matrix<float>(lk, d, 1);
+  const auto v = xattn_bench::random_matrix<float>(lk, d, 2);
+  const Eigen::RowVectorXf q = xattn_bench::random_matrix<float>(1, d, 3);
+  Eigen::RowVectorXf s(lk), out(d);
+  const float scale = 1.0f / std::sqrt(float(d));
+  for (auto _ : state) {
+    s.noalias() = (q * scale) * k.transpose();
+    const float m = s.maxCoeff();
+    s = (s.array() - m).exp();
+    out.noalias() = (s / s.sum()) * v;
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  xattn::attention_shape sh;  // B = H = Lq = 1
+  sh.batch = sh.num_heads = sh.q_len = 1;
+  sh.kv_len = lk;
+  sh.head_dim = sh.value_dim = d;
+  report_flops(state, xattn::attention_flops(sh));
 }
 
 // The reference kernel as users call it, so its per-call [Lq, Lk] score allocation is timed too.
@@ -278,9 +385,32 @@ void decoder_cases(benchmark::internal::Benchmark* b) {
   b->Unit(benchmark::kMicrosecond)->UseRealTime();
 }
 
+// Decoder steps over caches that fit the L2 (Lk 1500) or the L3 (8192), and that fit neither
+// (32768, 131072: 64 and 256 MiB of float keys and values at D 64), 8 heads of 64 and 128, and
+// grouped-query attention, 32 query heads over 8 cached.
+void decode_cache_cases(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"Lk", "H", "Hkv", "D", "threads"});
+  for (int threads : {1, 2})
+    for (index_t d : {64, 128}) {
+      for (index_t lk : {1500, 8192, 32768}) b->Args({lk, 8, 8, d, threads});
+      if (d == 64) b->Args({131072, 8, 8, d, threads});
+      b->Args({32768, 32, 8, d, threads});
+    }
+  b->Unit(benchmark::kMicrosecond)->UseRealTime();
+}
+
 }  // namespace
 
 BENCHMARK(BM_TiledAttention<float>)->Name("BM_TiledAttention")->Apply(attention_cases);
+BENCHMARK(BM_DecodeCache<float>)->Name("BM_DecodeCache_f32")->Apply(decode_cache_cases);
+BENCHMARK(BM_DecodeCache<Eigen::bfloat16>)->Name("BM_DecodeCache_bf16")->Apply(decode_cache_cases);
+BENCHMARK(BM_DecodeCache<xattn::q8_block>)->Name("BM_DecodeCache_q8")->Apply(decode_cache_cases);
+BENCHMARK(BM_DecodeCache<xattn::q4_block>)->Name("BM_DecodeCache_q4")->Apply(decode_cache_cases);
+BENCHMARK(BM_EigenDecodeLoop)
+    ->ArgNames({"Lk", "D"})
+    ->Args({1500, 64})
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
 BENCHMARK(BM_TiledAttention<Eigen::bfloat16>)
     ->Name("BM_TiledAttention_bf16")
     ->Apply(attention_cases);

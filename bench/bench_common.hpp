@@ -15,8 +15,12 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <random>
 #include <string>
+#include <thread>
+#include <vector>
 
 namespace xattn_bench {
 
@@ -198,6 +202,61 @@ inline void report_peak_fraction(benchmark::State& state, double flops_per_itera
     state.counters["peak_frac"] = flops_per_iteration * double(state.iterations()) / seconds / peak;
 }
 
+// ---- the memory's read bandwidth, measured once per thread count --------------------------------
+
+/// Sums n floats (n a multiple of 64) as 8 streams read side by side, each an eighth of x: a
+/// core reads memory fastest with several streams in flight (one stream reads about half as
+/// fast on some server cores), so this is the rate a kernel could reach.
+inline float sum_floats(const float* x, std::size_t n) {
+  const std::size_t per = n / 8;
+  float a[8][8] = {};
+  for (std::size_t i = 0; i + 8 <= per; i += 8)
+    for (int s = 0; s < 8; ++s)
+      for (int r = 0; r < 8; ++r) a[s][r] += x[std::size_t(s) * per + i + std::size_t(r)];
+  float t = 0;
+  for (auto& row : a)
+    for (float v : row) t += v;
+  return t;
+}
+
+/// GB/s that `threads` threads read from memory together: each sums its share of a 512 MiB
+/// buffer (far past any L3) in 8 streams, the best of 3 passes; measured on the first call per
+/// count.
+inline double read_bandwidth_gbps(int threads) {
+  static std::map<int, double> measured;
+  static std::mutex lock;
+  const std::lock_guard<std::mutex> hold(lock);
+  if (const auto it = measured.find(threads); it != measured.end()) return it->second;
+  const std::size_t n = std::size_t(128) << 20;  // floats: 512 MiB
+  std::vector<float> buf(n, 1.0f);
+  const std::size_t share = n / std::size_t(threads) / 64 * 64;
+  double best = 0;
+  std::vector<float> sink(static_cast<std::size_t>(threads));
+  for (int pass = 0; pass < 3; ++pass) {
+    const auto t0 = std::chrono::steady_clock::now();
+    std::vector<std::thread> team;
+    for (int t = 1; t < threads; ++t)
+      team.emplace_back([&, t] {
+        sink[std::size_t(t)] = sum_floats(buf.data() + std::size_t(t) * share, share);
+      });
+    sink[0] = sum_floats(buf.data(), share);
+    for (auto& th : team) th.join();
+    const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, double(share) * double(threads) * sizeof(float) / sec * 1e-9);
+  }
+  benchmark::DoNotOptimize(sink.data());
+  return measured[threads] = best;
+}
+
+/// Sets the counters of a case that reads `bytes` of keys and values per iteration: kv_GBps,
+/// their rate, and bw_frac, that rate over read_bandwidth_gbps(threads).
+inline void report_bandwidth(benchmark::State& state, double bytes, double seconds, int threads) {
+  if (seconds <= 0) return;
+  const double gbps = bytes * double(state.iterations()) / seconds * 1e-9;
+  state.counters["kv_GBps"] = gbps;
+  state.counters["bw_frac"] = gbps / read_bandwidth_gbps(threads);
+}
+
 /// Wall-clock seconds since t0.
 inline double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -221,6 +280,10 @@ inline void add_build_context() {
                               std::to_string(int(p.fma)) + " (" + p.fma_loop + ")");
   if (p.dpbf16 > 0)
     benchmark::AddCustomContext("dpbf16_peak_gflops_1_thread", std::to_string(int(p.dpbf16)));
+  const int all = int(std::max(1u, std::thread::hardware_concurrency()));
+  benchmark::AddCustomContext("read_gbps_1_thread", std::to_string(read_bandwidth_gbps(1)));
+  benchmark::AddCustomContext("read_gbps_" + std::to_string(all) + "_threads",
+                              std::to_string(read_bandwidth_gbps(all)));
 #ifdef NDEBUG
   benchmark::AddCustomContext("xattn_asserts", "off");
 #else

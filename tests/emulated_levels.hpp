@@ -113,6 +113,14 @@ XATTN_DETAIL_SIMD_INLINE packet<float> load(const Eigen::half* p) {
 XATTN_DETAIL_SIMD_INLINE packet<float> load(const Eigen::bfloat16* p) {
   return {v::load(p), v::load(p + 8)};
 }
+/// int8 codes of a quantized block, 8 at a time (exact).
+XATTN_DETAIL_SIMD_INLINE packet<float> load_codes(const std::int8_t* p) {
+  return {v::load_codes(p), v::load_codes(p + 8)};
+}
+XATTN_DETAIL_SIMD_INLINE packet<float> load_nibble_codes(const std::uint8_t* p, bool high) {
+  return {v::load_nibble_codes(p, high), v::load_nibble_codes(p + 8, high)};
+}
+using v::scale_of;
 XATTN_DETAIL_SIMD_INLINE void store(float* p, const packet<float>& x) {
   v::store(p, x.lo);
   v::store(p + 8, x.hi);

@@ -36,7 +36,8 @@ namespace detail {
 template <class T, class KV = T>
 struct tiled_job {
   using C = compute_t<T>;
-  static_assert(std::is_same_v<C, compute_t<KV>>, "q and k, v must compute in the same type");
+  static_assert(std::is_same_v<C, compute_t<KV>> || is_quant_block_v<KV>,
+                "q and k, v must compute in the same type");
 
   tensor_view<const T, 4> q;
   tensor_view<const KV, 4> k, v;
@@ -55,34 +56,44 @@ struct tiled_job {
 
   tile_scratch<C>& scratch(int thread) const { return team->threads[std::size_t(thread)]; }
 
-  /// A [n, D] tile of keys or values starting at key j0, as a pointer and a row stride: the
+  /// A [n, d] tile of keys or values starting at key j0, as a pointer and a row stride: the
   /// caller's rows in place when each is contiguous and already of type C, else copied into
-  /// `copy` (widened from a half type: once per tile, by the path's conversion loop).
+  /// `copy` (widened from a half type or dequantized from blocks: once per tile, by the path's
+  /// conversion loop). d is Dk for keys, Dv for values.
   const C* rows_of(const tensor_view<const KV, 2>& x, index_t j0, index_t n,
-                   aligned_vector<C>& copy, index_t& ld) const {
-    const bool contiguous = x.stride(1) == 1 || x.extent(1) <= 1;
-    if constexpr (std::is_same_v<KV, C>) {
-      if (contiguous) {
-        ld = x.stride(0);
-        return x.data() + j0 * x.stride(0);
+                   aligned_vector<C>& copy, index_t& ld, index_t d) const {
+    if constexpr (is_quant_block_v<KV>) {  // rows of blocks, contiguous (checked on entry)
+      C* dst = at_least(copy, n * d);
+      ld = d;
+      const KV* src = x.data() + j0 * x.stride(0);
+      for (index_t j = 0; j < n; ++j)
+        quant().dequantize_row(src + j * x.stride(0), d, dst + j * d);
+      return dst;
+    } else {
+      XATTN_ASSERT(d == x.extent(1));
+      const bool contiguous = x.stride(1) == 1 || x.extent(1) <= 1;
+      if constexpr (std::is_same_v<KV, C>) {
+        if (contiguous) {
+          ld = x.stride(0);
+          return x.data() + j0 * x.stride(0);
+        }
       }
-    }
-    const index_t d = x.extent(1);
-    C* dst = at_least(copy, n * d);
-    ld = d;
-    if constexpr (!std::is_same_v<KV, C>) {
-      if (contiguous) {
-        const KV* src = x.data() + j0 * x.stride(0);
-        if (x.stride(0) == d || n == 1)  // one run of n·d elements
-          widen(src, n * d, dst);
-        else
-          for (index_t j = 0; j < n; ++j) widen(src + j * x.stride(0), d, dst + j * d);
-        return dst;
+      C* dst = at_least(copy, n * d);
+      ld = d;
+      if constexpr (!std::is_same_v<KV, C>) {
+        if (contiguous) {
+          const KV* src = x.data() + j0 * x.stride(0);
+          if (x.stride(0) == d || n == 1)  // one run of n·d elements
+            widen(src, n * d, dst);
+          else
+            for (index_t j = 0; j < n; ++j) widen(src + j * x.stride(0), d, dst + j * d);
+          return dst;
+        }
       }
+      for (index_t j = 0; j < n; ++j)
+        for (index_t e = 0; e < d; ++e) dst[j * d + e] = static_cast<C>(x(j0 + j, e));
+      return dst;
     }
-    for (index_t j = 0; j < n; ++j)
-      for (index_t e = 0; e < d; ++e) dst[j * d + e] = static_cast<C>(x(j0 + j, e));
-    return dst;
   }
 
   /// y[0, m) = x[0, m) widened to C, for x a row (or part of one) of q: the path's vector
@@ -123,8 +134,10 @@ struct tiled_job {
       loops.row_scores(qrow, keys, ldk, shape.head_dim, n, s);
     else if constexpr (std::is_same_v<E, Eigen::half>)
       loops.row_scores_fp16(qrow, keys, ldk, shape.head_dim, n, s);
-    else
+    else if constexpr (std::is_same_v<E, Eigen::bfloat16>)
       loops.row_scores_bf16(qrow, keys, ldk, shape.head_dim, n, s);
+    else
+      quant().row_scores(qrow, keys, ldk, shape.head_dim, n, s);
   }
   template <class E>
   void row_values(const C* p, const E* values, index_t ldv, index_t n, C corr, C* acc) const {
@@ -132,8 +145,18 @@ struct tiled_job {
       loops.row_values(p, values, ldv, shape.value_dim, n, corr, acc);
     else if constexpr (std::is_same_v<E, Eigen::half>)
       loops.row_values_fp16(p, values, ldv, shape.value_dim, n, corr, acc);
-    else
+    else if constexpr (std::is_same_v<E, Eigen::bfloat16>)
       loops.row_values_bf16(p, values, ldv, shape.value_dim, n, corr, acc);
+    else
+      quant().row_values(p, values, ldv, shape.value_dim, n, corr, acc);
+  }
+
+  /// The path's loops on blocks of type KV (KV a quantized block type).
+  const auto& quant() const {
+    if constexpr (std::is_same_v<KV, q4_block>)
+      return loops.q4;
+    else
+      return loops.q8;
   }
 
  private:
@@ -260,7 +283,7 @@ class lanes_unit {
         }
       }
       index_t ldv = 0;
-      const C* v = job_.rows_of(v_, j0, n, ws_.v_copy, ldv);
+      const C* v = job_.rows_of(v_, j0, n, ws_.v_copy, ldv, job_.shape.value_dim);
       job_.loops.tile_values(n, packets_, v, ldv, s_, w_, s.value_dim, corr_, ot_, w_);
     }
     return {m_, l_, ot_, 1, w_};
@@ -302,7 +325,7 @@ class lanes_unit {
     }
     if (!done) {
       index_t ldk = 0;
-      const C* k = job_.rows_of(k_, j0, n, ws_.k_copy, ldk);
+      const C* k = job_.rows_of(k_, j0, n, ws_.k_copy, ldk, job_.shape.head_dim);
       job_.loops.tile_scores(n, packets_, k, ldk, qt_, w_, job_.shape.head_dim, s_, w_);
     }
     if (mask.has_elementwise()) {
@@ -416,7 +439,10 @@ class row_unit {
     l_ = m_ + mq;
     // Keys and values of a half type with contiguous rows are read in place, each load
     // widened in registers: a decoder step reads half the bytes of float and copies nothing.
-    if constexpr (!std::is_same_v<KV, C>)
+    // Quantized blocks are always read in place (their rows' blocks are contiguous).
+    if constexpr (is_quant_block_v<KV>)
+      in_place_ = true;
+    else if constexpr (!std::is_same_v<KV, C>)
       in_place_ =
           (k_.stride(1) == 1 || k_.extent(1) <= 1) && (v_.stride(1) == 1 || v_.extent(1) <= 1);
   }
@@ -438,8 +464,8 @@ class row_unit {
              v_.stride(0));
       } else {
         index_t ldk = 0, ldv = 0;
-        const C* k = job_.rows_of(k_, j0, n, ws_.k_copy, ldk);
-        const C* v = job_.rows_of(v_, j0, n, ws_.v_copy, ldv);
+        const C* k = job_.rows_of(k_, j0, n, ws_.k_copy, ldk, job_.shape.head_dim);
+        const C* v = job_.rows_of(v_, j0, n, ws_.v_copy, ldv, job_.shape.value_dim);
         tile(j0, n, k, ldk, v, ldv);
       }
     }
@@ -455,7 +481,7 @@ class row_unit {
       const index_t n = std::min(job_.plan.kv_tile, kv_len - j0);
       const index_t nk = std::max<index_t>(0, std::min(n, key_limit - j0));  // keys to read
       index_t ldk = 0;
-      const C* k = nk > 0 && !in_place_ ? job_.rows_of(k_, j0, nk, ws_.k_copy, ldk) : nullptr;
+      const C* k = nk > 0 && !in_place_ ? job_.rows_of(k_, j0, nk, ws_.k_copy, ldk, job_.shape.head_dim) : nullptr;
       for (index_t i = 0; i < mq_; ++i) {
         const C shift = safe_shift(m_[i]);
         const C inv_l = l_[i] == C(0) ? C(0) : C(1) / l_[i];
@@ -649,8 +675,9 @@ tiled_setup<compute_t<T>> prepare_tiled(const attention_shape& s, const tensor_v
   // Keys and values of another type than C are widened into the copies a tile at a time (the
   // lanes path, and the row path on strided rows).
   constexpr bool widen = !std::is_same_v<KV, C>;
-  const bool strided_k = k.stride(3) != 1 && s.head_dim > 1;
-  const bool strided_v = v.stride(3) != 1 && s.value_dim > 1;
+  constexpr bool blocks = is_quant_block_v<KV>;  // contiguous in each row (checked on entry)
+  const bool strided_k = !blocks && k.stride(3) != 1 && s.head_dim > 1;
+  const bool strided_v = !blocks && v.stride(3) != 1 && s.value_dim > 1;
   const bool rows_in_place = plan.rows && !strided_k && !strided_v;  // see row_unit
   // (The bf16-product loops copy into their own pairs, never into these.)
   const bool copy_k = !products && (strided_k || (widen && !rows_in_place));
@@ -763,7 +790,17 @@ void tiled_attention(detail::identity_t<tensor_view<const T, 4>> q,
 /// kept in half. K and V are widened to float a tile at a time (the row path of a decoder step
 /// reads them in place, widening each load in registers); the arithmetic is the float call's,
 /// so the result equals tiled_attention<float> on the widened k and v.
-template <class T, class KV, std::enable_if_t<std::is_same_v<T, float> && is_half_v<KV>, int> = 0>
+///
+/// KV may also be a quantized block type (q8_block, q4_block: quantized.hpp): then k is
+/// [B, Hkv, Lk, ceil(Dk / 32)] and v [B, Hkv, Lk, ceil(Dv / 32)] blocks, each row's blocks
+/// contiguous (stride(3) = 1), and Dv is out's. The result is the float call's on the
+/// dequantized k and v (dequantize: exact): bit for bit on the lanes path (Lq of at least a
+/// packet of floats), where tiles are dequantized into scratch; within float rounding on the
+/// row path (decoder steps), which reads the blocks in place, each block's codes multiplied in
+/// float and then scaled, so the only error the format adds is its own quantization error.
+template <class T, class KV,
+          std::enable_if_t<std::is_same_v<T, float> && (is_half_v<KV> || is_quant_block_v<KV>),
+                           int> = 0>
 void tiled_attention(detail::identity_t<tensor_view<const T, 4>> q, tensor_view<const KV, 4> k,
                      tensor_view<const KV, 4> v, tensor_view<T, 4> out,
                      const detail::identity_t<attention_options<T>>& opts = {},

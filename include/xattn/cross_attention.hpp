@@ -14,6 +14,7 @@
 #include "xattn/half.hpp"
 #include "xattn/options.hpp"
 #include "xattn/projection.hpp"
+#include "xattn/quantized.hpp"
 #include "xattn/shapes.hpp"
 #include "xattn/tensor_view.hpp"
 
@@ -244,13 +245,17 @@ class multi_head_cross_attention;
 ///
 /// S is the type the keys and values are stored in: T, or for a float module a half type
 /// (Eigen::half or Eigen::bfloat16, half.hpp), which halves the cache's memory and the bytes a
-/// decoder step reads. The projections are computed in float and rounded once into the cache;
-/// the attention then reads them through the kernels' mixed call (float queries, half keys and
-/// values).
+/// decoder step reads, or a quantized block type (q8_block, q4_block: quantized.hpp), which
+/// stores 0.27x or 0.14x the bytes of float. The projections are computed in float and rounded
+/// (or quantized, each head's row of Dk values in blocks of 32) once into the cache; the
+/// attention then reads them through the kernels' mixed call (float queries, half or quantized
+/// keys and values). A quantized cache is read by the tiled kernel only.
 template <class T, class S = T>
 class context_cache {
-  static_assert(std::is_same_v<S, T> || (std::is_same_v<T, float> && is_half_v<S>),
-                "a context cache stores T, or Eigen::half or Eigen::bfloat16 for a float module");
+  static_assert(std::is_same_v<S, T> ||
+                    (std::is_same_v<T, float> && (is_half_v<S> || is_quant_block_v<S>)),
+                "a context cache stores T, or for a float module Eigen::half, Eigen::bfloat16, "
+                "q8_block or q4_block");
   // (A module of a half type T keeps its cache in T: context_cache<Eigen::bfloat16>.)
 
  public:
@@ -267,12 +272,13 @@ class context_cache {
   bool usable() const noexcept { return usable_; }
 
   /// Projected keys, heads read in place from the [B, Lk, Hkv·Dk] buffer: [B, Hkv, Lk, Dk]
+  /// (for quantized blocks [B, Hkv, Lk, ceil(Dk / 32)] blocks)
   tensor_view<const S, 4> keys() const { return heads_of(k_); }
-  /// Projected values: [B, Hkv, Lk, Dk]
+  /// Projected values: [B, Hkv, Lk, Dk] (or blocks, as keys)
   tensor_view<const S, 4> values() const { return heads_of(v_); }
   /// Bytes of the keys and values the cache holds now (its buffers may hold more).
   index_t bytes() const noexcept {
-    return 2 * batch_ * kv_len_ * num_kv_heads_ * head_dim_ * index_t(sizeof(S));
+    return 2 * batch_ * kv_len_ * num_kv_heads_ * per_head() * index_t(sizeof(S));
   }
 
   /// How many times a buffer of this cache had to grow.
@@ -281,8 +287,15 @@ class context_cache {
  private:
   friend class multi_head_cross_attention<T>;
 
+  // Elements of S per head and row: Dk, or its blocks.
+  index_t per_head() const noexcept {
+    if constexpr (is_quant_block_v<S>)
+      return quant_blocks_per_row(head_dim_);
+    else
+      return head_dim_;
+  }
   tensor_view<S, 3> packed(const detail::growing_buffer<S>& buf) const {
-    return tensor_view<S, 3>(buf.data(), {batch_, kv_len_, num_kv_heads_ * head_dim_});
+    return tensor_view<S, 3>(buf.data(), {batch_, kv_len_, num_kv_heads_ * per_head()});
   }
   tensor_view<const S, 4> heads_of(const detail::growing_buffer<S>& buf) const {
     return split_heads(tensor_view<const S, 3>(packed(buf)), num_kv_heads_ > 0 ? num_kv_heads_ : 1);
@@ -485,8 +498,10 @@ class multi_head_cross_attention {
     detail::require_extent(fn, "values", 1, values.extent(1), context.extent(1));
     detail::require_extent(fn, "values", 2, values.extent(2), c.value_context_dim);
     const index_t batch = context.extent(0), kv_len = context.extent(1);
+    index_t per_head = c.head_dim;  // elements of S per head and row
+    if constexpr (is_quant_block_v<S>) per_head = quant_blocks_per_row(c.head_dim);
     const index_t n = detail::checked_mul(fn, detail::checked_mul(fn, batch, kv_len),
-                                          c.num_kv_heads * c.head_dim);
+                                          c.num_kv_heads * per_head);
     for (const auto* buf : {&cache.k_, &cache.v_}) {  // a context read from the cache itself
       const tensor_view<const S, 1> held(buf->data(), {buf->capacity()});
       detail::require_disjoint(fn, "the cache", held, "context", context);
@@ -517,8 +532,14 @@ class multi_head_cross_attention {
                                                {1, m, x.extent(2)}, x.strides());
             row_matrix<T> unused;  // T = float here
             proj.forward(part, tensor_view<T, 3>(rows.data(), {1, m, width}), unused);
-            for (index_t r = 0; r < m; ++r)
-              for (index_t e = 0; e < width; ++e) dst(b, j0 + r, e) = static_cast<S>(rows(r, e));
+            if constexpr (is_quant_block_v<S>) {  // each head's row of Dk values in blocks
+              const index_t hk = c.num_kv_heads, d = c.head_dim;
+              quantize(tensor_view<const float, 3>(rows.data(), {m, hk, d}),
+                       tensor_view<S, 3>(&dst(b, j0, 0), {m, hk, per_head}));
+            } else {
+              for (index_t r = 0; r < m; ++r)
+                for (index_t e = 0; e < width; ++e) dst(b, j0 + r, e) = static_cast<S>(rows(r, e));
+            }
           }
       };
       project(weights_->k_proj, context, cache.packed(cache.k_));
@@ -535,6 +556,9 @@ class multi_head_cross_attention {
     const index_t B = query.extent(0), Lq = query.extent(1), Lk = cache.kv_len();
     const index_t H = c.num_heads, width = c.num_heads * c.head_dim;
     detail::require_extent(fn, "query", 2, query.extent(2), c.model_dim);
+    if (is_quant_block_v<S> && opts.kernel == attention_kernel::naive)
+      detail::fail_value(detail::message(fn, ": the naive kernel does not read a ", quant_name<S>(),
+                                         " cache; use attention_kernel::tiled"));
     if (cache.batch() != B)
       detail::fail_shape(detail::message(fn, ": the context has batch ", cache.batch(),
                                          ", expected query.extent(0) = ", B));
@@ -573,7 +597,9 @@ class multi_head_cross_attention {
 
     const auto qh = split_heads(tensor_view<const T, 3>(q), H);
     const auto oh = split_heads(o, H);
-    if (opts.kernel == attention_kernel::naive)
+    if constexpr (is_quant_block_v<S>)  // the tiled kernel only (checked on entry)
+      tiled_attention<T>(qh, cache.keys(), cache.values(), oh, ao, opts.tiles);
+    else if (opts.kernel == attention_kernel::naive)
       naive_attention<T>(qh, cache.keys(), cache.values(), oh, ao);
     else
       tiled_attention<T>(qh, cache.keys(), cache.values(), oh, ao, opts.tiles);  // S: mixed

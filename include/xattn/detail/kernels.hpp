@@ -7,6 +7,7 @@
 
 #include "xattn/config.hpp"
 #include "xattn/detail/cpu.hpp"
+#include "xattn/quantized.hpp"
 #if XATTN_DETAIL_LOOPS_HERE  // the packets the loops are written in
 #  include "xattn/detail/simd.hpp"
 #  include "xattn/detail/simd_avx2.hpp"
@@ -25,6 +26,17 @@
 #include <type_traits>
 
 namespace xattn::detail {
+
+/// The row path's products on keys or values stored in blocks of type B (quantized.hpp), read
+/// in place, and the lanes path's dequantization of a row (online_softmax.inl has each); T =
+/// float only, null otherwise.
+template <class T, class B>
+struct quant_kernels {
+  void (*row_scores)(const T* q, const B* k, index_t ldk, index_t head_dim, index_t n, T* s);
+  void (*row_values)(const T* p, const B* v, index_t ldv, index_t value_dim, index_t n, T corr,
+                     T* acc);
+  void (*dequantize_row)(const B* x, index_t d, T* y);
+};
 
 /// One level's inner loops (see detail/online_softmax.inl for each).
 template <class T>
@@ -57,6 +69,9 @@ struct tile_kernels {
                           index_t n, T corr, T* acc);
   void (*row_values_bf16)(const T* p, const Eigen::bfloat16* v, index_t ldv, index_t value_dim,
                           index_t n, T corr, T* acc);
+  /// the same on q8 and q4 blocks (T = float only; null otherwise)
+  quant_kernels<T, q8_block> q8;
+  quant_kernels<T, q4_block> q4;
 };
 
 /// The lanes path's products in bf16 arithmetic (detail/bf16_products.inl explains them), for

@@ -325,6 +325,185 @@ void online_softmax_tile(T* s, index_t lds, index_t n, index_t packets, T* m, T*
   }
 }
 
+// ---- the row path on quantized keys and values (quantized.hpp), read in place ----------------
+
+/// The 32 int8 codes of block b: a q8_block's own, or a q4_block's nibbles unpacked into buf
+/// (value j from the low nibble of byte j, value j + 16 from its high nibble, each minus 8).
+template <class B>
+XATTN_DETAIL_LOOP_INLINE const std::int8_t* block_codes_of(const B& b, std::int8_t* buf) {
+  if constexpr (std::is_same_v<B, q8_block>) {
+    (void)buf;
+    return b.q;
+  } else {
+    for (int j = 0; j < 16; ++j) {
+      buf[j] = static_cast<std::int8_t>((b.nibbles[j] & 15) - 8);
+      buf[j + 16] = static_cast<std::int8_t>((b.nibbles[j] >> 4) - 8);
+    }
+    return buf;
+  }
+}
+
+/// Codes t .. t + lanes - 1 of block b (t a multiple of the lanes) as a packet of floats, read
+/// from the block: a q8 block's bytes, or a q4 block's low nibbles (t < 16) or high ones.
+template <class B>
+XATTN_DETAIL_LOOP_INLINE simd::packet<float> codes_packet(const B& b, index_t t) {
+  if constexpr (std::is_same_v<B, q8_block>)
+    return simd::load_codes(b.q + t);
+  else
+    return t < 16 ? simd::load_nibble_codes(b.nibbles + t, false)
+                  : simd::load_nibble_codes(b.nibbles + (t - 16), true);
+}
+
+/// Σ_t codes[t] · q[t] over one whole block, in packets: the block's dot product before its
+/// scale.
+template <class B>
+XATTN_DETAIL_LOOP_INLINE simd::packet<float> block_dot(const B& b, const float* q) {
+  constexpr index_t L = simd::lanes<float>;
+  simd::packet<float> a = simd::mul(codes_packet(b, 0), simd::load(q));
+  XATTN_DETAIL_UNROLL
+  for (index_t t = L; t < quant_block_values; t += L)
+    a = simd::fma(codes_packet(b, t), simd::load(q + t), a);
+  return a;
+}
+
+/// s[j] = Σ_d q[d] · K[j][d] for j < n, K[j] a row of blocks (ldk blocks apart) holding
+/// K[j][d] = scale · code exactly: per block the codes' dot product with q, then times the
+/// block's scale, summed over the row's blocks in packets and reduced once per key; four keys
+/// at a time. A last partial block (head_dim not a multiple of 32) is summed element by element.
+template <class B>
+void row_scores_quant(const float* q, const B* k, index_t ldk, index_t head_dim, index_t n,
+                      float* s) {
+  using P = simd::packet<float>;
+  constexpr index_t QB = quant_block_values;
+  constexpr int keys = 4;
+  const index_t full = head_dim / QB, rest = head_dim - full * QB;
+  std::int8_t buf[keys][QB];
+  index_t j = 0;
+  for (; j + keys <= n; j += keys) {
+    const B* kj = k + j * ldk;
+    P t[keys];
+    XATTN_DETAIL_UNROLL
+    for (int r = 0; r < keys; ++r) t[r] = simd::zero<float>();
+    for (index_t b = 0; b < full; ++b) {
+      XATTN_DETAIL_UNROLL
+      for (int r = 0; r < keys; ++r) {
+        const B& blk = kj[r * ldk + b];
+        const P a = block_dot(blk, q + b * QB);
+        t[r] = simd::fma(simd::broadcast(simd::scale_of(blk.scale)), a, t[r]);
+      }
+    }
+    simd::reduce_add4(t, s + j);
+    if (rest > 0)
+      XATTN_DETAIL_UNROLL
+      for (int r = 0; r < keys; ++r) {
+        const B& blk = kj[r * ldk + full];
+        const std::int8_t* c = block_codes_of(blk, buf[r]);
+        float a = 0;
+        for (index_t d = 0; d < rest; ++d)
+          a = simd::scalar_fma(q[full * QB + d], static_cast<float>(c[d]), a);
+        s[j + r] = simd::scalar_fma(simd::scale_of(blk.scale), a, s[j + r]);
+      }
+  }
+  for (; j < n; ++j) {
+    const B* kj = k + j * ldk;
+    P t = simd::zero<float>();
+    for (index_t b = 0; b < full; ++b)
+      t = simd::fma(simd::broadcast(simd::scale_of(kj[b].scale)),
+                    block_dot(kj[b], q + b * QB), t);
+    float r = simd::reduce_add(t);
+    if (rest > 0) {
+      const std::int8_t* c = block_codes_of(kj[full], buf[0]);
+      float a = 0;
+      for (index_t d = 0; d < rest; ++d)
+        a = simd::scalar_fma(q[full * QB + d], static_cast<float>(c[d]), a);
+      r = simd::scalar_fma(simd::scale_of(kj[full].scale), a, r);
+    }
+    s[j] = r;
+  }
+}
+
+/// acc[e] for the G blocks of features starting at block b0: acc = corr · acc + Σ_j w_j · codes,
+/// w_j = p[j] · scale_j (one rounding more than the float path's p · (scale · code), whose
+/// product is exact). Keys alternate between two sets of accumulators when one set is narrow,
+/// so that at least eight chains of FMAs run side by side.
+template <class B, int G>
+XATTN_DETAIL_LOOP_INLINE void value_blocks(const float* p, const B* v, index_t ldv, index_t b0,
+                                           index_t n, float corr, float* acc) {
+  using P = simd::packet<float>;
+  constexpr index_t L = simd::lanes<float>, QB = quant_block_values;
+  constexpr int per_block = int(QB / L), width = G * per_block;
+  constexpr int sets = width >= 8 ? 1 : 2;
+  float* out = acc + b0 * QB;
+  P a[sets][width];
+  const P cf = simd::broadcast(corr);
+  XATTN_DETAIL_UNROLL
+  for (int r = 0; r < width; ++r) {
+    a[0][r] = simd::mul(simd::load(out + r * L), cf);
+    if constexpr (sets == 2) a[1][r] = simd::zero<float>();
+  }
+  for (index_t j = 0; j < n; ++j) {
+    const int set = sets == 2 ? int(j & 1) : 0;
+    XATTN_DETAIL_UNROLL
+    for (int g = 0; g < G; ++g) {
+      const B& blk = v[j * ldv + b0 + g];
+      const P w = simd::broadcast(simd::scalar_mul(p[j], simd::scale_of(blk.scale)));
+      XATTN_DETAIL_UNROLL
+      for (int t = 0; t < per_block; ++t)
+        a[set][g * per_block + t] =
+            simd::fma(w, codes_packet(blk, t * L), a[set][g * per_block + t]);
+    }
+  }
+  XATTN_DETAIL_UNROLL
+  for (int r = 0; r < width; ++r)
+    simd::store(out + r * L, sets == 2 ? simd::add(a[0][r], a[1][r]) : a[0][r]);
+}
+
+/// acc[e] = corr · acc[e] + Σ_j p[j] · V[j][e] for e < Dv, V[j] a row of blocks (ldv blocks
+/// apart): the feature blocks four packets or more at a time (value_blocks), a last partial
+/// block element by element.
+template <class B>
+void row_values_quant(const float* p, const B* v, index_t ldv, index_t value_dim, index_t n,
+                      float corr, float* acc) {
+  constexpr index_t QB = quant_block_values;
+  constexpr int group = simd::lanes<float> >= 16 ? 2 : 1;  // blocks per pass
+  const index_t full = value_dim / QB, rest = value_dim - full * QB;
+  index_t b = 0;
+  for (; b + group <= full; b += group) value_blocks<B, group>(p, v, ldv, b, n, corr, acc);
+  for (; b < full; ++b) value_blocks<B, 1>(p, v, ldv, b, n, corr, acc);
+  if (rest > 0) {
+    float* out = acc + full * QB;
+    for (index_t e = 0; e < rest; ++e) out[e] = simd::scalar_mul(corr, out[e]);
+    std::int8_t buf[QB];
+    for (index_t j = 0; j < n; ++j) {
+      const B& blk = v[j * ldv + full];
+      const float w = simd::scalar_mul(p[j], simd::scale_of(blk.scale));
+      const std::int8_t* c = block_codes_of(blk, buf);
+      for (index_t e = 0; e < rest; ++e)
+        out[e] = simd::scalar_fma(w, static_cast<float>(c[e]), out[e]);
+    }
+  }
+}
+
+/// y[0, d) = the row of ceil(d / 32) blocks x dequantized, exactly (each value scale · code is
+/// a float): the lanes path's tiles of quantized keys and values.
+template <class B>
+void dequantize_row(const B* x, index_t d, float* y) {
+  constexpr index_t L = simd::lanes<float>, QB = quant_block_values;
+  std::int8_t buf[QB];
+  index_t b = 0;
+  for (; (b + 1) * QB <= d; ++b) {
+    const simd::packet<float> s = simd::broadcast(simd::scale_of(x[b].scale));
+    XATTN_DETAIL_UNROLL
+    for (index_t t = 0; t < QB; t += L) simd::store(y + b * QB + t, simd::mul(s, codes_packet(x[b], t)));
+  }
+  if (b * QB < d) {
+    const std::int8_t* c = block_codes_of(x[b], buf);
+    const float s = simd::scale_of(x[b].scale);
+    for (index_t e = 0; e < d - b * QB; ++e)
+      y[b * QB + e] = simd::scalar_mul(s, static_cast<float>(c[e]));
+  }
+}
+
 // ---- this level's entry points ------------------------------------------------------------------
 
 /// y = exp_flushed(x) for n a multiple of lanes<T>: the vectorised exp, for the tests.
@@ -368,6 +547,15 @@ constexpr auto half_row_values() {
     return static_cast<void (*)(const T*, const S*, index_t, index_t, index_t, T, T*)>(nullptr);
 }
 
+/// The quantized-block loops for T = float (null for other T: no kernel computes in them).
+template <class T, class B>
+constexpr quant_kernels<T, B> quant_loops() {
+  if constexpr (std::is_same_v<T, float>)
+    return {&row_scores_quant<B>, &row_values_quant<B>, &dequantize_row<B>};
+  else
+    return {nullptr, nullptr, nullptr};
+}
+
 /// The loops above, compiled for this level, as detail::tile_kernels (detail/kernels.hpp).
 template <class T>
 inline constexpr tile_kernels<T> kernels{level,
@@ -386,4 +574,6 @@ inline constexpr tile_kernels<T> kernels{level,
                                          half_row_scores<T, Eigen::half>(),
                                          half_row_scores<T, Eigen::bfloat16>(),
                                          half_row_values<T, Eigen::half>(),
-                                         half_row_values<T, Eigen::bfloat16>()};
+                                         half_row_values<T, Eigen::bfloat16>(),
+                                         quant_loops<T, q8_block>(),
+                                         quant_loops<T, q4_block>()};

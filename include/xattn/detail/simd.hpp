@@ -14,6 +14,9 @@
 //   exp_flushed<T>(x)            exp lane by lane, 0 below the smallest normal number
 //   widen(x, n, y)               fp16 or bf16 x to float y for a prefix of n; returns its length
 //   narrow(x, n, y)              float x rounded to fp16 or bf16 y, likewise
+//   load_codes(c)                lanes<float> int8 codes of a quantized block as floats (exact)
+//   load_nibble_codes(b, high)   lanes<float> codes of a q4 block from the low or high nibbles
+//   scale_of(h)                  a block's fp16 scale as a float (exact)
 //
 // Every multiply-add of the loops is written as fma or scalar_fma, which are fused (one
 // rounding) on every level with FMA and never fused on the others, and a product that feeds an
@@ -33,6 +36,7 @@
 
 #include <Eigen/Core>
 
+#include <cstdint>
 #include <cmath>
 #include <limits>
 
@@ -147,6 +151,24 @@ EIGEN_STRONG_INLINE packet<T> exp_flushed(const packet<T>& x) {
   const packet<T> e = pexp(x);
   return pandnot(e, pcmp_lt(e, pset1<packet<T>>(std::numeric_limits<T>::min())));
 }
+
+/// A packet of floats from lanes<float> int8 codes of a quantized block (quantized.hpp),
+/// converted one by one.
+EIGEN_STRONG_INLINE packet<float> load_codes(const std::int8_t* p) {
+  EIGEN_ALIGN_MAX float f[lanes<float>];
+  for (index_t i = 0; i < lanes<float>; ++i) f[i] = static_cast<float>(p[i]);
+  return Eigen::internal::pload<packet<float>>(f);
+}
+/// A packet of floats from lanes<float> nibble codes of a q4 block: the low (or, with high,
+/// the high) nibbles of lanes<float> bytes, each minus 8.
+EIGEN_STRONG_INLINE packet<float> load_nibble_codes(const std::uint8_t* p, bool high) {
+  EIGEN_ALIGN_MAX float f[lanes<float>];
+  for (index_t i = 0; i < lanes<float>; ++i)
+    f[i] = static_cast<float>((high ? p[i] >> 4 : p[i] & 15) - 8);
+  return Eigen::internal::pload<packet<float>>(f);
+}
+/// A block's fp16 scale as a float (Eigen's conversion).
+EIGEN_STRONG_INLINE float scale_of(Eigen::half h) { return static_cast<float>(h); }
 
 /// Widens a prefix of x to float in y and returns its length: none here, the caller converts
 /// every element with Eigen's conversion (F16C's when the build targets it).

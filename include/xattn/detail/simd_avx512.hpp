@@ -9,6 +9,7 @@
 
 #include <Eigen/Core>
 
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 
@@ -219,6 +220,25 @@ XATTN_DETAIL_SIMD_INLINE index_t narrow(const float* x, index_t n, Eigen::bfloat
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), _mm512_cvtepi32_epi16(r));
   }
   return i;
+}
+
+/// A packet of floats from 16 int8 codes of a quantized block (quantized.hpp), exactly:
+/// vpmovsxbd, then vcvtdq2ps.
+XATTN_DETAIL_SIMD_INLINE __m512 load_codes(const std::int8_t* p) {
+  return _mm512_cvtepi32_ps(
+      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+/// A packet of floats from 16 nibble codes of a q4 block (quantized.hpp): the low (or, with
+/// high, the high) nibbles of 16 bytes, each minus 8, exactly.
+XATTN_DETAIL_SIMD_INLINE __m512 load_nibble_codes(const std::uint8_t* p, bool high) {
+  __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if (high) x = _mm_srli_epi16(x, 4);
+  x = _mm_and_si128(x, _mm_set1_epi8(15));
+  return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(x), _mm512_set1_epi32(8)));
+}
+/// A block's fp16 scale as a float: F16C's scalar vcvtph2ps.
+XATTN_DETAIL_SIMD_INLINE float scale_of(Eigen::half h) {
+  return _cvtsh_ss(Eigen::numext::bit_cast<std::uint16_t>(h));
 }
 
 #  include "xattn/detail/simd_exp.inl"

@@ -9,6 +9,8 @@
 
 #include <Eigen/Core>
 
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -212,6 +214,31 @@ XATTN_DETAIL_SIMD_INLINE index_t narrow(const float* x, index_t n, Eigen::bfloat
   }
   return i;
 }
+
+/// A packet of floats from 4 int8 codes of a quantized block (quantized.hpp), exactly: each
+/// byte unpacked to the top of its 32-bit lane and shifted back down with its sign (SSE2 has
+/// no pmovsxbd).
+XATTN_DETAIL_SIMD_INLINE __m128 load_codes(const std::int8_t* p) {
+  std::int32_t w;
+  std::memcpy(&w, p, 4);
+  __m128i x = _mm_cvtsi32_si128(w);
+  x = _mm_unpacklo_epi8(x, x);
+  x = _mm_unpacklo_epi16(x, x);
+  return _mm_cvtepi32_ps(_mm_srai_epi32(x, 24));
+}
+/// A packet of floats from 4 nibble codes of a q4 block (quantized.hpp): the low (or, with
+/// high, the high) nibbles of 4 bytes, each minus 8, exactly.
+XATTN_DETAIL_SIMD_INLINE __m128 load_nibble_codes(const std::uint8_t* p, bool high) {
+  std::int32_t w;
+  std::memcpy(&w, p, 4);
+  __m128i x = _mm_cvtsi32_si128(w);
+  if (high) x = _mm_srli_epi16(x, 4);
+  x = _mm_and_si128(x, _mm_set1_epi8(15));
+  x = _mm_unpacklo_epi16(_mm_unpacklo_epi8(x, _mm_setzero_si128()), _mm_setzero_si128());
+  return _mm_cvtepi32_ps(_mm_sub_epi32(x, _mm_set1_epi32(8)));
+}
+/// A block's fp16 scale as a float (Eigen's conversion: SSE2 has no fp16 instruction).
+XATTN_DETAIL_SIMD_INLINE float scale_of(Eigen::half h) { return static_cast<float>(h); }
 
 #  include "xattn/detail/simd_exp.inl"
 

@@ -7,6 +7,7 @@
 #include "xattn/errors.hpp"
 #include "xattn/half.hpp"
 #include "xattn/options.hpp"
+#include "xattn/quantized.hpp"
 #include "xattn/shapes.hpp"
 #include "xattn/tensor_view.hpp"
 
@@ -52,11 +53,13 @@ inline void check_shape(const char* fn, const attention_shape& s) {
 }
 
 /// The sizes q [B, H, Lq, Dk], k [B, Hkv, Lk, Dk] and v [B, Hkv, Lk, Dv] describe, after
-/// checking that they agree (Hkv divides H); throws shape_error naming `fn`.
+/// checking that they agree (Hkv divides H); throws shape_error naming `fn`. For k and v of a
+/// quantized block type (quantized.hpp) their last extent counts blocks, ceil(Dk / 32) and
+/// ceil(Dv / 32), each row's blocks contiguous, and Dv is `value_dim` (the output's).
 template <class Q, class KV>
 attention_shape check_qkv_shapes(const char* fn, const tensor_view<const Q, 4>& q,
                                  const tensor_view<const KV, 4>& k,
-                                 const tensor_view<const KV, 4>& v) {
+                                 const tensor_view<const KV, 4>& v, index_t value_dim = -1) {
   attention_shape s;
   s.batch = q.extent(0);
   s.num_heads = q.extent(1);
@@ -64,13 +67,25 @@ attention_shape check_qkv_shapes(const char* fn, const tensor_view<const Q, 4>& 
   s.head_dim = q.extent(3);
   s.num_kv_heads = k.extent(1);
   s.kv_len = k.extent(2);
-  s.value_dim = v.extent(3);
+  s.value_dim = is_quant_block_v<KV> ? value_dim : v.extent(3);
 
   require_extent(fn, "k", 0, k.extent(0), s.batch);
   if (s.num_kv_heads == 0 ? s.num_heads != 0 : s.num_heads % s.num_kv_heads != 0)
     fail_shape(message(fn, ": k.extent(1) is ", s.num_kv_heads,
                        ", expected a divisor of q.extent(1) = ", s.num_heads));
-  require_extent(fn, "k", 3, k.extent(3), s.head_dim);
+  if constexpr (is_quant_block_v<KV>) {
+    require_extent(fn, "k", 3, k.extent(3), quant_blocks_per_row(s.head_dim));
+    require_extent(fn, "v", 3, v.extent(3), quant_blocks_per_row(s.value_dim));
+    const auto blocks_contiguous = [&](const char* name, const tensor_view<const KV, 4>& x) {
+      if (x.extent(3) > 1 && x.stride(3) != 1)
+        fail_shape(message(fn, ": ", name, ".stride(3) is ", x.stride(3),
+                           ", expected 1 (the blocks of a row must be contiguous)"));
+    };
+    blocks_contiguous("k", k);
+    blocks_contiguous("v", v);
+  } else {
+    require_extent(fn, "k", 3, k.extent(3), s.head_dim);
+  }
   require_extent(fn, "v", 0, v.extent(0), s.batch);
   require_extent(fn, "v", 1, v.extent(1), s.num_kv_heads);
   require_extent(fn, "v", 2, v.extent(2), s.kv_len);
@@ -148,7 +163,7 @@ attention_problem check_attention_args(const char* fn, const tensor_view<const T
                                        const tensor_view<const KV, 4>& v,
                                        const tensor_view<T, 4>& out,
                                        const attention_options<T>& opts) {
-  const attention_shape s = check_qkv_shapes(fn, q, k, v);
+  const attention_shape s = check_qkv_shapes(fn, q, k, v, out.extent(3));
   require_extent(fn, "out", 0, out.extent(0), s.batch);
   require_extent(fn, "out", 1, out.extent(1), s.num_heads);
   require_extent(fn, "out", 2, out.extent(2), s.q_len);
