@@ -208,6 +208,17 @@ T correction(T m_old, T m_new, T shift) noexcept {
   return exp_flushed(m_old - shift);
 }
 
+/// The query rows of one work item: `heads` query heads from h0, which share one key/value
+/// head (the row path of grouped-query attention reads each key and value once for all of
+/// them; elsewhere heads = 1), and queries [i0, i0 + mq) of each. Row r is head h0 + r / mq,
+/// query i0 + r % mq.
+struct item_rows {
+  index_t b, h0, heads, i0, mq;
+  index_t count() const noexcept { return heads * mq; }
+  index_t head(index_t r) const noexcept { return h0 + r / mq; }
+  index_t query(index_t r) const noexcept { return i0 + r % mq; }
+};
+
 /// Elements of a query or output row a half-precision call converts at a time, on the stack.
 inline constexpr index_t half_chunk = 64;
 
@@ -415,28 +426,25 @@ class row_unit {
   using C = compute_t<T>;
 
  public:
-  row_unit(const tiled_job<T, KV>& job, tile_scratch<C>& ws, index_t b, index_t h, index_t i0,
-           index_t mq)
+  row_unit(const tiled_job<T, KV>& job, tile_scratch<C>& ws, const item_rows& rows)
       : job_(job),
         ws_(ws),
-        b_(b),
-        h_(h),
-        i0_(i0),
-        mq_(mq),
-        k_(job.k.select(0, b).select(0, h / job.group)),
-        v_(job.v.select(0, b).select(0, h / job.group)) {
+        rows_(rows),
+        b_(rows.b),
+        nr_(rows.count()),
+        k_(job.k.select(0, rows.b).select(0, rows.h0 / job.group)),
+        v_(job.v.select(0, rows.b).select(0, rows.h0 / job.group)) {
     const attention_shape& s = job.shape;
-    qs_ = at_least(ws.qt, mq * s.head_dim);
-    const auto q = job.q.select(0, b).select(0, h);
-    for (index_t i = 0; i < mq; ++i) {
-      C* row = qs_ + i * s.head_dim;
-      job.widen_row(q, i0 + i, 0, s.head_dim, row);
+    qs_ = at_least(ws.qt, nr_ * s.head_dim);
+    for (index_t r = 0; r < nr_; ++r) {
+      C* row = qs_ + r * s.head_dim;
+      job.widen_row(job.q.select(0, b_).select(0, rows.head(r)), rows.query(r), 0, s.head_dim, row);
       for (index_t d = 0; d < s.head_dim; ++d) row[d] *= job.scale;
     }
     s_ = at_least(ws.s, job.plan.kv_tile + job.plan.lanes);  // room for online_softmax_row
-    acc_ = at_least(ws.acc, mq * s.value_dim);
-    m_ = at_least(ws.stats, 2 * mq);
-    l_ = m_ + mq;
+    acc_ = at_least(ws.acc, nr_ * s.value_dim);
+    m_ = at_least(ws.stats, 2 * nr_);
+    l_ = m_ + nr_;
     // Keys and values of a half type with contiguous rows are read in place, each load
     // widened in registers: a decoder step reads half the bytes of float and copies nothing.
     // Quantized blocks are always read in place (their rows' blocks are contiguous).
@@ -449,13 +457,11 @@ class row_unit {
 
   unit_state<C> run(index_t kbeg, index_t kend) {
     const attention_shape& s = job_.shape;
-    std::fill(m_, m_ + mq_, -std::numeric_limits<C>::infinity());
-    std::fill(l_, l_ + mq_, C(0));
-    std::fill(acc_, acc_ + mq_ * s.value_dim, C(0));
+    std::fill(m_, m_ + nr_, -std::numeric_limits<C>::infinity());
+    std::fill(l_, l_ + nr_, C(0));
+    std::fill(acc_, acc_ + nr_ * s.value_dim, C(0));
     // Keys past the last one any row may see (key padding, causal) are never read.
-    index_t key_limit = 0;
-    for (index_t i = 0; i < mq_; ++i)
-      key_limit = std::max(key_limit, job_.mask.key_end(b_, i0_ + i));
+    const index_t key_limit = row_key_limit();
     kend = std::min(kend, key_limit);
     for (index_t j0 = kbeg; j0 < kend; j0 += job_.plan.kv_tile) {
       const index_t n = std::min(job_.plan.kv_tile, kend - j0);
@@ -474,27 +480,26 @@ class row_unit {
 
   void write_weights(const tensor_view<C, 4>& weights) {
     const index_t kv_len = job_.shape.kv_len;
-    index_t key_limit = 0;
-    for (index_t i = 0; i < mq_; ++i)
-      key_limit = std::max(key_limit, job_.mask.key_end(b_, i0_ + i));
+    const index_t key_limit = row_key_limit();
     for (index_t j0 = 0; j0 < kv_len; j0 += job_.plan.kv_tile) {
       const index_t n = std::min(job_.plan.kv_tile, kv_len - j0);
       const index_t nk = std::max<index_t>(0, std::min(n, key_limit - j0));  // keys to read
       index_t ldk = 0;
       const C* k = nk > 0 && !in_place_ ? job_.rows_of(k_, j0, nk, ws_.k_copy, ldk, job_.shape.head_dim) : nullptr;
-      for (index_t i = 0; i < mq_; ++i) {
-        const C shift = safe_shift(m_[i]);
-        const C inv_l = l_[i] == C(0) ? C(0) : C(1) / l_[i];
+      for (index_t r = 0; r < nr_; ++r) {
+        const index_t h = rows_.head(r), i = rows_.query(r);
+        const C shift = safe_shift(m_[r]);
+        const C inv_l = l_[r] == C(0) ? C(0) : C(1) / l_[r];
         // Keys past the row's end (key padding, causal) are not read: weight 0, or NaN in a
         // NaN row (inv_l is NaN there).
-        const index_t ni = std::max<index_t>(0, std::min(n, job_.mask.key_end(b_, i0_ + i) - j0));
+        const index_t ni = std::max<index_t>(0, std::min(n, job_.mask.key_end(b_, i) - j0));
         if (ni > 0 && in_place_)
-          scores(i, j0, ni, k_.data() + j0 * k_.stride(0), k_.stride(0));
+          scores(r, j0, ni, k_.data() + j0 * k_.stride(0), k_.stride(0));
         else if (ni > 0)
-          scores(i, j0, ni, k, ldk);
+          scores(r, j0, ni, k, ldk);
         for (index_t j = 0; j < ni; ++j)
-          weights(b_, h_, i0_ + i, j0 + j) = exp_flushed(s_[j] - shift) * inv_l;
-        for (index_t j = ni; j < n; ++j) weights(b_, h_, i0_ + i, j0 + j) = C(0) * inv_l;
+          weights(b_, h, i, j0 + j) = exp_flushed(s_[j] - shift) * inv_l;
+        for (index_t j = ni; j < n; ++j) weights(b_, h, i, j0 + j) = C(0) * inv_l;
       }
     }
   }
@@ -505,29 +510,38 @@ class row_unit {
   template <class E>
   void tile(index_t j0, index_t n, const E* k, index_t ldk, const E* v, index_t ldv) {
     const index_t dv = job_.shape.value_dim;
-    for (index_t i = 0; i < mq_; ++i) {
-      const index_t ni = std::min(n, job_.mask.key_end(b_, i0_ + i) - j0);  // keys it may see
+    for (index_t r = 0; r < nr_; ++r) {
+      const index_t ni = std::min(n, job_.mask.key_end(b_, rows_.query(r)) - j0);  // keys it sees
       if (ni <= 0) continue;
-      scores(i, j0, ni, k, ldk);
+      scores(r, j0, ni, k, ldk);
       C m_new, sum;
-      job_.loops.online_softmax_row(s_, ni, m_[i], m_new, sum);
-      const C corr = correction(m_[i], m_new, safe_shift(m_new));
-      l_[i] = corr * l_[i] + sum;
-      m_[i] = m_new;
-      job_.row_values(s_, v, ldv, ni, corr, acc_ + i * dv);
+      job_.loops.online_softmax_row(s_, ni, m_[r], m_new, sum);
+      const C corr = correction(m_[r], m_new, safe_shift(m_new));
+      l_[r] = corr * l_[r] + sum;
+      m_[r] = m_new;
+      job_.row_values(s_, v, ldv, ni, corr, acc_ + r * dv);
     }
   }
 
-  // One query's scores against keys [j0, j0 + n), masks applied, into s_.
+  // Row r's scores against keys [j0, j0 + n), masks applied, into s_.
   template <class E>
-  void scores(index_t i, index_t j0, index_t n, const E* k, index_t ldk) {
-    job_.row_scores(qs_ + i * job_.shape.head_dim, k, ldk, n, s_);
-    if (job_.mask.any()) job_.mask.apply(b_, h_, i0_ + i, j0, s_, n);
+  void scores(index_t r, index_t j0, index_t n, const E* k, index_t ldk) {
+    job_.row_scores(qs_ + r * job_.shape.head_dim, k, ldk, n, s_);
+    if (job_.mask.any()) job_.mask.apply(b_, rows_.head(r), rows_.query(r), j0, s_, n);
+  }
+
+  // One past the last key any row may see.
+  index_t row_key_limit() const {
+    index_t limit = 0;
+    for (index_t i = 0; i < rows_.mq; ++i)
+      limit = std::max(limit, job_.mask.key_end(b_, rows_.i0 + i));
+    return limit;
   }
 
   const tiled_job<T, KV>& job_;
   tile_scratch<C>& ws_;
-  index_t b_, h_, i0_, mq_;
+  item_rows rows_;
+  index_t b_, nr_;
   tensor_view<const KV, 2> k_, v_;
   C *qs_, *s_, *acc_, *m_, *l_;
   bool in_place_ = false;  // for C, rows_of reads contiguous rows in place itself
@@ -538,25 +552,26 @@ class row_unit {
 /// out = acc / l and lse = m + log(l) for the unit's queries; a query with l = 0 (every key
 /// masked) gets zeros and -inf. The output is rounded to T here, once.
 template <class T, class KV, class C>
-void write_output(const tiled_job<T, KV>& job, index_t b, index_t h, index_t i0, index_t mq,
-                  const unit_state<C>& st) {
-  for (index_t i = 0; i < mq; ++i) {
-    const C l = st.l[i];
+void write_output(const tiled_job<T, KV>& job, const item_rows& rows, const unit_state<C>& st) {
+  const index_t b = rows.b;
+  for (index_t r = 0; r < rows.count(); ++r) {
+    const index_t h = rows.head(r), i = rows.query(r);
+    const C l = st.l[r];
     const C inv_l = l == C(0) ? C(0) : C(1) / l;
     const index_t dv = job.shape.value_dim;
     if constexpr (std::is_same_v<T, C>) {
-      for (index_t e = 0; e < dv; ++e) job.out(b, h, i0 + i, e) = st(i, e) * inv_l;
+      for (index_t e = 0; e < dv; ++e) job.out(b, h, i, e) = st(r, e) * inv_l;
     } else {
       C buf[half_chunk];
       for (index_t e0 = 0; e0 < dv; e0 += half_chunk) {
         const index_t m = std::min(half_chunk, dv - e0);
-        for (index_t e = 0; e < m; ++e) buf[e] = st(i, e0 + e) * inv_l;
-        job.store_out(b, h, i0 + i, e0, buf, m);
+        for (index_t e = 0; e < m; ++e) buf[e] = st(r, e0 + e) * inv_l;
+        job.store_out(b, h, i, e0, buf, m);
       }
     }
     if (job.opts.lse_out)
-      (*job.opts.lse_out)(b, h, i0 + i) =
-          l == C(0) ? -std::numeric_limits<C>::infinity() : st.m[i] + std::log(l);
+      (*job.opts.lse_out)(b, h, i) =
+          l == C(0) ? -std::numeric_limits<C>::infinity() : st.m[r] + std::log(l);
   }
 }
 
@@ -566,35 +581,36 @@ compute_t<T>* partial_block(const tiled_job<T, KV>& job, index_t unit) {
 }
 
 template <class T, class KV, class Unit>
-void finish_unit(const tiled_job<T, KV>& job, Unit& unit, index_t u, index_t b, index_t h,
-                 index_t i0, index_t mq, index_t split) {
+void finish_unit(const tiled_job<T, KV>& job, Unit& unit, index_t u, const item_rows& rows,
+                 index_t split) {
   using C = compute_t<T>;
   const tiled_plan& p = job.plan;
   const index_t kbeg = split * p.split_len;
   const unit_state<C> st = unit.run(kbeg, std::min(job.shape.kv_len, kbeg + p.split_len));
   if (p.splits == 1) {
-    write_output(job, b, h, i0, mq, st);
+    write_output(job, rows, st);
     if (job.opts.weights_out) unit.write_weights(*job.opts.weights_out);
     return;
   }
-  C* part = partial_block(job, u);  // m [mq], l [mq], acc [mq, Dv]
-  const index_t dv = job.shape.value_dim;
-  for (index_t i = 0; i < mq; ++i) {
-    part[i] = st.m[i];
-    part[mq + i] = st.l[i];
-    for (index_t e = 0; e < dv; ++e) part[2 * mq + i * dv + e] = st(i, e);
+  C* part = partial_block(job, u);  // m [nr], l [nr], acc [nr, Dv] for the item's nr rows
+  const index_t dv = job.shape.value_dim, nr = rows.count();
+  for (index_t r = 0; r < nr; ++r) {
+    part[r] = st.m[r];
+    part[nr + r] = st.l[r];
+    for (index_t e = 0; e < dv; ++e) part[2 * nr + r * dv + e] = st(r, e);
   }
 }
 
 /// Splits of one item merged in split order: with M the largest split max,
 ///   l = Σ_s exp(m_s - M) l_s,   acc = Σ_s exp(m_s - M) acc_s,   out = acc / l.
 template <class T, class KV>
-void merge_item(const tiled_job<T, KV>& job, int thread, index_t item, index_t b, index_t h,
-                index_t i0, index_t mq) {
+void merge_item(const tiled_job<T, KV>& job, int thread, index_t item, const item_rows& rows) {
   using C = compute_t<T>;
-  const index_t dv = job.shape.value_dim, splits = job.plan.splits;
+  const index_t dv = job.shape.value_dim, splits = job.plan.splits, mq = rows.count();
+  const index_t b = rows.b;
   C* acc = job.scratch(thread).acc.data();
   for (index_t i = 0; i < mq; ++i) {
+    const index_t h = rows.head(i), qi = rows.query(i);
     C big = -std::numeric_limits<C>::infinity();
     for (index_t sp = 0; sp < splits; ++sp)
       big = max_nan(big, partial_block(job, item * splits + sp)[i]);
@@ -609,44 +625,47 @@ void merge_item(const tiled_job<T, KV>& job, int thread, index_t item, index_t b
     }
     const C inv_l = l == C(0) ? C(0) : C(1) / l;
     if constexpr (std::is_same_v<T, C>) {
-      for (index_t e = 0; e < dv; ++e) job.out(b, h, i0 + i, e) = acc[e] * inv_l;
+      for (index_t e = 0; e < dv; ++e) job.out(b, h, qi, e) = acc[e] * inv_l;
     } else {
       for (index_t e = 0; e < dv; ++e) acc[e] *= inv_l;
-      job.store_out(b, h, i0 + i, 0, acc, dv);
+      job.store_out(b, h, qi, 0, acc, dv);
     }
     if (job.opts.lse_out)
-      (*job.opts.lse_out)(b, h, i0 + i) =
+      (*job.opts.lse_out)(b, h, qi) =
           l == C(0) ? -std::numeric_limits<C>::infinity() : big + std::log(l);
   }
 }
 
-/// Work unit u: item u / splits, key range u % splits. Items run batch, then head, then query
-/// tile.
+/// The rows of work item `item`. Items run batch, then head group (plan.heads_per_item query
+/// heads), then query tile.
+template <class T, class KV>
+item_rows rows_of_item(const tiled_job<T, KV>& job, index_t item) {
+  const tiled_plan& p = job.plan;
+  const index_t groups = job.shape.num_heads / p.heads_per_item;
+  const index_t i0 = item % p.q_tiles * p.q_tile;
+  return {item / (groups * p.q_tiles), item / p.q_tiles % groups * p.heads_per_item,
+          p.heads_per_item, i0, std::min(p.q_tile, job.shape.q_len - i0)};
+}
+
+/// Work unit u: item u / splits, key range u % splits.
 template <class T, class KV>
 void run_unit(const tiled_job<T, KV>& job, int thread, index_t u) {
   const tiled_plan& p = job.plan;
   const index_t item = u / p.splits, split = u % p.splits;
-  const index_t b = item / (job.shape.num_heads * p.q_tiles);
-  const index_t h = item / p.q_tiles % job.shape.num_heads;
-  const index_t i0 = item % p.q_tiles * p.q_tile;
-  const index_t mq = std::min(p.q_tile, job.shape.q_len - i0);
+  const item_rows rows = rows_of_item(job, item);
   tile_scratch<compute_t<T>>& ws = job.scratch(thread);
   if (p.rows) {
-    row_unit<T, KV> unit(job, ws, b, h, i0, mq);
-    finish_unit(job, unit, u, b, h, i0, mq, split);
+    row_unit<T, KV> unit(job, ws, rows);
+    finish_unit(job, unit, u, rows, split);
   } else {
-    lanes_unit<T, KV> unit(job, ws, b, h, i0, mq);
-    finish_unit(job, unit, u, b, h, i0, mq, split);
+    lanes_unit<T, KV> unit(job, ws, rows.b, rows.h0, rows.i0, rows.mq);
+    finish_unit(job, unit, u, rows, split);
   }
 }
 
 template <class T, class KV>
 void run_merge(const tiled_job<T, KV>& job, int thread, index_t item) {
-  const tiled_plan& p = job.plan;
-  const index_t b = item / (job.shape.num_heads * p.q_tiles);
-  const index_t h = item / p.q_tiles % job.shape.num_heads;
-  const index_t i0 = item % p.q_tiles * p.q_tile;
-  merge_item(job, thread, item, b, h, i0, std::min(p.q_tile, job.shape.q_len - i0));
+  merge_item(job, thread, item, rows_of_item(job, item));
 }
 
 /// Runs one tiled_attention call: T is the element type of q, out and opts, KV that of k and v.

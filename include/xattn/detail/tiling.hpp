@@ -95,7 +95,11 @@ struct tiled_plan {
   index_t width = 0;   ///< lanes path: q_tile rounded up to whole packets
   index_t kv_tile = 0;  ///< keys per tile
   index_t q_tiles = 0;  ///< query tiles per (batch, head)
-  index_t items = 0;    ///< B · H · q_tiles
+  /// Query heads per item: on the row path of grouped-query attention, the heads that share a
+  /// key/value head (as many as keep an item within rows_per_item rows), so that each key and
+  /// value is read once for all of them; else 1.
+  index_t heads_per_item = 1;
+  index_t items = 0;  ///< B · (H / heads_per_item) · q_tiles
   index_t splits = 1;   ///< key ranges per item
   index_t split_len = 0;
   int threads = 1;  ///< threads to start (at most one per unit)
@@ -120,6 +124,8 @@ inline constexpr double min_flops_per_thread = 1 << 20;
 inline constexpr index_t default_q_tile = 64;
 inline constexpr index_t default_kv_tile = 128;
 inline constexpr index_t default_row_kv_tile = 512;
+/// The most query rows (heads times queries) one row-path item holds.
+inline constexpr index_t rows_per_item = 64;
 
 /// The plan of a call of shape s on a path whose packets have `lanes` lanes of T (by default,
 /// the path a call starting now takes).
@@ -137,7 +143,15 @@ tiled_plan make_tiled_plan(const attention_shape& s, const tile_options& t, bool
       1, std::min(t.kv_tile ? *t.kv_tile : (p.rows ? default_row_kv_tile : default_kv_tile),
                   s.kv_len));
   p.q_tiles = (s.q_len + p.q_tile - 1) / p.q_tile;
-  p.items = s.batch * s.num_heads * p.q_tiles;
+  if (p.rows && s.kv_heads() > 0) {
+    const index_t group = s.num_heads / s.kv_heads();
+    for (index_t g = group; g >= 1; --g)
+      if (group % g == 0 && g * p.q_tile <= rows_per_item) {
+        p.heads_per_item = g;
+        break;
+      }
+  }
+  p.items = s.batch * (s.num_heads / p.heads_per_item) * p.q_tiles;
   const double flops = 2.0 * double(s.batch) * double(s.num_heads) * double(s.q_len) *
                        double(s.kv_len) * double(s.head_dim + s.value_dim);
   if (!need_weights && p.items > 0 && p.items < split_target_units) {
@@ -234,7 +248,7 @@ unit_scratch_sizes unit_scratch_elements(const tiled_plan& p, const attention_sh
                                          bool copy_k = true, bool copy_v = true,
                                          bool pairs = false) {
   constexpr const char* fn = "tiled_attention";
-  const index_t w = p.rows ? p.q_tile : p.width;
+  const index_t w = p.rows ? p.q_tile * p.heads_per_item : p.width;
   unit_scratch_sizes n;
   n.qt = checked_mul(fn, w, s.head_dim);
   n.s = p.rows ? p.kv_tile + p.lanes : checked_mul(fn, p.kv_tile, w);
@@ -251,7 +265,7 @@ unit_scratch_sizes unit_scratch_elements(const tiled_plan& p, const attention_sh
 template <class T>
 index_t partial_stride(const tiled_plan& p, const attention_shape& s) {
   constexpr index_t line = 64 / index_t(sizeof(T));
-  return (p.q_tile * (s.value_dim + 2) + line - 1) / line * line;
+  return (p.q_tile * p.heads_per_item * (s.value_dim + 2) + line - 1) / line * line;
 }
 
 /// Elements of the per-call partial results: one block per unit when the keys are split.
