@@ -83,8 +83,8 @@ void BM_TiledAttention(benchmark::State& state) {
   // the bf16-product path's lanes path runs on vdpbf16ps; its row path (Lq < 16) widens
   const bool products = std::is_same_v<T, Eigen::bfloat16> && s.q_len >= 16 &&
                         xattn::cpu_path_for<T>().find("+dpbf16") != std::string::npos;
-  xattn_bench::report_peak_fraction(state, xattn::attention_flops(s), seconds,
-                                    *tiles.num_threads, products);
+  xattn_bench::report_peak_fraction(state, xattn::attention_flops(s), seconds, *tiles.num_threads,
+                                    products);
   state.counters["scratch_KiB"] =
       double(xattn::tiled_attention_scratch_bytes<T>(s, tiles)) / 1024.0;
 }
@@ -131,22 +131,22 @@ struct quantized_cache {
     xattn::quantize(f.v(), values_out());
   }
   xattn::tensor_view<const B, 4> keys() const {
-    return xattn::make_view(k.data(), {s.batch, s.kv_heads(), s.kv_len,
-                                       xattn::quant_blocks_per_row(s.head_dim)});
+    return xattn::make_view(
+        k.data(), {s.batch, s.kv_heads(), s.kv_len, xattn::quant_blocks_per_row(s.head_dim)});
   }
   xattn::tensor_view<const B, 4> values() const {
-    return xattn::make_view(v.data(), {s.batch, s.kv_heads(), s.kv_len,
-                                       xattn::quant_blocks_per_row(s.value_dim)});
+    return xattn::make_view(
+        v.data(), {s.batch, s.kv_heads(), s.kv_len, xattn::quant_blocks_per_row(s.value_dim)});
   }
 
  private:
   xattn::tensor_view<B, 4> keys_out() {
-    return xattn::make_view(k.data(), {s.batch, s.kv_heads(), s.kv_len,
-                                       xattn::quant_blocks_per_row(s.head_dim)});
+    return xattn::make_view(
+        k.data(), {s.batch, s.kv_heads(), s.kv_len, xattn::quant_blocks_per_row(s.head_dim)});
   }
   xattn::tensor_view<B, 4> values_out() {
-    return xattn::make_view(v.data(), {s.batch, s.kv_heads(), s.kv_len,
-                                       xattn::quant_blocks_per_row(s.value_dim)});
+    return xattn::make_view(
+        v.data(), {s.batch, s.kv_heads(), s.kv_len, xattn::quant_blocks_per_row(s.value_dim)});
   }
 };
 

@@ -108,9 +108,9 @@ inline void label_build(benchmark::State& state) {
 // and vdpbf16ps on zmm (AVX-512 BF16), 4 FLOPs per lane (two products, two additions).
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#  define XATTN_BENCH_PEAK_LOOP(isa, zero, op, reg)                                          \
-    __attribute__((target(isa))) inline void peak_loop_##reg(long n) {                       \
-      const float one = 1.0f, tiny = 1e-30f;                                                    \
+#  define XATTN_BENCH_PEAK_LOOP(isa, zero, op, reg)                                              \
+    __attribute__((target(isa))) inline void peak_loop_##reg(long n) {                           \
+      const float one = 1.0f, tiny = 1e-30f;                                                     \
       __asm__ volatile(zero "vbroadcastss %[one], %%" #reg "12\n"                              \
                        "vbroadcastss %[tiny], %%" #reg "13\n"                                  \
                        "1:\n" op(0) op(1) op(2) op(3) op(4) op(5) op(6) op(7) op(8) op(9)      \
@@ -119,18 +119,18 @@ inline void label_build(benchmark::State& state) {
                        : [n] "+r"(n)                                                            \
                        : [one] "m"(one), [tiny] "m"(tiny)                                       \
                        : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7",       \
-                         "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "cc");             \
+                         "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "cc"); \
     }
-#  define XATTN_BENCH_ZERO                                                                      \
-    "vxorps %%xmm0, %%xmm0, %%xmm0\n vxorps %%xmm1, %%xmm1, %%xmm1\n"                         \
-    "vxorps %%xmm2, %%xmm2, %%xmm2\n vxorps %%xmm3, %%xmm3, %%xmm3\n"                         \
-    "vxorps %%xmm4, %%xmm4, %%xmm4\n vxorps %%xmm5, %%xmm5, %%xmm5\n"                         \
-    "vxorps %%xmm6, %%xmm6, %%xmm6\n vxorps %%xmm7, %%xmm7, %%xmm7\n"                         \
-    "vxorps %%xmm8, %%xmm8, %%xmm8\n vxorps %%xmm9, %%xmm9, %%xmm9\n"                         \
+#  define XATTN_BENCH_ZERO                                            \
+    "vxorps %%xmm0, %%xmm0, %%xmm0\n vxorps %%xmm1, %%xmm1, %%xmm1\n" \
+    "vxorps %%xmm2, %%xmm2, %%xmm2\n vxorps %%xmm3, %%xmm3, %%xmm3\n" \
+    "vxorps %%xmm4, %%xmm4, %%xmm4\n vxorps %%xmm5, %%xmm5, %%xmm5\n" \
+    "vxorps %%xmm6, %%xmm6, %%xmm6\n vxorps %%xmm7, %%xmm7, %%xmm7\n" \
+    "vxorps %%xmm8, %%xmm8, %%xmm8\n vxorps %%xmm9, %%xmm9, %%xmm9\n" \
     "vxorps %%xmm10, %%xmm10, %%xmm10\n vxorps %%xmm11, %%xmm11, %%xmm11\n"
-#  define XATTN_BENCH_FMA_ZMM(r) "vfmadd231ps %%zmm12, %%zmm13, %%zmm" #r "\n"
-#  define XATTN_BENCH_FMA_YMM(r) "vfmadd231ps %%ymm12, %%ymm13, %%ymm" #r "\n"
-#  define XATTN_BENCH_DPBF16(r) "vdpbf16ps %%zmm12, %%zmm13, %%zmm" #r "\n"
+#  define XATTN_BENCH_FMA_ZMM(r) "vfmadd231ps %%zmm12, %%zmm13, %%zmm" #  r "\n"
+#  define XATTN_BENCH_FMA_YMM(r) "vfmadd231ps %%ymm12, %%ymm13, %%ymm" #  r "\n"
+#  define XATTN_BENCH_DPBF16(r) "vdpbf16ps %%zmm12, %%zmm13, %%zmm" #  r "\n"
 XATTN_BENCH_PEAK_LOOP("avx512f", XATTN_BENCH_ZERO, XATTN_BENCH_FMA_ZMM, zmm)
 XATTN_BENCH_PEAK_LOOP("avx2,fma", XATTN_BENCH_ZERO, XATTN_BENCH_FMA_YMM, ymm)
 __attribute__((target("avx512f,avx512bf16"))) inline void peak_loop_dpbf16(long n) {

@@ -90,10 +90,9 @@ std::vector<float> round_trip(const std::vector<float>& x, bool per_channel) {
 std::vector<float> step(const std::vector<float>& q, const std::vector<float>& k,
                         const std::vector<float>& v) {
   std::vector<float> out(std::size_t(H * D));
-  xattn::tiled_attention<float>(xattn::make_view(q.data(), {1, H, 1, D}),
-                                xattn::make_view(k.data(), {1, H, Lk, D}),
-                                xattn::make_view(v.data(), {1, H, Lk, D}),
-                                xattn::make_view(out.data(), {1, H, 1, D}));
+  xattn::tiled_attention<float>(
+      xattn::make_view(q.data(), {1, H, 1, D}), xattn::make_view(k.data(), {1, H, Lk, D}),
+      xattn::make_view(v.data(), {1, H, Lk, D}), xattn::make_view(out.data(), {1, H, 1, D}));
   return out;
 }
 
@@ -102,7 +101,8 @@ template <class B>
 std::vector<B> blocks_of(const std::vector<float>& x, index_t L) {
   const index_t nb = xattn::quant_blocks_per_row(D);
   std::vector<B> blocks(std::size_t(H * L * nb));
-  xattn::quantize(xattn::make_view(x.data(), {1, H, L, D}), xattn::make_view(blocks.data(), {1, H, L, nb}));
+  xattn::quantize(xattn::make_view(x.data(), {1, H, L, D}),
+                  xattn::make_view(blocks.data(), {1, H, L, nb}));
   return blocks;
 }
 
@@ -112,10 +112,9 @@ std::vector<float> step_on_blocks(const std::vector<float>& q, const std::vector
                                   const std::vector<B>& v, index_t L) {
   const index_t nb = xattn::quant_blocks_per_row(D);
   std::vector<float> out(std::size_t(H * D));
-  xattn::tiled_attention<float>(xattn::make_view(q.data(), {1, H, 1, D}),
-                                xattn::make_view(k.data(), {1, H, L, nb}),
-                                xattn::make_view(v.data(), {1, H, L, nb}),
-                                xattn::make_view(out.data(), {1, H, 1, D}));
+  xattn::tiled_attention<float>(
+      xattn::make_view(q.data(), {1, H, 1, D}), xattn::make_view(k.data(), {1, H, L, nb}),
+      xattn::make_view(v.data(), {1, H, L, nb}), xattn::make_view(out.data(), {1, H, 1, D}));
   return out;
 }
 
@@ -126,7 +125,8 @@ double median_us(int reps, F&& f) {
   for (int r = 0; r < reps; ++r) {
     const auto t0 = std::chrono::steady_clock::now();
     f();
-    t.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
+    t.push_back(
+        std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
   }
   std::sort(t.begin(), t.end());
   return t[t.size() / 2];
@@ -167,8 +167,9 @@ int main() {
   for (int i = 0; i < 4; ++i)
     std::printf("  %-6s %10.0f %8.3f %12.2f\n", names[i], bytes[i], bytes[i] / f32,
                 flops / bytes[i]);
-  std::printf("  (a core does tens of flops in the time it reads one byte from memory: every\n"
-              "  format here leaves the step waiting on memory, so its time follows the bytes)\n");
+  std::printf(
+      "  (a core does tens of flops in the time it reads one byte from memory: every\n"
+      "  format here leaves the step waiting on memory, so its time follows the bytes)\n");
   check(q8 / f32 <= 0.27 && q4 / f32 <= 0.15, "q8 and q4 caches are 0.27x and 0.15x of float");
 
   // 2. Accuracy: the step on the quantized cache against the step on the float cache.
@@ -213,8 +214,10 @@ int main() {
     const double d4 = relative_error(step_on_blocks(t.q, k4, v4, Lk),
                                      step(t.q, round_trip<xattn::q4_block>(t.k, false),
                                           round_trip<xattn::q4_block>(t.v, false)));
-    std::printf("\nthe kernel on the blocks against the float kernel on them dequantized: "
-                "q8 %.1e, q4 %.1e\n", d8, d4);
+    std::printf(
+        "\nthe kernel on the blocks against the float kernel on them dequantized: "
+        "q8 %.1e, q4 %.1e\n",
+        d8, d4);
     check(d8 < 1e-5 && d4 < 1e-5, "the kernel on blocks equals the float kernel on their values");
   }
 #ifdef NDEBUG
@@ -237,16 +240,16 @@ int main() {
     const auto k4 = blocks_of<xattn::q4_block>(k, L), v4 = blocks_of<xattn::q4_block>(v, L);
     std::vector<float> out(std::size_t(H * D));
     const double t32 = median_us(reps, [&] {
-      xattn::tiled_attention<float>(xattn::make_view(q.data(), {1, H, 1, D}),
-                                    xattn::make_view(k.data(), {1, H, L, D}),
-                                    xattn::make_view(v.data(), {1, H, L, D}),
-                                    xattn::make_view(out.data(), {1, H, 1, D}));
+      xattn::tiled_attention<float>(
+          xattn::make_view(q.data(), {1, H, 1, D}), xattn::make_view(k.data(), {1, H, L, D}),
+          xattn::make_view(v.data(), {1, H, L, D}), xattn::make_view(out.data(), {1, H, 1, D}));
     });
     const double t8 = median_us(reps, [&] { (void)step_on_blocks(q, k8, v8, L); });
     const double t4 = median_us(reps, [&] { (void)step_on_blocks(q, k4, v4, L); });
     const double mib = 2.0 * H * L * D * 4 / double(1 << 20);
-    std::printf("\none step over %d cached tokens (median of %d calls, the kernel's default threads):\n",
-                int(L), reps);
+    std::printf(
+        "\none step over %d cached tokens (median of %d calls, the kernel's default threads):\n",
+        int(L), reps);
     std::printf("  float %8.0f us  (%.1f MiB)\n", t32, mib);
     std::printf("  q8    %8.0f us  (%.1f MiB)  %.2fx faster\n", t8, mib * 34 / 128, t32 / t8);
     std::printf("  q4    %8.0f us  (%.1f MiB)  %.2fx faster\n", t4, mib * 18 / 128, t32 / t4);

@@ -48,8 +48,9 @@ struct quantized_rows {
   tensor<B, 4> blocks;
   tensor<float, 4> values;  // the dequantized values: what the kernel must compute with
   explicit quantized_rows(const tensor<float, 4>& x)
-      : blocks({x.extents[0], x.extents[1], x.extents[2], xattn::quant_blocks_per_row(x.extents[3])},
-               B{}),
+      : blocks(
+            {x.extents[0], x.extents[1], x.extents[2], xattn::quant_blocks_per_row(x.extents[3])},
+            B{}),
         values(x.extents) {
     xattn::quantize(x.cview(), blocks.view());
     xattn::dequantize(blocks.cview(), values.view());
@@ -80,9 +81,9 @@ TYPED_TEST(QuantizedAttention, EqualsTheFloatCallOnTheDequantizedCache) {
     for (const auto& s : {shape(1, 8, 1, 300, 64, 64), shape(2, 4, 3, 77, 40, 24, 2),
                           shape(1, 2, 40, 129, 33, 17), shape(1, 1, 1, 1, 1, 1),
                           shape(1, 4, 1, 45, 96, 130, 1), shape(1, 2, 17, 50, 128, 64, 1)}) {
-      SCOPED_TRACE(::testing::Message() << "H " << s.num_heads << " Hkv " << s.kv_heads()
-                                        << " Lq " << s.q_len << " Lk " << s.kv_len << " Dk "
-                                        << s.head_dim << " Dv " << s.value_dim);
+      SCOPED_TRACE(::testing::Message()
+                   << "H " << s.num_heads << " Hkv " << s.kv_heads() << " Lq " << s.q_len << " Lk "
+                   << s.kv_len << " Dk " << s.head_dim << " Dv " << s.value_dim);
       const auto q = random_tensor<float, 4>({s.batch, s.num_heads, s.q_len, s.head_dim}, 7);
       const quantized_rows<B> k(
           random_tensor<float, 4>({s.batch, s.kv_heads(), s.kv_len, s.head_dim}, 8));
@@ -103,8 +104,8 @@ TYPED_TEST(QuantizedAttention, EqualsTheFloatCallOnTheDequantizedCache) {
         if (m.causal) opts.mask.causal = xattn::causal_mask::bottom_right;
         if (m.allowed) opts.mask.allowed = allowed.cview();
         if (m.bias) opts.mask.bias = bias.cview();
-        const auto exact =
-            xattn_test::reference_attention<float>(q.cview(), k.values.cview(), v.values.cview(), opts);
+        const auto exact = xattn_test::reference_attention<float>(q.cview(), k.values.cview(),
+                                                                  v.values.cview(), opts);
         const double tol =
             xattn_test::attention_tol<float>(s.head_dim, s.kv_len, exact.max_abs_score);
         for (const auto& t : {tiles(0, 0), tiles(5, 64, 2), tiles(1, 7, 1), tiles(0, 0, 2)}) {
@@ -119,8 +120,8 @@ TYPED_TEST(QuantizedAttention, EqualsTheFloatCallOnTheDequantizedCache) {
           fo.weights_out = w_f.view();
           xattn::tiled_attention<float>(q.cview(), k.blocks.cview(), v.blocks.cview(), out.view(),
                                         o, t);
-          xattn::tiled_attention<float>(q.cview(), k.values.cview(), v.values.cview(),
-                                        want.view(), fo, t);
+          xattn::tiled_attention<float>(q.cview(), k.values.cview(), v.values.cview(), want.view(),
+                                        fo, t);
           const index_t q_tile = t.q_tile.value_or(s.q_len);
           if (s.q_len >= lanes_of(path) && q_tile >= lanes_of(path)) {  // the lanes path
             EXPECT_TRUE(same_bits(out.data, want.data)) << "output";
@@ -141,12 +142,11 @@ TYPED_TEST(QuantizedAttention, DecodeStepReadsALongCacheInPlace) {
   // read in place, every path within float's tolerance of the reference, and the same bits for
   // every thread count.
   using B = TypeParam;
-  const auto s = shape(1, 8, 1, 3000, 64, 64, 2);
   const auto q = random_tensor<float, 4>({1, 8, 1, 64}, 3);
   const quantized_rows<B> k(random_tensor<float, 4>({1, 2, 3000, 64}, 4, -2.0, 2.0));
   const quantized_rows<B> v(random_tensor<float, 4>({1, 2, 3000, 64}, 5));
-  const auto exact = xattn_test::reference_attention<float>(q.cview(), k.values.cview(),
-                                                            v.values.cview());
+  const auto exact =
+      xattn_test::reference_attention<float>(q.cview(), k.values.cview(), v.values.cview());
   const double tol = xattn_test::attention_tol<float>(64, 3000, exact.max_abs_score);
   each_path()([&](std::string_view) {
     tensor<float, 4> first;
@@ -162,7 +162,6 @@ TYPED_TEST(QuantizedAttention, DecodeStepReadsALongCacheInPlace) {
         EXPECT_TRUE(same_bits(out.data, first.data)) << "differs from 1 thread";
     }
   });
-  (void)s;
 }
 
 TYPED_TEST(QuantizedAttention, StridedBlockViewsAndHeadsInterleaved) {
@@ -208,20 +207,17 @@ TYPED_TEST(QuantizedAttention, BadBlockViewsAreNamedErrorsAndWriteNothing) {
                                               {"tiled_attention", "k.extent(3) is 1", "2"}));
   // out's Dv = 64 needs 2 blocks of values; v has 3
   tensor<float, 4> out64({1, 2, 1, 64}, -7.0f);
-  EXPECT_TRUE(throws_with<xattn::shape_error>(call(k.blocks.cview(), v.blocks.cview(), out64.view()),
-                                              {"v.extent(3) is 3"}));
+  EXPECT_TRUE(throws_with<xattn::shape_error>(
+      call(k.blocks.cview(), v.blocks.cview(), out64.view()), {"v.extent(3) is 3"}));
   // blocks of a row not contiguous
-  const xattn::tensor_view<const B, 4> kstrided(k.blocks.data.data(), {1, 2, 4, 2},
-                                                {36, 18, 4, 2});
+  const xattn::tensor_view<const B, 4> kstrided(k.blocks.data.data(), {1, 2, 4, 2}, {36, 18, 4, 2});
   const xattn::tensor_view<const B, 4> vshort(v.blocks.data.data(), {1, 2, 4, 3});
   EXPECT_TRUE(throws_with<xattn::shape_error>(call(kstrided, vshort, out.view()),
                                               {"k.stride(3) is 2", "contiguous"}));
   EXPECT_EQ(out.data, untouched);
   // an output overlapping the blocks
-  tensor<float, 4> big({1, 1, 1, 4096}, 0.0f);
-  const xattn::tensor_view<float, 4> over(reinterpret_cast<float*>(
-                                              const_cast<B*>(k.blocks.data.data())),
-                                          {1, 2, 1, 70});
+  const xattn::tensor_view<float, 4> over(
+      reinterpret_cast<float*>(const_cast<B*>(k.blocks.data.data())), {1, 2, 1, 70});
   EXPECT_TRUE(throws_with<xattn::shape_error>(call(k.blocks.cview(), v.blocks.cview(), over),
                                               {"out overlaps k"}));
 }
@@ -273,8 +269,9 @@ TYPED_TEST(QuantizedAttention, AModuleCacheHoldsTheQuantizedProjections) {
   opts.kernel = xattn::attention_kernel::naive;
   tensor<float, 3> out({Bt, Lq, 48}, -7.0f);
   const auto untouched = out.data;
-  EXPECT_TRUE(throws_with<xattn::value_error>(
-      [&] { mha.forward(query.cview(), cache, out.view(), opts); }, {"naive", xattn::quant_name<B>()}));
+  EXPECT_TRUE(
+      throws_with<xattn::value_error>([&] { mha.forward(query.cview(), cache, out.view(), opts); },
+                                      {"naive", xattn::quant_name<B>()}));
   EXPECT_EQ(out.data, untouched);
 
   // A bad context leaves the cache as it was.

@@ -66,8 +66,7 @@ struct tiled_job {
       C* dst = at_least(copy, n * d);
       ld = d;
       const KV* src = x.data() + j0 * x.stride(0);
-      for (index_t j = 0; j < n; ++j)
-        quant().dequantize_row(src + j * x.stride(0), d, dst + j * d);
+      for (index_t j = 0; j < n; ++j) quant().dequantize_row(src + j * x.stride(0), d, dst + j * d);
       return dst;
     } else {
       XATTN_ASSERT(d == x.extent(1));
@@ -485,7 +484,9 @@ class row_unit {
       const index_t n = std::min(job_.plan.kv_tile, kv_len - j0);
       const index_t nk = std::max<index_t>(0, std::min(n, key_limit - j0));  // keys to read
       index_t ldk = 0;
-      const C* k = nk > 0 && !in_place_ ? job_.rows_of(k_, j0, nk, ws_.k_copy, ldk, job_.shape.head_dim) : nullptr;
+      const C* k = nk > 0 && !in_place_
+                       ? job_.rows_of(k_, j0, nk, ws_.k_copy, ldk, job_.shape.head_dim)
+                       : nullptr;
       for (index_t r = 0; r < nr_; ++r) {
         const index_t h = rows_.head(r), i = rows_.query(r);
         const C shift = safe_shift(m_[r]);
@@ -606,10 +607,10 @@ void finish_unit(const tiled_job<T, KV>& job, Unit& unit, index_t u, const item_
 template <class T, class KV>
 void merge_item(const tiled_job<T, KV>& job, int thread, index_t item, const item_rows& rows) {
   using C = compute_t<T>;
-  const index_t dv = job.shape.value_dim, splits = job.plan.splits, mq = rows.count();
+  const index_t dv = job.shape.value_dim, splits = job.plan.splits, nr = rows.count();
   const index_t b = rows.b;
   C* acc = job.scratch(thread).acc.data();
-  for (index_t i = 0; i < mq; ++i) {
+  for (index_t i = 0; i < nr; ++i) {
     const index_t h = rows.head(i), qi = rows.query(i);
     C big = -std::numeric_limits<C>::infinity();
     for (index_t sp = 0; sp < splits; ++sp)
@@ -620,8 +621,8 @@ void merge_item(const tiled_job<T, KV>& job, int thread, index_t item, const ite
     for (index_t sp = 0; sp < splits; ++sp) {
       const C* part = partial_block(job, item * splits + sp);
       const C w = exp_flushed(part[i] - shift);
-      l += w * part[mq + i];
-      for (index_t e = 0; e < dv; ++e) acc[e] += w * part[2 * mq + i * dv + e];
+      l += w * part[nr + i];
+      for (index_t e = 0; e < dv; ++e) acc[e] += w * part[2 * nr + i * dv + e];
     }
     const C inv_l = l == C(0) ? C(0) : C(1) / l;
     if constexpr (std::is_same_v<T, C>) {
@@ -817,9 +818,9 @@ void tiled_attention(detail::identity_t<tensor_view<const T, 4>> q,
 /// packet of floats), where tiles are dequantized into scratch; within float rounding on the
 /// row path (decoder steps), which reads the blocks in place, each block's codes multiplied in
 /// float and then scaled, so the only error the format adds is its own quantization error.
-template <class T, class KV,
-          std::enable_if_t<std::is_same_v<T, float> && (is_half_v<KV> || is_quant_block_v<KV>),
-                           int> = 0>
+template <
+    class T, class KV,
+    std::enable_if_t<std::is_same_v<T, float> && (is_half_v<KV> || is_quant_block_v<KV>), int> = 0>
 void tiled_attention(detail::identity_t<tensor_view<const T, 4>> q, tensor_view<const KV, 4> k,
                      tensor_view<const KV, 4> v, tensor_view<T, 4> out,
                      const detail::identity_t<attention_options<T>>& opts = {},

@@ -500,8 +500,8 @@ class multi_head_cross_attention {
     const index_t batch = context.extent(0), kv_len = context.extent(1);
     index_t per_head = c.head_dim;  // elements of S per head and row
     if constexpr (is_quant_block_v<S>) per_head = quant_blocks_per_row(c.head_dim);
-    const index_t n = detail::checked_mul(fn, detail::checked_mul(fn, batch, kv_len),
-                                          c.num_kv_heads * per_head);
+    const index_t n =
+        detail::checked_mul(fn, detail::checked_mul(fn, batch, kv_len), c.num_kv_heads * per_head);
     for (const auto* buf : {&cache.k_, &cache.v_}) {  // a context read from the cache itself
       const tensor_view<const S, 1> held(buf->data(), {buf->capacity()});
       detail::require_disjoint(fn, "the cache", held, "context", context);

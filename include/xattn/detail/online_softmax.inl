@@ -24,9 +24,8 @@ XATTN_DETAIL_LOOP_INLINE void score_block(const T* k, index_t ldk, const T* qt, 
   constexpr index_t L = simd::lanes<T>;
   P acc[R][C];
   XATTN_DETAIL_UNROLL
-  for (int r = 0; r < R; ++r)
-    XATTN_DETAIL_UNROLL
-    for (int c = 0; c < C; ++c) acc[r][c] = simd::zero<T>();
+  for (int r = 0; r < R; ++r) XATTN_DETAIL_UNROLL
+  for (int c = 0; c < C; ++c) acc[r][c] = simd::zero<T>();
   for (index_t d = 0; d < head_dim; ++d) {
     P q[C];
     XATTN_DETAIL_UNROLL
@@ -39,9 +38,8 @@ XATTN_DETAIL_LOOP_INLINE void score_block(const T* k, index_t ldk, const T* qt, 
     }
   }
   XATTN_DETAIL_UNROLL
-  for (int r = 0; r < R; ++r)
-    XATTN_DETAIL_UNROLL
-    for (int c = 0; c < C; ++c) simd::store(s + r * lds + c * L, acc[r][c]);
+  for (int r = 0; r < R; ++r) XATTN_DETAIL_UNROLL
+  for (int c = 0; c < C; ++c) simd::store(s + r * lds + c * L, acc[r][c]);
 }
 
 /// Oᵀ[r][c] = corr[c] · Oᵀ[r][c] + Σ_j V[j][r] · Pᵀ[j][c] for R value features and C packets of
@@ -70,9 +68,8 @@ XATTN_DETAIL_LOOP_INLINE void value_block(const T* v, index_t ldv, const T* pt, 
     }
   }
   XATTN_DETAIL_UNROLL
-  for (int r = 0; r < R; ++r)
-    XATTN_DETAIL_UNROLL
-    for (int c = 0; c < C; ++c) simd::store(ot + r * ldo + c * L, acc[r][c]);
+  for (int r = 0; r < R; ++r) XATTN_DETAIL_UNROLL
+  for (int c = 0; c < C; ++c) simd::store(ot + r * ldo + c * L, acc[r][c]);
 }
 
 // The blocks over all n keys (scores) or Dv features (outputs), C packets of queries wide: in
@@ -160,10 +157,9 @@ void row_scores(const T* q, const K* k, index_t ldk, index_t head_dim, index_t n
     }
     simd::reduce_add4(a, s + j);
     simd::reduce_add4(a + 4, s + j + 4);
-    for (index_t d = full; d < head_dim; ++d)
-      XATTN_DETAIL_UNROLL
-      for (int r = 0; r < keys; ++r)
-        s[j + r] = simd::scalar_fma(q[d], static_cast<T>(kj[r * ldk + d]), s[j + r]);
+    for (index_t d = full; d < head_dim; ++d) XATTN_DETAIL_UNROLL
+    for (int r = 0; r < keys; ++r)
+      s[j + r] = simd::scalar_fma(q[d], static_cast<T>(kj[r * ldk + d]), s[j + r]);
   }
   for (; j < n; ++j) {
     const K* kj = k + j * ldk;
@@ -327,22 +323,6 @@ void online_softmax_tile(T* s, index_t lds, index_t n, index_t packets, T* m, T*
 
 // ---- the row path on quantized keys and values (quantized.hpp), read in place ----------------
 
-/// The 32 int8 codes of block b: a q8_block's own, or a q4_block's nibbles unpacked into buf
-/// (value j from the low nibble of byte j, value j + 16 from its high nibble, each minus 8).
-template <class B>
-XATTN_DETAIL_LOOP_INLINE const std::int8_t* block_codes_of(const B& b, std::int8_t* buf) {
-  if constexpr (std::is_same_v<B, q8_block>) {
-    (void)buf;
-    return b.q;
-  } else {
-    for (int j = 0; j < 16; ++j) {
-      buf[j] = static_cast<std::int8_t>((b.nibbles[j] & 15) - 8);
-      buf[j + 16] = static_cast<std::int8_t>((b.nibbles[j] >> 4) - 8);
-    }
-    return buf;
-  }
-}
-
 /// Codes t .. t + lanes - 1 of block b (t a multiple of the lanes) as a packet of floats, read
 /// from the block: a q8 block's bytes, or a q4 block's low nibbles (t < 16) or high ones.
 template <class B>
@@ -366,6 +346,16 @@ XATTN_DETAIL_LOOP_INLINE simd::packet<float> block_dot(const B& b, const float* 
   return a;
 }
 
+/// Σ_d q[d] · code d of block b for d < rest (a row's last, partial block), element by
+/// element, before the block's scale.
+template <class B>
+XATTN_DETAIL_LOOP_INLINE float partial_dot(const B& b, const float* q, index_t rest) {
+  float a = 0;
+  for (index_t d = 0; d < rest; ++d)
+    a = simd::scalar_fma(q[d], static_cast<float>(block_code(b, d)), a);
+  return a;
+}
+
 /// s[j] = Σ_d q[d] · K[j][d] for j < n, K[j] a row of blocks (ldk blocks apart) holding
 /// K[j][d] = scale · code exactly: per block the codes' dot product with q, then times the
 /// block's scale, summed over the row's blocks in packets and reduced once per key; four keys
@@ -377,7 +367,6 @@ void row_scores_quant(const float* q, const B* k, index_t ldk, index_t head_dim,
   constexpr index_t QB = quant_block_values;
   constexpr int keys = 4;
   const index_t full = head_dim / QB, rest = head_dim - full * QB;
-  std::int8_t buf[keys][QB];
   index_t j = 0;
   for (; j + keys <= n; j += keys) {
     const B* kj = k + j * ldk;
@@ -393,31 +382,22 @@ void row_scores_quant(const float* q, const B* k, index_t ldk, index_t head_dim,
       }
     }
     simd::reduce_add4(t, s + j);
-    if (rest > 0)
-      XATTN_DETAIL_UNROLL
-      for (int r = 0; r < keys; ++r) {
-        const B& blk = kj[r * ldk + full];
-        const std::int8_t* c = block_codes_of(blk, buf[r]);
-        float a = 0;
-        for (index_t d = 0; d < rest; ++d)
-          a = simd::scalar_fma(q[full * QB + d], static_cast<float>(c[d]), a);
-        s[j + r] = simd::scalar_fma(simd::scale_of(blk.scale), a, s[j + r]);
-      }
+    if (rest > 0) XATTN_DETAIL_UNROLL
+    for (int r = 0; r < keys; ++r) {
+      const B& blk = kj[r * ldk + full];
+      s[j + r] = simd::scalar_fma(simd::scale_of(blk.scale), partial_dot(blk, q + full * QB, rest),
+                                  s[j + r]);
+    }
   }
   for (; j < n; ++j) {
     const B* kj = k + j * ldk;
     P t = simd::zero<float>();
     for (index_t b = 0; b < full; ++b)
-      t = simd::fma(simd::broadcast(simd::scale_of(kj[b].scale)),
-                    block_dot(kj[b], q + b * QB), t);
+      t = simd::fma(simd::broadcast(simd::scale_of(kj[b].scale)), block_dot(kj[b], q + b * QB), t);
     float r = simd::reduce_add(t);
-    if (rest > 0) {
-      const std::int8_t* c = block_codes_of(kj[full], buf[0]);
-      float a = 0;
-      for (index_t d = 0; d < rest; ++d)
-        a = simd::scalar_fma(q[full * QB + d], static_cast<float>(c[d]), a);
-      r = simd::scalar_fma(simd::scale_of(kj[full].scale), a, r);
-    }
+    if (rest > 0)
+      r = simd::scalar_fma(simd::scale_of(kj[full].scale),
+                           partial_dot(kj[full], q + full * QB, rest), r);
     s[j] = r;
   }
 }
@@ -473,13 +453,11 @@ void row_values_quant(const float* p, const B* v, index_t ldv, index_t value_dim
   if (rest > 0) {
     float* out = acc + full * QB;
     for (index_t e = 0; e < rest; ++e) out[e] = simd::scalar_mul(corr, out[e]);
-    std::int8_t buf[QB];
     for (index_t j = 0; j < n; ++j) {
       const B& blk = v[j * ldv + full];
       const float w = simd::scalar_mul(p[j], simd::scale_of(blk.scale));
-      const std::int8_t* c = block_codes_of(blk, buf);
       for (index_t e = 0; e < rest; ++e)
-        out[e] = simd::scalar_fma(w, static_cast<float>(c[e]), out[e]);
+        out[e] = simd::scalar_fma(w, static_cast<float>(block_code(blk, e)), out[e]);
     }
   }
 }
@@ -489,18 +467,17 @@ void row_values_quant(const float* p, const B* v, index_t ldv, index_t value_dim
 template <class B>
 void dequantize_row(const B* x, index_t d, float* y) {
   constexpr index_t L = simd::lanes<float>, QB = quant_block_values;
-  std::int8_t buf[QB];
   index_t b = 0;
   for (; (b + 1) * QB <= d; ++b) {
     const simd::packet<float> s = simd::broadcast(simd::scale_of(x[b].scale));
     XATTN_DETAIL_UNROLL
-    for (index_t t = 0; t < QB; t += L) simd::store(y + b * QB + t, simd::mul(s, codes_packet(x[b], t)));
+    for (index_t t = 0; t < QB; t += L)
+      simd::store(y + b * QB + t, simd::mul(s, codes_packet(x[b], t)));
   }
   if (b * QB < d) {
-    const std::int8_t* c = block_codes_of(x[b], buf);
     const float s = simd::scale_of(x[b].scale);
     for (index_t e = 0; e < d - b * QB; ++e)
-      y[b * QB + e] = simd::scalar_mul(s, static_cast<float>(c[e]));
+      y[b * QB + e] = simd::scalar_mul(s, static_cast<float>(block_code(x[b], e)));
   }
 }
 

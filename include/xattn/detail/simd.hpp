@@ -36,8 +36,8 @@
 
 #include <Eigen/Core>
 
-#include <cstdint>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 
 #if !XATTN_DISPATCH

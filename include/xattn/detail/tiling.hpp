@@ -99,8 +99,8 @@ struct tiled_plan {
   /// key/value head (as many as keep an item within rows_per_item rows), so that each key and
   /// value is read once for all of them; else 1.
   index_t heads_per_item = 1;
-  index_t items = 0;  ///< B · (H / heads_per_item) · q_tiles
-  index_t splits = 1;   ///< key ranges per item
+  index_t items = 0;   ///< B · (H / heads_per_item) · q_tiles
+  index_t splits = 1;  ///< key ranges per item
   index_t split_len = 0;
   int threads = 1;  ///< threads to start (at most one per unit)
 
