@@ -192,6 +192,31 @@ void BM_DecodeCache(benchmark::State& state) {
   state.counters["kv_MiB"] = bytes / double(1 << 20);
 }
 
+// Quantizing a context's keys: Lk rows of D float values into blocks B (arguments Lk, D): the
+// float bytes read per second, what encoding a long context costs once.
+template <class B>
+void BM_Quantize(benchmark::State& state) {
+  xattn_bench::label_build(state);
+  xattn::attention_shape s;
+  s.kv_len = state.range(0);
+  s.head_dim = s.value_dim = state.range(1);
+  const attention_inputs<float> f(s);
+  std::vector<B> blocks(std::size_t(s.kv_len * xattn::quant_blocks_per_row(s.head_dim)));
+  const auto out =
+      xattn::make_view(blocks.data(), {1, 1, s.kv_len, xattn::quant_blocks_per_row(s.head_dim)});
+  for (auto _ : state) {
+    xattn::quantize(f.k(), out);
+    benchmark::DoNotOptimize(blocks.data());
+    benchmark::ClobberMemory();
+  }
+  const double bytes = double(s.kv_len * s.head_dim) * sizeof(float);
+  state.counters["float_GBps"] =
+      benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["ns_per_value"] = benchmark::Counter(
+      double(s.kv_len * s.head_dim) * 1e-9,
+      benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
+}
+
 // What a user writes with Eigen for one head's decoder step: the scores as a GEMV, a softmax,
 // and a second GEMV (arguments Lk, D; one thread). The row path must beat it.
 void BM_EigenDecodeLoop(benchmark::State& state) {
@@ -406,6 +431,8 @@ BENCHMARK(BM_DecodeCache<float>)->Name("BM_DecodeCache_f32")->Apply(decode_cache
 BENCHMARK(BM_DecodeCache<Eigen::bfloat16>)->Name("BM_DecodeCache_bf16")->Apply(decode_cache_cases);
 BENCHMARK(BM_DecodeCache<xattn::q8_block>)->Name("BM_DecodeCache_q8")->Apply(decode_cache_cases);
 BENCHMARK(BM_DecodeCache<xattn::q4_block>)->Name("BM_DecodeCache_q4")->Apply(decode_cache_cases);
+BENCHMARK(BM_Quantize<xattn::q8_block>)->Name("BM_Quantize_q8")->Args({32768, 64});
+BENCHMARK(BM_Quantize<xattn::q4_block>)->Name("BM_Quantize_q4")->Args({32768, 64});
 BENCHMARK(BM_EigenDecodeLoop)
     ->ArgNames({"Lk", "D"})
     ->Args({1500, 64})

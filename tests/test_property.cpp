@@ -6,7 +6,8 @@
 // output views is written, padding inside the input buffers (NaN) is never read, and
 // tiled_attention's results are identical bit for bit on 1 to 4 threads. The backward kernels
 // (naive_attention_backward, tiled_attention_backward) run on the same random cases against the
-// long-double naive backward, with the same checks.
+// long-double naive backward, with the same checks. Quantized keys and values (q8 and q4
+// blocks) run on every CPU path against the reference on their dequantized values.
 //
 // Environment:
 //   XATTN_PROPERTY_SEED     the run's seed (default 1); "random" draws one and prints it
@@ -19,7 +20,9 @@
 #include "xattn/attention_backward.hpp"
 #include "xattn/attention_naive.hpp"
 #include "xattn/attention_tiled.hpp"
+#include "xattn/quantized.hpp"
 
+#include "emulated_levels.hpp"
 #include "kernels.hpp"
 #include "property_support.hpp"
 #include "test_support.hpp"
@@ -239,6 +242,42 @@ config draw_config(rng& g) {
 template <class T>
 const T out_fill = T(-1234.5f);
 
+// The masks of a case, drawn after its inputs (kv_lengths, allowed, bias, in that order), and
+// the options holding them.
+template <class T>
+struct drawn_masks {
+  std::vector<index_t> lengths;
+  std::unique_ptr<bool[]> allowed;
+  std::vector<T> bias;
+  xattn::attention_options<T> opts;
+
+  drawn_masks(rng& g, const config& c) : lengths(std::size_t(c.B)) {
+    opts.scale = c.scale;
+    opts.mask.causal = c.causal;
+    if (c.kv_lengths) {
+      for (auto& l : lengths) l = chance(g, 0.5) ? c.Lk : pick(g, 0, c.Lk);
+      opts.mask.kv_lengths = xattn::make_view(static_cast<const index_t*>(lengths.data()), {c.B});
+    }
+    if (c.allowed) {
+      const auto& e = c.allowed_shape;
+      const std::size_t n = std::size_t(std::max<index_t>(e[0] * e[1] * e[2] * e[3], 1));
+      allowed.reset(new bool[n]);
+      for (std::size_t t = 0; t < n; ++t) allowed[t] = chance(g, 0.75);
+      opts.mask.allowed = xattn::tensor_view<const bool, 4>(allowed.get(), e);
+    }
+    if (c.bias) {
+      const auto& e = c.bias_shape;
+      bias.resize(std::size_t(std::max<index_t>(e[0] * e[1] * e[2] * e[3], 1)));
+      for (T& x : bias)
+        x = chance(g, c.bias_minus_inf) ? -std::numeric_limits<T>::infinity()
+                                        : T(std::uniform_real_distribution<double>(-3, 3)(g));
+      opts.mask.bias = xattn::tensor_view<const T, 4>(bias.data(), e);
+    }
+  }
+  drawn_masks(const drawn_masks&) = delete;
+  drawn_masks& operator=(const drawn_masks&) = delete;
+};
+
 // The outputs of one kernel run, placed in their layouts: weights and lse in statistic_t<T>
 // (float for the half types).
 template <class T>
@@ -247,6 +286,42 @@ struct run_outputs {
   placed<xattn::statistic_t<T>, 4> weights;
   placed<xattn::statistic_t<T>, 3> lse;
 };
+
+// What a run's weights and log-sum-exp got wrong against the reference, and whether it wrote
+// outside its output views ("" when nothing).
+template <class T>
+std::string check_statistics(const std::string& name, const config& c, const run_outputs<T>& r,
+                             const xattn_test::reference_result& want, double tol) {
+  using S = xattn::statistic_t<T>;
+  std::ostringstream err;
+  if (c.weights)
+    if (auto a = xattn_test::all_close(r.weights.elements(), want.weights, tol); !a)
+      err << name << ": weights: " << a.message() << "\n";
+  if (c.lse)
+    if (auto a = xattn_test::all_close(r.lse.elements(), want.lse, tol); !a)
+      err << name << ": log-sum-exp: " << a.message() << "\n";
+  if (!r.out.outside_untouched(out_fill<T>) || !r.weights.outside_untouched(out_fill<S>) ||
+      !r.lse.outside_untouched(out_fill<S>))
+    err << name << ": wrote outside an output view\n";
+  return err.str();
+}
+
+// The same and the output, each within tol of the reference.
+template <class T>
+std::string check_outputs(const std::string& name, const config& c, const run_outputs<T>& r,
+                          const xattn_test::reference_result& want, double tol) {
+  std::string err;
+  if (auto a = xattn_test::all_close(r.out.elements(), want.out, tol); !a)
+    err = name + ": output: " + a.message() + "\n";
+  return err + check_statistics(name, c, r, want, tol);
+}
+
+// True when two runs wrote the same bits into their buffers.
+template <class E, std::size_t R>
+bool same_bits(const placed<E, R>& a, const placed<E, R>& b) {
+  return a.buffer.size() == b.buffer.size() &&
+         std::memcmp(a.buffer.data(), b.buffer.data(), a.buffer.size() * sizeof(E)) == 0;
+}
 
 // Runs one case on every kernel; returns "" on success, else what went wrong. For the half types
 // the output is held to the accuracy rule (check_half_rule), the float statistics to float's
@@ -267,31 +342,9 @@ std::string run_case(std::uint64_t case_seed) {
   k.for_each([&](index_t off) { k.buffer[std::size_t(off)] = T(qk_dist(g)); });
   v.for_each([&](index_t off) { v.buffer[std::size_t(off)] = T(v_dist(g)); });
 
-  xattn::attention_options<T> opts;
-  opts.scale = c.scale;
-  opts.mask.causal = c.causal;
-  std::vector<index_t> lengths(std::size_t(c.B));
-  if (c.kv_lengths) {
-    for (auto& l : lengths) l = chance(g, 0.5) ? c.Lk : pick(g, 0, c.Lk);
-    opts.mask.kv_lengths = xattn::make_view(static_cast<const index_t*>(lengths.data()), {c.B});
-  }
-  std::unique_ptr<bool[]> allowed;
-  if (c.allowed) {
-    const auto& e = c.allowed_shape;
-    const std::size_t n = std::size_t(std::max<index_t>(e[0] * e[1] * e[2] * e[3], 1));
-    allowed.reset(new bool[n]);
-    for (std::size_t t = 0; t < n; ++t) allowed[t] = chance(g, 0.75);
-    opts.mask.allowed = xattn::tensor_view<const bool, 4>(allowed.get(), e);
-  }
-  std::vector<T> bias;
-  if (c.bias) {
-    const auto& e = c.bias_shape;
-    bias.resize(std::size_t(std::max<index_t>(e[0] * e[1] * e[2] * e[3], 1)));
-    for (T& x : bias)
-      x = chance(g, c.bias_minus_inf) ? -std::numeric_limits<T>::infinity()
-                                      : T(std::uniform_real_distribution<double>(-3, 3)(g));
-    opts.mask.bias = xattn::tensor_view<const T, 4>(bias.data(), e);
-  }
+  const drawn_masks<T> masks(g, c);
+  const xattn::attention_options<T>& opts = masks.opts;
+  const std::vector<index_t>& lengths = masks.lengths;
 
   const xattn::tensor_view<const T, 4> qv = q.view, kv = k.view, vv = v.view;
   const auto want = xattn_test::reference_attention<T>(qv, kv, vv, opts);
@@ -323,8 +376,8 @@ std::string run_case(std::uint64_t case_seed) {
     return r;
   };
   const auto check = [&](const xattn_test::kernel<T>& kern, const run_outputs<T>& r) {
-    std::ostringstream err;
     if constexpr (xattn::is_half_v<T>) {
+      std::ostringstream err;
       const std::array<index_t, 4> eq{c.B, c.H, c.Lq, c.Dk}, ek{c.B, c.Hkv, c.Lk, c.Dk},
           ev{c.B, c.Hkv, c.Lk, c.Dv};
       if (auto a = xattn_test::check_half_rule<T>(
@@ -333,24 +386,9 @@ std::string run_case(std::uint64_t case_seed) {
               xattn::tensor_view<const T, 4>(v_packed.data(), ev), opts);
           !a)
         err << kern.name << ": output: " << a.message() << "\n";
-    } else if (auto a = xattn_test::all_close(r.out.elements(), want.out, tol); !a) {
-      err << kern.name << ": output: " << a.message() << "\n";
+      return err.str() + check_statistics(kern.name, c, r, want, tol);
     }
-    if (c.weights)
-      if (auto a = xattn_test::all_close(r.weights.elements(), want.weights, tol); !a)
-        err << kern.name << ": weights: " << a.message() << "\n";
-    if (c.lse)
-      if (auto a = xattn_test::all_close(r.lse.elements(), want.lse, tol); !a)
-        err << kern.name << ": log-sum-exp: " << a.message() << "\n";
-    if (!r.out.outside_untouched(out_fill<T>) || !r.weights.outside_untouched(out_fill<S>) ||
-        !r.lse.outside_untouched(out_fill<S>))
-      err << kern.name << ": wrote outside an output view\n";
-    return err.str();
-  };
-  const auto same_bits = [](const auto& a, const auto& b) {
-    return a.buffer.size() == b.buffer.size() &&
-           std::memcmp(a.buffer.data(), b.buffer.data(), a.buffer.size() * sizeof(a.buffer[0])) ==
-               0;
+    return check_outputs(kern.name, c, r, want, tol);
   };
 
   std::string failures;
@@ -389,6 +427,105 @@ std::string run_case(std::uint64_t case_seed) {
   return s.str();
 }
 
+// ---- quantized keys and values ----------------------------------------------------------------
+
+// A block every value of which is NaN: the fill outside the block views, and the padding keys.
+template <class Blk>
+Blk poisoned_block() {
+  Blk b{};
+  b.scale = Eigen::half(std::numeric_limits<float>::quiet_NaN());
+  return b;
+}
+
+// The case's layout of a block tensor [B, Hkv, Lk, blocks]: each row's blocks contiguous (the
+// kernels' requirement), the rows, heads and batches in any order, padded or not.
+layout<4> rows_contiguous(layout<4> l) {
+  const auto blocks = std::find(l.order.begin(), l.order.end(), std::size_t(3));
+  std::rotate(blocks, blocks + 1, l.order.end());
+  return l;
+}
+
+// One random case with keys and values quantized (quantized.hpp): float queries against q8 or
+// q4 blocks, on every CPU path this machine runs (and the emulated avx512 level). The contract:
+// the float call's result on the dequantized keys and values, so each path is held to float's
+// tolerance of the long-double reference on those values; on 1 to 4 threads the same bits.
+// Head dimensions run past one block now and then (partial last blocks, several per row); the
+// padding keys and everything outside the block views are NaN blocks.
+template <class Blk>
+std::string run_quantized_case(std::uint64_t case_seed) {
+  rng g(case_seed);
+  config c = draw_config(g);
+  if (chance(g, 0.3)) c.Dk = pick(g, 1, 100);
+  if (chance(g, 0.3)) c.Dv = pick(g, 1, 100);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const Blk poison = poisoned_block<Blk>();
+  const index_t nk = xattn::quant_blocks_per_row(c.Dk), nv = xattn::quant_blocks_per_row(c.Dv);
+  placed<float, 4> q({c.B, c.H, c.Lq, c.Dk}, c.lq, nan);
+  placed<Blk, 4> kb({c.B, c.Hkv, c.Lk, nk}, rows_contiguous(c.lk), poison),
+      vb({c.B, c.Hkv, c.Lk, nv}, rows_contiguous(c.lv), poison);
+  std::vector<float> kf(std::size_t(c.B * c.Hkv * c.Lk * c.Dk)),
+      vf(std::size_t(c.B * c.Hkv * c.Lk * c.Dv));
+  std::uniform_real_distribution<double> qk_dist(-c.amp, c.amp), v_dist(-1, 1);
+  q.for_each([&](index_t off) { q.buffer[std::size_t(off)] = float(qk_dist(g)); });
+  for (float& x : kf) x = float(qk_dist(g));
+  for (float& x : vf) x = float(v_dist(g));
+  const std::array<index_t, 4> ek{c.B, c.Hkv, c.Lk, c.Dk}, ev{c.B, c.Hkv, c.Lk, c.Dv};
+  xattn::quantize(xattn::tensor_view<const float, 4>(kf.data(), ek), kb.view);
+  xattn::quantize(xattn::tensor_view<const float, 4>(vf.data(), ev), vb.view);
+  // What the kernels must compute with: the blocks' values (dequantize is exact).
+  xattn::dequantize(kb.view, xattn::tensor_view<float, 4>(kf.data(), ek));
+  xattn::dequantize(vb.view, xattn::tensor_view<float, 4>(vf.data(), ev));
+
+  const drawn_masks<float> masks(g, c);
+  const xattn::tensor_view<const float, 4> qv = q.view;
+  const auto want = xattn_test::reference_attention<float>(
+      qv, xattn::tensor_view<const float, 4>(kf.data(), ek),
+      xattn::tensor_view<const float, 4>(vf.data(), ev), masks.opts);
+  const double tol = xattn_test::attention_tol<float>(c.Dk, c.Lk, want.max_abs_score);
+  if (c.kv_lengths)  // padding keys: never to be read
+    for (index_t b = 0; b < c.B; ++b)
+      for (index_t h = 0; h < c.Hkv; ++h)
+        for (index_t j = masks.lengths[std::size_t(b)]; j < c.Lk; ++j) {
+          for (index_t n = 0; n < nk; ++n) kb.view(b, h, j, n) = poison;
+          for (index_t n = 0; n < nv; ++n) vb.view(b, h, j, n) = poison;
+        }
+
+  const xattn::tensor_view<const Blk, 4> kv = kb.view, vv = vb.view;
+  const auto run = [&](const xattn::tile_options& t) {
+    run_outputs<float> r{placed<float, 4>({c.B, c.H, c.Lq, c.Dv}, c.lo, out_fill<float>),
+                         placed<float, 4>({c.B, c.H, c.Lq, c.Lk}, c.lw, out_fill<float>),
+                         placed<float, 3>({c.B, c.H, c.Lq}, c.ll, out_fill<float>)};
+    xattn::attention_options<float> o = masks.opts;
+    if (c.weights) o.weights_out = r.weights.view;
+    if (c.lse) o.lse_out = r.lse.view;
+    xattn::tiled_attention<float>(qv, kv, vv, r.out.view, o, t);
+    return r;
+  };
+  const std::string name = std::string("tiled_attention on ") + xattn::quant_name<Blk>() + " ";
+  std::string failures;
+  xattn_test::each_path()([&](std::string_view path) {
+    failures += check_outputs(name + std::string(path) + " " + xattn_test::describe(c.tiles), c,
+                              run(c.tiles), want, tol);
+  });
+  std::optional<run_outputs<float>> first;
+  for (int t : xattn_test::thread_counts()) {
+    xattn::tile_options o = c.tiles;
+    o.num_threads = t;
+    auto r = run(o);
+    if (!first)
+      first.emplace(std::move(r));
+    else if (!same_bits(r.out, first->out) || !same_bits(r.weights, first->weights) ||
+             !same_bits(r.lse, first->lse))
+      failures += name + xattn_test::describe(o) + ": results differ from those on 1 thread\n";
+  }
+  if (failures.empty()) return failures;
+  std::ostringstream s;
+  s << "quantized case seed " << case_seed << " (replay: XATTN_PROPERTY_CASE=" << case_seed
+    << ")\n  " << c.describe() << "\n"
+    << failures;
+  return s.str();
+}
+
 // ---- the backward ------------------------------------------------------------------------------
 
 // A packed copy of a view's elements in another element type.
@@ -417,35 +554,19 @@ std::string run_backward_case(std::uint64_t case_seed) {
   v.for_each([&](index_t off) { v.buffer[std::size_t(off)] = T(v_dist(g)); });
   dout.for_each([&](index_t off) { dout.buffer[std::size_t(off)] = T(v_dist(g)); });
 
-  xattn::attention_options<T> opts;
+  const drawn_masks<T> masks(g, c);
+  const xattn::attention_options<T>& opts = masks.opts;
+  const std::vector<index_t>& lengths = masks.lengths;
+  const std::vector<T>& bias = masks.bias;
   xattn::attention_options<ld> lopts;
-  opts.scale = lopts.scale = c.scale;
-  opts.mask.causal = lopts.mask.causal = c.causal;
-  std::vector<index_t> lengths(std::size_t(c.B));
-  if (c.kv_lengths) {
-    for (auto& l : lengths) l = chance(g, 0.5) ? c.Lk : pick(g, 0, c.Lk);
-    opts.mask.kv_lengths = lopts.mask.kv_lengths =
-        xattn::make_view(static_cast<const index_t*>(lengths.data()), {c.B});
-  }
-  std::unique_ptr<bool[]> allowed;
-  if (c.allowed) {
-    const auto& e = c.allowed_shape;
-    const std::size_t n = std::size_t(std::max<index_t>(e[0] * e[1] * e[2] * e[3], 1));
-    allowed.reset(new bool[n]);
-    for (std::size_t t = 0; t < n; ++t) allowed[t] = chance(g, 0.75);
-    opts.mask.allowed = lopts.mask.allowed = xattn::tensor_view<const bool, 4>(allowed.get(), e);
-  }
-  std::vector<T> bias;
+  lopts.scale = c.scale;
+  lopts.mask.causal = c.causal;
+  lopts.mask.kv_lengths = opts.mask.kv_lengths;
+  lopts.mask.allowed = opts.mask.allowed;
   std::vector<ld> lbias;
   if (c.bias) {
-    const auto& e = c.bias_shape;
-    bias.resize(std::size_t(std::max<index_t>(e[0] * e[1] * e[2] * e[3], 1)));
-    for (T& x : bias)
-      x = chance(g, c.bias_minus_inf) ? -std::numeric_limits<T>::infinity()
-                                      : T(std::uniform_real_distribution<double>(-3, 3)(g));
-    lbias = converted<ld>(bias);
-    opts.mask.bias = xattn::tensor_view<const T, 4>(bias.data(), e);
-    lopts.mask.bias = xattn::tensor_view<const ld, 4>(lbias.data(), e);
+    lbias = converted<ld>(masks.bias);
+    lopts.mask.bias = xattn::tensor_view<const ld, 4>(lbias.data(), c.bias_shape);
   }
 
   // The reference: the naive backward in long double on packed copies.
@@ -589,6 +710,19 @@ TYPED_TEST_SUITE(PropertyHalf, half_types, );
 TYPED_TEST(PropertyHalf, KernelsHoldTheAccuracyRuleOnRandomCases) {
   xattn_test::property::run_cases(run_case<TypeParam>, xattn_test::property::run_seed() + 0x4a1f, 5,
                                   "half cases");
+}
+
+// Quantized keys and values, a fifth as many cases per block type as float's: each runs on
+// every CPU path.
+template <class Blk>
+class PropertyQuantized : public ::testing::Test {};
+using block_types = ::testing::Types<xattn::q8_block, xattn::q4_block>;
+TYPED_TEST_SUITE(PropertyQuantized, block_types, );
+
+TYPED_TEST(PropertyQuantized, KernelsReadTheBlocksAsTheirValues) {
+  xattn_test::property::run_cases(run_quantized_case<TypeParam>,
+                                  xattn_test::property::run_seed() + 0x9b10c5, 5,
+                                  "quantized cases");
 }
 
 // A fifth as many cases as the forward's: each runs the long-double backward too.

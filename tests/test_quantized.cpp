@@ -82,20 +82,20 @@ void expect_block_rules(const std::vector<T>& x, index_t rows, index_t d, index_
         EXPECT_LE(std::abs(code), max_code<B>());
         // Nearest: no other code is closer, and a tie goes to the even code.
         const long double up = std::fabs(v - (code + 1) * s), down = std::fabs(v - (code - 1) * s);
-        const bool nearest = err <= up && err <= down &&
-                             !(err == up && code % 2 != 0) && !(err == down && code % 2 != 0);
+        const bool nearest = err <= up && err <= down && !(err == up && code % 2 != 0) &&
+                             !(err == down && code % 2 != 0);
         if ((!nearest || !(err <= s / 2)) && reported++ < 5)
-          ADD_FAILURE() << "row " << r << " value " << j0 + j << ": x " << (double)v
-                        << ", code " << code << ", scale " << (double)s;
+          ADD_FAILURE() << "row " << r << " value " << j0 + j << ": x " << (double)v << ", code "
+                        << code << ", scale " << (double)s;
       }
     }
 }
 
 template <class B, class T>
 void check_round_trip(index_t rows, index_t d, index_t pad, double magnitude, unsigned seed) {
-  SCOPED_TRACE(::testing::Message() << xattn::quant_name<B>() << " " << xattn::element_name<T>()
-                                    << " rows " << rows << " d " << d << " pad " << pad
-                                    << " magnitude " << magnitude);
+  SCOPED_TRACE(::testing::Message()
+               << xattn::quant_name<B>() << " " << xattn::element_name<T>() << " rows " << rows
+               << " d " << d << " pad " << pad << " magnitude " << magnitude);
   std::mt19937 gen(seed);
   std::normal_distribution<double> normal(0.0, magnitude);
   const index_t ldx = d + pad;
@@ -205,20 +205,31 @@ TEST(Quantized, ExactlyRepresentableValuesComeBackExactly) {
   EXPECT_EQ(back, z);
 }
 
-TEST(Quantized, TiesGoToTheEvenCode) {
-  // Scale 0.25 exactly (largest magnitude 127 · 0.25); x / s = 0.5, 1.5, 2.5, -0.5, -1.5, 126.5.
-  std::vector<double> x(32, 0.0);
-  x[0] = 127 * 0.25;
+// Scale 0.25 exactly (largest magnitude 127 · 0.25); x / s = 0.5, 1.5, 2.5, -0.5, -1.5, 126.5,
+// and one value a last bit of T above a tie (not a tie: it rounds up), then one a last bit
+// below the tie at 3.5 (rounds down). Double values take quantize's long-double arithmetic,
+// float ones its double arithmetic.
+template <class T>
+void check_ties() {
+  SCOPED_TRACE(xattn::element_name<T>());
+  std::vector<T> x(32, T(0));
+  x[0] = T(127 * 0.25);
   const double halves[] = {0.5, 1.5, 2.5, -0.5, -1.5, 126.5};
   const int want[] = {0, 2, 2, 0, -2, 126};
-  for (int i = 0; i < 6; ++i) x[std::size_t(i + 1)] = halves[i] * 0.25;
-  // And one a double's last bit above a tie: not a tie, so it rounds up.
-  x[7] = std::nextafter(0.5 * 0.25, 1.0);
+  for (int i = 0; i < 6; ++i) x[std::size_t(i + 1)] = T(halves[i] * 0.25);
+  x[7] = std::nextafter(T(0.5 * 0.25), T(1));
+  x[8] = std::nextafter(T(3.5 * 0.25), T(0));
   q8_block b[1];
   xattn::quantize(make_view(x.data(), {1, 32}), make_view(b, {1, 1}));
   ASSERT_EQ(static_cast<float>(b[0].scale), 0.25f);
   for (int i = 0; i < 6; ++i) EXPECT_EQ(b[0].q[i + 1], want[i]) << "x / s = " << halves[i];
   EXPECT_EQ(b[0].q[7], 1);
+  EXPECT_EQ(b[0].q[8], 3);
+}
+
+TEST(Quantized, TiesGoToTheEvenCode) {
+  check_ties<double>();
+  check_ties<float>();
 }
 
 TEST(Quantized, RanksAboveTwoQuantizeEveryRow) {
@@ -272,10 +283,14 @@ TEST(Quantized, BadArgumentsAreNamedErrorsAndWriteNothing) {
   x[39] = 1.0f;
 
   EXPECT_TRUE(throws_with<xattn::shape_error>(
-      [&] { xattn::quantize(xv, make_view(out.data(), {2, 1})); },
+      [&] {
+        xattn::quantize(xv, make_view(out.data(), {2, 1}));
+      },
       {"quantize", "out.extent(1) is 1, expected 2", "rows of 40 values"}));
   EXPECT_TRUE(throws_with<xattn::shape_error>(
-      [&] { xattn::quantize(xv, make_view(out.data(), {1, 2})); },
+      [&] {
+        xattn::quantize(xv, make_view(out.data(), {1, 2}));
+      },
       {"out.extent(0) is 1, expected 2"}));
   EXPECT_TRUE(unchanged());
 
@@ -290,7 +305,9 @@ TEST(Quantized, BadArgumentsAreNamedErrorsAndWriteNothing) {
 
   std::vector<float> y(80, 3.0f);
   EXPECT_TRUE(throws_with<xattn::shape_error>(
-      [&] { xattn::dequantize(make_view(out.data(), {2, 2}), make_view(y.data(), {2, 65})); },
+      [&] {
+        xattn::dequantize(make_view(out.data(), {2, 2}), make_view(y.data(), {2, 65}));
+      },
       {"dequantize", "blocks.extent(1) is 2, expected 3"}));
   EXPECT_EQ(y, std::vector<float>(80, 3.0f));
 }

@@ -65,8 +65,8 @@ static_assert(sizeof(q8_block) == 34 && sizeof(q4_block) == 18,
 
 /// True for the quantized block types: q8_block and q4_block.
 template <class B>
-inline constexpr bool is_quant_block_v = std::is_same_v<std::remove_cv_t<B>, q8_block> ||
-                                         std::is_same_v<std::remove_cv_t<B>, q4_block>;
+inline constexpr bool is_quant_block_v =
+    std::is_same_v<std::remove_cv_t<B>, q8_block> || std::is_same_v<std::remove_cv_t<B>, q4_block>;
 
 /// The largest code of a block type: 127 (q8_block) or 7 (q4_block).
 template <class B>
@@ -110,13 +110,26 @@ Eigen::half quant_scale(double a) noexcept {
   return s;
 }
 
-/// x / s rounded to the nearest integer, ties to even, exactly: the quotient is corrected by the
-/// remainder x - k·s, which long double holds exactly for |x| <= 128 s (x of at most 53 bits, s
-/// of 11).
-inline int nearest_code(long double x, long double s) noexcept {
-  long double k = std::nearbyint(x / s);
-  const long double r = x - k * s;
-  if (2 * std::fabs(r) > s || (2 * std::fabs(r) == s && std::fmod(k, 2.0L) != 0))
+/// x / s rounded to the nearest integer, ties to even, exactly, for |x| <= 128 s: the rounded
+/// quotient k (in double by adding and subtracting 1.5 · 2^52) is corrected by the remainder
+/// r = x - k·s, which A holds exactly: k·s has at most 19 bits, and r spans at most 9 bits above
+/// s and x's own significand below it (24 bits for a float x, 53 for a double), so double
+/// suffices for float and half values and long double (64 bits) for doubles.
+template <class A>
+A rounded_quotient(A y) noexcept {
+  if constexpr (std::is_same_v<A, double>) {
+    volatile A big = 0x1.8p52;  // volatile: the two additions are not folded away
+    return (y + big) - big;
+  } else {
+    return std::nearbyint(y);
+  }
+}
+
+template <class A>
+int nearest_code(A x, A s) noexcept {
+  A k = rounded_quotient(x / s);
+  const A r = x - k * s;
+  if (2 * std::fabs(r) > s || (2 * std::fabs(r) == s && std::fmod(k, A(2)) != 0))
     k += r > 0 ? 1 : -1;
   return int(k);
 }
@@ -149,8 +162,9 @@ void for_each_row(const tensor_view<X, Rank>& x, const tensor_view<Y, Rank>& y, 
 /// Checks that x's and y's leading extents agree and y's last is blocks_per_row(x's last), or
 /// (dequantize) the other way round.
 template <class X, class Y, std::size_t Rank>
-void require_block_shape(const char* fn, const char* values_name, const tensor_view<X, Rank>& values,
-                         const char* blocks_name, const tensor_view<Y, Rank>& blocks) {
+void require_block_shape(const char* fn, const char* values_name,
+                         const tensor_view<X, Rank>& values, const char* blocks_name,
+                         const tensor_view<Y, Rank>& blocks) {
   for (std::size_t r = 0; r + 1 < Rank; ++r)
     if (values.extent(r) != blocks.extent(r))
       fail_shape(message(fn, ": ", blocks_name, ".extent(", r, ") is ", blocks.extent(r),
@@ -177,6 +191,8 @@ void quantize(const tensor_view<T, Rank>& x_in, const tensor_view<B, Rank>& out)
                 "quantize writes q8_block or q4_block views");
   static_assert(std::is_floating_point_v<V> || is_half_v<V>,
                 "quantize reads float, double, fp16 or bf16 values");
+  // The arithmetic that finds each code exactly (detail::nearest_code).
+  using A = std::conditional_t<std::is_same_v<V, double>, long double, double>;
   constexpr const char* fn = "quantize";
   const tensor_view<const V, Rank> x = x_in;
   detail::require_block_shape(fn, "x", x, "out", out);
@@ -190,17 +206,17 @@ void quantize(const tensor_view<T, Rank>& x_in, const tensor_view<B, Rank>& out)
     for (index_t j = 0; j < d; ++j) {
       const double v = static_cast<double>(xr(j));
       if (!std::isfinite(v))
-        detail::fail_value(detail::message(fn, ": x has a non-finite value (", v, ") in row ",
-                                           row, " at ", j, " (NaN and infinity have no code)"));
+        detail::fail_value(detail::message(fn, ": x has a non-finite value (", v, ") in row ", row,
+                                           " at ", j, " (NaN and infinity have no code)"));
     }
     for (index_t j0 = 0; j0 < d; j0 += quant_block_values) {
       const index_t n = std::min(quant_block_values, d - j0);
       const double a = detail::block_magnitude(xr, j0, n);
       if (a / c > 65504.0)
-        detail::fail_value(detail::message(
-            fn, ": x's block at row ", row, ", values ", j0, "..", j0 + n - 1,
-            " has largest magnitude ", a, ", above ", 65504.0 * c, " (its ", quant_name<B>(),
-            " scale would overflow fp16)"));
+        detail::fail_value(detail::message(fn, ": x's block at row ", row, ", values ", j0, "..",
+                                           j0 + n - 1, " has largest magnitude ", a, ", above ",
+                                           65504.0 * c, " (its ", quant_name<B>(),
+                                           " scale would overflow fp16)"));
     }
     ++row;
   });
@@ -211,11 +227,10 @@ void quantize(const tensor_view<T, Rank>& x_in, const tensor_view<B, Rank>& out)
       const index_t n = std::min(quant_block_values, d - j0);
       B blk{};
       blk.scale = detail::quant_scale<B>(detail::block_magnitude(xr, j0, n));
-      const long double s = static_cast<long double>(static_cast<float>(blk.scale));
+      const A s = static_cast<A>(static_cast<float>(blk.scale));
       for (index_t j = 0; j < quant_block_values; ++j) {
         // |x / s| <= C by the scale's choice, so the code is in range.
-        const int code =
-            j < n && s > 0 ? detail::nearest_code(static_cast<long double>(xr(j0 + j)), s) : 0;
+        const int code = j < n && s > 0 ? detail::nearest_code(static_cast<A>(xr(j0 + j)), s) : 0;
         detail::set_code(blk, j, code);
       }
       br(b) = blk;
@@ -239,14 +254,14 @@ void dequantize(const tensor_view<B, Rank>& blocks_in, const tensor_view<T, Rank
   detail::require_disjoint(fn, "out", out, "blocks", blocks);
   detail::require_no_self_overlap(fn, "out", out);
   const index_t d = out.extent(Rank - 1);
-  detail::for_each_row(blocks, out, [&](const tensor_view<const Q, 1>& br,
-                                        const tensor_view<T, 1>& yr) {
-    for (index_t j = 0; j < d; ++j) {
-      const Q& blk = br(j / quant_block_values);
-      yr(j) = static_cast<T>(static_cast<float>(blk.scale) *
-                             static_cast<float>(block_code(blk, j % quant_block_values)));
-    }
-  });
+  detail::for_each_row(
+      blocks, out, [&](const tensor_view<const Q, 1>& br, const tensor_view<T, 1>& yr) {
+        for (index_t j = 0; j < d; ++j) {
+          const Q& blk = br(j / quant_block_values);
+          yr(j) = static_cast<T>(static_cast<float>(blk.scale) *
+                                 static_cast<float>(block_code(blk, j % quant_block_values)));
+        }
+      });
 }
 
 }  // namespace xattn
