@@ -164,6 +164,52 @@ TYPED_TEST(QuantizedAttention, DecodeStepReadsALongCacheInPlace) {
   });
 }
 
+TYPED_TEST(QuantizedAttention, RowsSharingKeysKeepTheBitsOfEachRowAlone) {
+  // The row path converts each block once for the rows that share it (the query heads of a
+  // grouped-query item; the queries of a short call), four rows at a time: every row must get
+  // the bits it gets alone. GQA with 5 query heads per key/value head (a chunk of 4 and one
+  // more), 2 tiles of keys, partial blocks, a bias per head and key padding; and MQA with 3
+  // queries per head. The same tiles and one thread on both sides.
+  using B = TypeParam;
+  struct grouped {
+    index_t H, Hkv, Lq;
+  };
+  each_path()([](std::string_view) {
+    for (const grouped c : {grouped{10, 2, 1}, grouped{2, 1, 3}}) {
+      SCOPED_TRACE(::testing::Message() << "H " << c.H << " Hkv " << c.Hkv << " Lq " << c.Lq);
+      const index_t Lk = 700, Dk = 72, Dv = 40, nk = xattn::quant_blocks_per_row(Dk),
+                    nv = xattn::quant_blocks_per_row(Dv), group = c.H / c.Hkv;
+      const auto q = random_tensor<float, 4>({1, c.H, c.Lq, Dk}, 21, -2.0, 2.0);
+      const quantized_rows<B> k(random_tensor<float, 4>({1, c.Hkv, Lk, Dk}, 22, -2.0, 2.0));
+      const quantized_rows<B> v(random_tensor<float, 4>({1, c.Hkv, Lk, Dv}, 23));
+      const auto bias = random_tensor<float, 4>({1, c.H, 1, Lk}, 24);
+      const std::vector<index_t> lengths{Lk - 37};
+      xattn::attention_options<float> opts;
+      opts.mask.bias = bias.cview();
+      opts.mask.kv_lengths = xattn::make_view(lengths.data(), {1});
+      const auto t = tiles(0, 512, 1);
+      tensor<float, 4> out({1, c.H, c.Lq, Dv}, -7.0f);
+      xattn::tiled_attention<float>(q.cview(), k.blocks.cview(), v.blocks.cview(), out.view(), opts,
+                                    t);
+      for (index_t h = 0; h < c.H; ++h) {
+        SCOPED_TRACE(::testing::Message() << "head " << h);
+        const index_t g = h / group;
+        const xattn::tensor_view<const float, 4> qh(q.data.data() + h * c.Lq * Dk,
+                                                    {1, 1, c.Lq, Dk});
+        const xattn::tensor_view<const B, 4> kh(k.blocks.data.data() + g * Lk * nk, {1, 1, Lk, nk}),
+            vh(v.blocks.data.data() + g * Lk * nv, {1, 1, Lk, nv});
+        xattn::attention_options<float> oh = opts;
+        oh.mask.bias = xattn::tensor_view<const float, 4>(bias.data.data() + h * Lk, {1, 1, 1, Lk});
+        tensor<float, 4> alone({1, 1, c.Lq, Dv}, -7.0f);
+        xattn::tiled_attention<float>(qh, kh, vh, alone.view(), oh, t);
+        const std::vector<float> mine(out.data.begin() + h * c.Lq * Dv,
+                                      out.data.begin() + (h + 1) * c.Lq * Dv);
+        EXPECT_TRUE(same_bits(mine, alone.data));
+      }
+    }
+  });
+}
+
 TYPED_TEST(QuantizedAttention, StridedBlockViewsAndHeadsInterleaved) {
   // Blocks stored [B, L, H, nb] (as a projection writes them, heads interleaved): rows of blocks
   // strided, each row's blocks contiguous; the same bits as packed blocks.

@@ -136,7 +136,7 @@ struct tiled_job {
     else if constexpr (std::is_same_v<E, Eigen::bfloat16>)
       loops.row_scores_bf16(qrow, keys, ldk, shape.head_dim, n, s);
     else
-      quant().row_scores(qrow, keys, ldk, shape.head_dim, n, s);
+      quant().rows_scores(qrow, 0, 1, keys, ldk, shape.head_dim, n, s, 0);
   }
   template <class E>
   void row_values(const C* p, const E* values, index_t ldv, index_t n, C corr, C* acc) const {
@@ -147,7 +147,18 @@ struct tiled_job {
     else if constexpr (std::is_same_v<E, Eigen::bfloat16>)
       loops.row_values_bf16(p, values, ldv, shape.value_dim, n, corr, acc);
     else
-      quant().row_values(p, values, ldv, shape.value_dim, n, corr, acc);
+      quant().rows_values(p, 0, 1, values, ldv, shape.value_dim, n, &corr, acc, 0);
+  }
+  /// The same for `rows` query rows sharing the keys and values (quantized blocks: each
+  /// block's codes are converted once for all of them; the bits are row_scores' and
+  /// row_values' for each row).
+  void rows_scores(const C* qrows, index_t rows, const KV* keys, index_t ldk, index_t n, C* s,
+                   index_t lds) const {
+    quant().rows_scores(qrows, shape.head_dim, rows, keys, ldk, shape.head_dim, n, s, lds);
+  }
+  void rows_values(const C* p, index_t ldp, index_t rows, const KV* values, index_t ldv, index_t n,
+                   const C* corr, C* acc) const {
+    quant().rows_values(p, ldp, rows, values, ldv, shape.value_dim, n, corr, acc, shape.value_dim);
   }
 
   /// The path's loops on blocks of type KV (KV a quantized block type).
@@ -440,7 +451,8 @@ class row_unit {
       job.widen_row(job.q.select(0, b_).select(0, rows.head(r)), rows.query(r), 0, s.head_dim, row);
       for (index_t d = 0; d < s.head_dim; ++d) row[d] *= job.scale;
     }
-    s_ = at_least(ws.s, job.plan.kv_tile + job.plan.lanes);  // room for online_softmax_row
+    lds_ = job.plan.kv_tile + job.plan.lanes;  // room for online_softmax_row
+    s_ = at_least(ws.s, row_chunk * lds_);
     acc_ = at_least(ws.acc, nr_ * s.value_dim);
     m_ = at_least(ws.stats, 2 * nr_);
     l_ = m_ + nr_;
@@ -511,6 +523,9 @@ class row_unit {
   template <class E>
   void tile(index_t j0, index_t n, const E* k, index_t ldk, const E* v, index_t ldv) {
     const index_t dv = job_.shape.value_dim;
+    if constexpr (is_quant_block_v<E>) {
+      if (nr_ > 1 && same_key_end()) return tile_rows(j0, n, k, ldk, v, ldv);
+    }
     for (index_t r = 0; r < nr_; ++r) {
       const index_t ni = std::min(n, job_.mask.key_end(b_, rows_.query(r)) - j0);  // keys it sees
       if (ni <= 0) continue;
@@ -522,6 +537,40 @@ class row_unit {
       m_[r] = m_new;
       job_.row_values(s_, v, ldv, ni, corr, acc_ + r * dv);
     }
+  }
+
+  // The same for rows that all see the same keys (the query heads of a grouped-query item at
+  // one query position), row_chunk rows at a time: each block of keys and values is converted
+  // once per chunk instead of once per row, and every row's arithmetic (so its bits) is the
+  // loop above's.
+  void tile_rows(index_t j0, index_t n, const KV* k, index_t ldk, const KV* v, index_t ldv) {
+    const index_t ni = std::min(n, job_.mask.key_end(b_, rows_.query(0)) - j0);
+    if (ni <= 0) return;
+    const index_t dv = job_.shape.value_dim, hd = job_.shape.head_dim;
+    for (index_t r0 = 0; r0 < nr_; r0 += row_chunk) {
+      const index_t rows = std::min(row_chunk, nr_ - r0);
+      job_.rows_scores(qs_ + r0 * hd, rows, k, ldk, ni, s_, lds_);
+      C corr[row_chunk];
+      for (index_t g = 0; g < rows; ++g) {
+        const index_t r = r0 + g;
+        C* sg = s_ + g * lds_;
+        if (job_.mask.any()) job_.mask.apply(b_, rows_.head(r), rows_.query(r), j0, sg, ni);
+        C m_new, sum;
+        job_.loops.online_softmax_row(sg, ni, m_[r], m_new, sum);
+        corr[g] = correction(m_[r], m_new, safe_shift(m_new));
+        l_[r] = corr[g] * l_[r] + sum;
+        m_[r] = m_new;
+      }
+      job_.rows_values(s_, lds_, rows, v, ldv, ni, corr, acc_ + r0 * dv);
+    }
+  }
+
+  // Whether every row of the item sees the same keys (masks aside, which apply per row).
+  bool same_key_end() const {
+    const index_t end = job_.mask.key_end(b_, rows_.query(0));
+    for (index_t r = 1; r < nr_; ++r)
+      if (job_.mask.key_end(b_, rows_.query(r)) != end) return false;
+    return true;
   }
 
   // Row r's scores against keys [j0, j0 + n), masks applied, into s_.
@@ -545,6 +594,7 @@ class row_unit {
   index_t b_, nr_;
   tensor_view<const KV, 2> k_, v_;
   C *qs_, *s_, *acc_, *m_, *l_;
+  index_t lds_ = 0;        // between the score rows of tile_rows
   bool in_place_ = false;  // for C, rows_of reads contiguous rows in place itself
 };
 

@@ -32,9 +32,12 @@ namespace xattn::detail {
 /// float only, null otherwise.
 template <class T, class B>
 struct quant_kernels {
-  void (*row_scores)(const T* q, const B* k, index_t ldk, index_t head_dim, index_t n, T* s);
-  void (*row_values)(const T* p, const B* v, index_t ldv, index_t value_dim, index_t n, T corr,
-                     T* acc);
+  /// s[g * lds + j] = q_g · K[j] for `rows` query rows q_g = q + g · ldq (sharing the keys).
+  void (*rows_scores)(const T* q, index_t ldq, index_t rows, const B* k, index_t ldk,
+                      index_t head_dim, index_t n, T* s, index_t lds);
+  /// acc_g = corr[g] · acc_g + Σ_j p_g[j] · V[j] for `rows` rows (p + g · ldp, acc + g · lda).
+  void (*rows_values)(const T* p, index_t ldp, index_t rows, const B* v, index_t ldv,
+                      index_t value_dim, index_t n, const T* corr, T* acc, index_t lda);
   void (*dequantize_row)(const B* x, index_t d, T* y);
 };
 

@@ -334,18 +334,6 @@ XATTN_DETAIL_LOOP_INLINE simd::packet<float> codes_packet(const B& b, index_t t)
                   : simd::load_nibble_codes(b.nibbles + (t - 16), true);
 }
 
-/// Σ_t codes[t] · q[t] over one whole block, in packets: the block's dot product before its
-/// scale.
-template <class B>
-XATTN_DETAIL_LOOP_INLINE simd::packet<float> block_dot(const B& b, const float* q) {
-  constexpr index_t L = simd::lanes<float>;
-  simd::packet<float> a = simd::mul(codes_packet(b, 0), simd::load(q));
-  XATTN_DETAIL_UNROLL
-  for (index_t t = L; t < quant_block_values; t += L)
-    a = simd::fma(codes_packet(b, t), simd::load(q + t), a);
-  return a;
-}
-
 /// Σ_d q[d] · code d of block b for d < rest (a row's last, partial block), element by
 /// element, before the block's scale.
 template <class B>
@@ -356,110 +344,184 @@ XATTN_DETAIL_LOOP_INLINE float partial_dot(const B& b, const float* q, index_t r
   return a;
 }
 
-/// s[j] = Σ_d q[d] · K[j][d] for j < n, K[j] a row of blocks (ldk blocks apart) holding
-/// K[j][d] = scale · code exactly: per block the codes' dot product with q, then times the
-/// block's scale, summed over the row's blocks in packets and reduced once per key; four keys
-/// at a time. A last partial block (head_dim not a multiple of 32) is summed element by element.
-template <class B>
-void row_scores_quant(const float* q, const B* k, index_t ldk, index_t head_dim, index_t n,
-                      float* s) {
+/// The scores of KEYS keys (rows of blocks kj, ldk blocks apart) for G query rows (q, ldq
+/// apart): s[g * lds + r] = Σ_d q_g[d] · K[r][d]. Per block, each key's codes are converted
+/// once for all G rows; each row's dot product with them, times the block's scale, is summed
+/// into a packet per key and row, and the packets reduced once per key (four at a time). A row's
+/// arithmetic does not depend on G: every score has the same bits for any G.
+template <class B, int KEYS, int G>
+XATTN_DETAIL_LOOP_INLINE void quant_key_scores(const float* q, index_t ldq, const B* kj,
+                                               index_t ldk, index_t full, index_t rest, float* s,
+                                               index_t lds) {
   using P = simd::packet<float>;
-  constexpr index_t QB = quant_block_values;
-  constexpr int keys = 4;
-  const index_t full = head_dim / QB, rest = head_dim - full * QB;
-  index_t j = 0;
-  for (; j + keys <= n; j += keys) {
-    const B* kj = k + j * ldk;
-    P t[keys];
+  constexpr index_t L = simd::lanes<float>, QB = quant_block_values;
+  constexpr int per_block = int(QB / L);
+  static_assert(KEYS == 1 || KEYS == 4, "keys are reduced one or four at a time");
+  P t[G][KEYS];
+  XATTN_DETAIL_UNROLL
+  for (int g = 0; g < G; ++g) XATTN_DETAIL_UNROLL
+  for (int r = 0; r < KEYS; ++r) t[g][r] = simd::zero<float>();
+  for (index_t b = 0; b < full; ++b) {
     XATTN_DETAIL_UNROLL
-    for (int r = 0; r < keys; ++r) t[r] = simd::zero<float>();
-    for (index_t b = 0; b < full; ++b) {
+    for (int r = 0; r < KEYS; ++r) {
+      const B& blk = kj[r * ldk + b];
+      const P scale = simd::broadcast(simd::scale_of(blk.scale));
+      P c[per_block];
       XATTN_DETAIL_UNROLL
-      for (int r = 0; r < keys; ++r) {
-        const B& blk = kj[r * ldk + b];
-        const P a = block_dot(blk, q + b * QB);
-        t[r] = simd::fma(simd::broadcast(simd::scale_of(blk.scale)), a, t[r]);
+      for (int u = 0; u < per_block; ++u) c[u] = codes_packet(blk, u * L);
+      XATTN_DETAIL_UNROLL
+      for (int g = 0; g < G; ++g) {
+        const float* qb = q + g * ldq + b * QB;
+        P a = simd::mul(c[0], simd::load(qb));
+        XATTN_DETAIL_UNROLL
+        for (int u = 1; u < per_block; ++u) a = simd::fma(c[u], simd::load(qb + u * L), a);
+        t[g][r] = simd::fma(scale, a, t[g][r]);
       }
     }
-    simd::reduce_add4(t, s + j);
-    if (rest > 0) XATTN_DETAIL_UNROLL
-    for (int r = 0; r < keys; ++r) {
-      const B& blk = kj[r * ldk + full];
-      s[j + r] = simd::scalar_fma(simd::scale_of(blk.scale), partial_dot(blk, q + full * QB, rest),
-                                  s[j + r]);
-    }
   }
-  for (; j < n; ++j) {
-    const B* kj = k + j * ldk;
-    P t = simd::zero<float>();
-    for (index_t b = 0; b < full; ++b)
-      t = simd::fma(simd::broadcast(simd::scale_of(kj[b].scale)), block_dot(kj[b], q + b * QB), t);
-    float r = simd::reduce_add(t);
-    if (rest > 0)
-      r = simd::scalar_fma(simd::scale_of(kj[full].scale),
-                           partial_dot(kj[full], q + full * QB, rest), r);
-    s[j] = r;
+  XATTN_DETAIL_UNROLL
+  for (int g = 0; g < G; ++g) {
+    if constexpr (KEYS == 4)
+      simd::reduce_add4(t[g], s + g * lds);
+    else
+      s[g * lds] = simd::reduce_add(t[g][0]);
+  }
+  if (rest > 0) XATTN_DETAIL_UNROLL
+  for (int r = 0; r < KEYS; ++r) {
+    const B& blk = kj[r * ldk + full];
+    const float scale = simd::scale_of(blk.scale);
+    XATTN_DETAIL_UNROLL
+    for (int g = 0; g < G; ++g)
+      s[g * lds + r] =
+          simd::scalar_fma(scale, partial_dot(blk, q + g * ldq + full * QB, rest), s[g * lds + r]);
   }
 }
 
-/// acc[e] for the G blocks of features starting at block b0: acc = corr · acc + Σ_j w_j · codes,
-/// w_j = p[j] · scale_j (one rounding more than the float path's p · (scale · code), whose
-/// product is exact). Keys alternate between two sets of accumulators when one set is narrow,
-/// so that at least eight chains of FMAs run side by side.
+/// s[g * lds + j] = Σ_d q_g[d] · K[j][d] for j < n and the G query rows q_g = q + g · ldq
+/// (the query heads of a grouped-query item, which share their keys), K[j] a row of blocks
+/// (ldk blocks apart) holding K[j][d] = scale · code exactly: per block the codes' dot product
+/// with q_g, then times the block's scale, summed over the row's blocks in packets and reduced
+/// once per key; four keys at a time. A last partial block (head_dim not a multiple of 32) is
+/// summed element by element.
 template <class B, int G>
-XATTN_DETAIL_LOOP_INLINE void value_blocks(const float* p, const B* v, index_t ldv, index_t b0,
-                                           index_t n, float corr, float* acc) {
+void scores_of_rows(const float* q, index_t ldq, const B* k, index_t ldk, index_t head_dim,
+                    index_t n, float* s, index_t lds) {
+  constexpr index_t QB = quant_block_values;
+  const index_t full = head_dim / QB, rest = head_dim - full * QB;
+  index_t j = 0;
+  for (; j + 4 <= n; j += 4)
+    quant_key_scores<B, 4, G>(q, ldq, k + j * ldk, ldk, full, rest, s + j, lds);
+  for (; j < n; ++j) quant_key_scores<B, 1, G>(q, ldq, k + j * ldk, ldk, full, rest, s + j, lds);
+}
+
+/// The scores of `rows` query rows (any number) against the same keys: as many rows at once as
+/// this level has registers for (four with 32 registers, two with 16), then pairs, then one.
+template <class B>
+void rows_scores_quant(const float* q, index_t ldq, index_t rows, const B* k, index_t ldk,
+                       index_t head_dim, index_t n, float* s, index_t lds) {
+  constexpr int most = simd::lanes<float> >= 16 ? 4 : 2;
+  index_t g = 0;
+  for (; g + most <= rows; g += most)
+    scores_of_rows<B, most>(q + g * ldq, ldq, k, ldk, head_dim, n, s + g * lds, lds);
+  if constexpr (most > 2)
+    for (; g + 2 <= rows; g += 2)
+      scores_of_rows<B, 2>(q + g * ldq, ldq, k, ldk, head_dim, n, s + g * lds, lds);
+  for (; g < rows; ++g)
+    scores_of_rows<B, 1>(q + g * ldq, ldq, k, ldk, head_dim, n, s + g * lds, lds);
+}
+
+/// acc_g[e] for the G blocks of features starting at block b0 and the R query rows g < R
+/// (probabilities p + g · ldp, outputs acc + g · lda): acc_g = corr[g] · acc_g + Σ_j w_gj ·
+/// codes, w_gj = p_g[j] · scale_j (one rounding more than the float path's p · (scale · code),
+/// whose product is exact). Each key's codes are converted once for all R rows. Keys alternate
+/// between two sets of accumulators when one set is narrow, so that at least eight chains of
+/// FMAs run side by side in each row; a row's arithmetic does not depend on R.
+template <class B, int G, int R>
+XATTN_DETAIL_LOOP_INLINE void value_blocks(const float* p, index_t ldp, const B* v, index_t ldv,
+                                           index_t b0, index_t n, const float* corr, float* acc,
+                                           index_t lda) {
   using P = simd::packet<float>;
   constexpr index_t L = simd::lanes<float>, QB = quant_block_values;
   constexpr int per_block = int(QB / L), width = G * per_block;
   constexpr int sets = width >= 8 ? 1 : 2;
-  float* out = acc + b0 * QB;
-  P a[sets][width];
-  const P cf = simd::broadcast(corr);
+  P a[R][sets][width];
   XATTN_DETAIL_UNROLL
-  for (int r = 0; r < width; ++r) {
-    a[0][r] = simd::mul(simd::load(out + r * L), cf);
-    if constexpr (sets == 2) a[1][r] = simd::zero<float>();
+  for (int g = 0; g < R; ++g) {
+    const P cf = simd::broadcast(corr[g]);
+    XATTN_DETAIL_UNROLL
+    for (int r = 0; r < width; ++r) {
+      a[g][0][r] = simd::mul(simd::load(acc + g * lda + b0 * QB + r * L), cf);
+      if constexpr (sets == 2) a[g][1][r] = simd::zero<float>();
+    }
   }
   for (index_t j = 0; j < n; ++j) {
     const int set = sets == 2 ? int(j & 1) : 0;
     XATTN_DETAIL_UNROLL
-    for (int g = 0; g < G; ++g) {
-      const B& blk = v[j * ldv + b0 + g];
-      const P w = simd::broadcast(simd::scalar_mul(p[j], simd::scale_of(blk.scale)));
+    for (int b = 0; b < G; ++b) {
+      const B& blk = v[j * ldv + b0 + b];
+      const float scale = simd::scale_of(blk.scale);
+      P c[per_block];
       XATTN_DETAIL_UNROLL
-      for (int t = 0; t < per_block; ++t)
-        a[set][g * per_block + t] =
-            simd::fma(w, codes_packet(blk, t * L), a[set][g * per_block + t]);
+      for (int t = 0; t < per_block; ++t) c[t] = codes_packet(blk, t * L);
+      XATTN_DETAIL_UNROLL
+      for (int g = 0; g < R; ++g) {
+        const P w = simd::broadcast(simd::scalar_mul(p[g * ldp + j], scale));
+        XATTN_DETAIL_UNROLL
+        for (int t = 0; t < per_block; ++t)
+          a[g][set][b * per_block + t] = simd::fma(w, c[t], a[g][set][b * per_block + t]);
+      }
     }
   }
   XATTN_DETAIL_UNROLL
+  for (int g = 0; g < R; ++g) XATTN_DETAIL_UNROLL
   for (int r = 0; r < width; ++r)
-    simd::store(out + r * L, sets == 2 ? simd::add(a[0][r], a[1][r]) : a[0][r]);
+    simd::store(acc + g * lda + b0 * QB + r * L,
+                sets == 2 ? simd::add(a[g][0][r], a[g][1][r]) : a[g][0][r]);
 }
 
-/// acc[e] = corr · acc[e] + Σ_j p[j] · V[j][e] for e < Dv, V[j] a row of blocks (ldv blocks
-/// apart): the feature blocks four packets or more at a time (value_blocks), a last partial
-/// block element by element.
-template <class B>
-void row_values_quant(const float* p, const B* v, index_t ldv, index_t value_dim, index_t n,
-                      float corr, float* acc) {
+/// acc_g[e] = corr[g] · acc_g[e] + Σ_j p_g[j] · V[j][e] for e < Dv and the R query rows g < R
+/// (p + g · ldp, acc + g · lda), V[j] a row of blocks (ldv blocks apart): the feature blocks
+/// four packets or more at a time (value_blocks), a last partial block element by element.
+template <class B, int R>
+void values_of_rows(const float* p, index_t ldp, const B* v, index_t ldv, index_t value_dim,
+                    index_t n, const float* corr, float* acc, index_t lda) {
   constexpr index_t QB = quant_block_values;
   constexpr int group = simd::lanes<float> >= 16 ? 2 : 1;  // blocks per pass
   const index_t full = value_dim / QB, rest = value_dim - full * QB;
   index_t b = 0;
-  for (; b + group <= full; b += group) value_blocks<B, group>(p, v, ldv, b, n, corr, acc);
-  for (; b < full; ++b) value_blocks<B, 1>(p, v, ldv, b, n, corr, acc);
+  for (; b + group <= full; b += group)
+    value_blocks<B, group, R>(p, ldp, v, ldv, b, n, corr, acc, lda);
+  for (; b < full; ++b) value_blocks<B, 1, R>(p, ldp, v, ldv, b, n, corr, acc, lda);
   if (rest > 0) {
-    float* out = acc + full * QB;
-    for (index_t e = 0; e < rest; ++e) out[e] = simd::scalar_mul(corr, out[e]);
+    for (int g = 0; g < R; ++g) {
+      float* out = acc + g * lda + full * QB;
+      for (index_t e = 0; e < rest; ++e) out[e] = simd::scalar_mul(corr[g], out[e]);
+    }
     for (index_t j = 0; j < n; ++j) {
       const B& blk = v[j * ldv + full];
-      const float w = simd::scalar_mul(p[j], simd::scale_of(blk.scale));
-      for (index_t e = 0; e < rest; ++e)
-        out[e] = simd::scalar_fma(w, static_cast<float>(block_code(blk, e)), out[e]);
+      const float scale = simd::scale_of(blk.scale);
+      for (int g = 0; g < R; ++g) {
+        float* out = acc + g * lda + full * QB;
+        const float w = simd::scalar_mul(p[g * ldp + j], scale);
+        for (index_t e = 0; e < rest; ++e)
+          out[e] = simd::scalar_fma(w, static_cast<float>(block_code(blk, e)), out[e]);
+      }
     }
   }
+}
+
+/// The outputs of `rows` query rows (any number) against the same values: two rows at once
+/// with 32 registers, else one.
+template <class B>
+void rows_values_quant(const float* p, index_t ldp, index_t rows, const B* v, index_t ldv,
+                       index_t value_dim, index_t n, const float* corr, float* acc, index_t lda) {
+  constexpr int most = simd::lanes<float> >= 16 ? 2 : 1;
+  index_t g = 0;
+  for (; g + most <= rows; g += most)
+    values_of_rows<B, most>(p + g * ldp, ldp, v, ldv, value_dim, n, corr + g, acc + g * lda, lda);
+  if constexpr (most > 1)
+    for (; g < rows; ++g)
+      values_of_rows<B, 1>(p + g * ldp, ldp, v, ldv, value_dim, n, corr + g, acc + g * lda, lda);
 }
 
 /// y[0, d) = the row of ceil(d / 32) blocks x dequantized, exactly (each value scale · code is
@@ -528,7 +590,7 @@ constexpr auto half_row_values() {
 template <class T, class B>
 constexpr quant_kernels<T, B> quant_loops() {
   if constexpr (std::is_same_v<T, float>)
-    return {&row_scores_quant<B>, &row_values_quant<B>, &dequantize_row<B>};
+    return {&rows_scores_quant<B>, &rows_values_quant<B>, &dequantize_row<B>};
   else
     return {nullptr, nullptr, nullptr};
 }

@@ -124,6 +124,9 @@ inline constexpr double min_flops_per_thread = 1 << 20;
 inline constexpr index_t default_q_tile = 64;
 inline constexpr index_t default_kv_tile = 128;
 inline constexpr index_t default_row_kv_tile = 512;
+/// Query rows whose scores the row path holds at once (rows sharing their keys: the query heads
+/// of a grouped-query item on quantized keys and values).
+inline constexpr index_t row_chunk = 4;
 /// The most query rows (heads times queries) one row-path item holds.
 inline constexpr index_t rows_per_item = 64;
 
@@ -251,7 +254,7 @@ unit_scratch_sizes unit_scratch_elements(const tiled_plan& p, const attention_sh
   const index_t w = p.rows ? p.q_tile * p.heads_per_item : p.width;
   unit_scratch_sizes n;
   n.qt = checked_mul(fn, w, s.head_dim);
-  n.s = p.rows ? p.kv_tile + p.lanes : checked_mul(fn, p.kv_tile, w);
+  n.s = p.rows ? checked_mul(fn, row_chunk, p.kv_tile + p.lanes) : checked_mul(fn, p.kv_tile, w);
   n.acc = std::max(checked_mul(fn, w, s.value_dim), s.value_dim);  // the merge needs Dv
   n.stats = (p.rows ? 2 : 3) * w;
   if (copy_k) n.k_copy = checked_mul(fn, p.kv_tile, s.head_dim);
