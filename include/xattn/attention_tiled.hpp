@@ -21,6 +21,10 @@
 
 #include <Eigen/Core>
 
+#if defined(__SSE2__)
+#  include <emmintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -229,6 +233,40 @@ struct item_rows {
   index_t query(index_t r) const noexcept { return i0 + r % mq; }
 };
 
+/// y[c * ldy + r] = x[r * ldx + c] · scale_c for r < rows and c < cols, with scale_c = scale[c]
+/// (or `factor` where scale is null): a scaled transpose, the lanes path's Qᵀ and its output.
+/// Float runs in 4 x 4 blocks through SSE registers (every x86-64 CPU has them), each product
+/// the scalar loop's; the edges and other types element by element.
+template <class C>
+void transpose_scaled(const C* x, index_t ldx, index_t rows, index_t cols, const C* scale, C factor,
+                      C* y, index_t ldy) {
+  index_t c0 = 0;
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<C, float>) {
+    for (; c0 + 4 <= cols; c0 += 4) {
+      const __m128 f = scale ? _mm_loadu_ps(scale + c0) : _mm_set1_ps(factor);
+      index_t r0 = 0;
+      for (; r0 + 4 <= rows; r0 += 4) {
+        __m128 a = _mm_loadu_ps(x + r0 * ldx + c0), b = _mm_loadu_ps(x + (r0 + 1) * ldx + c0),
+               c = _mm_loadu_ps(x + (r0 + 2) * ldx + c0), d = _mm_loadu_ps(x + (r0 + 3) * ldx + c0);
+        _MM_TRANSPOSE4_PS(a, b, c, d);  // a holds column c0 of rows r0 .. r0 + 3, and so on
+        _mm_storeu_ps(y + c0 * ldy + r0, _mm_mul_ps(a, _mm_shuffle_ps(f, f, 0x00)));
+        _mm_storeu_ps(y + (c0 + 1) * ldy + r0, _mm_mul_ps(b, _mm_shuffle_ps(f, f, 0x55)));
+        _mm_storeu_ps(y + (c0 + 2) * ldy + r0, _mm_mul_ps(c, _mm_shuffle_ps(f, f, 0xAA)));
+        _mm_storeu_ps(y + (c0 + 3) * ldy + r0, _mm_mul_ps(d, _mm_shuffle_ps(f, f, 0xFF)));
+      }
+      for (; r0 < rows; ++r0)
+        for (index_t c = c0; c < c0 + 4; ++c)
+          y[c * ldy + r0] = x[r0 * ldx + c] * (scale ? scale[c] : factor);
+    }
+  }
+#endif
+  for (index_t c = c0; c < cols; ++c) {
+    const C f = scale ? scale[c] : factor;
+    for (index_t r = 0; r < rows; ++r) y[c * ldy + r] = x[r * ldx + c] * f;
+  }
+}
+
 /// Elements of a query or output row a half-precision call converts at a time, on the stack.
 inline constexpr index_t half_chunk = 64;
 
@@ -260,9 +298,13 @@ class lanes_unit {
     if (pairs_) {
       // the scores scale QP's products instead
     } else if constexpr (std::is_same_v<T, C>) {
-      for (index_t d = 0; d < s.head_dim; ++d) {
-        C* row = qt_ + d * w_;
-        for (index_t i = 0; i < mq; ++i) row[i] = job.scale * q(i0 + i, d);
+      if (q.stride(1) == 1 && mq > 0) {
+        transpose_scaled<C>(&q(i0, 0), q.stride(0), mq, s.head_dim, nullptr, job.scale, qt_, w_);
+      } else {
+        for (index_t d = 0; d < s.head_dim; ++d) {
+          C* row = qt_ + d * w_;
+          for (index_t i = 0; i < mq; ++i) row[i] = job.scale * q(i0 + i, d);
+        }
       }
     } else {  // half queries: each row widened by the path's conversion, a chunk at a time
       C buf[half_chunk];
@@ -604,14 +646,31 @@ class row_unit {
 /// masked) gets zeros and -inf. The output is rounded to T here, once.
 template <class T, class KV, class C>
 void write_output(const tiled_job<T, KV>& job, const item_rows& rows, const unit_state<C>& st) {
-  const index_t b = rows.b;
+  const index_t b = rows.b, dv = job.shape.value_dim;
+  // A lanes unit's Oᵀ [Dv, W] into one head's contiguous output rows: transposed 4 x 4 (the
+  // same products as below), a block of rows at a time.
+  bool written = false;
+  if constexpr (std::is_same_v<T, C>) {
+    if (st.acc_row == 1 && rows.heads == 1 && job.out.stride(3) == 1 && dv > 0) {
+      constexpr index_t block = 64;
+      C inv_l[block];
+      for (index_t r0 = 0; r0 < rows.mq; r0 += block) {
+        const index_t n = std::min(block, rows.mq - r0);
+        for (index_t r = 0; r < n; ++r)
+          inv_l[r] = st.l[r0 + r] == C(0) ? C(0) : C(1) / st.l[r0 + r];
+        transpose_scaled<C>(st.acc + r0, st.acc_col, dv, n, inv_l, C(0),
+                            &job.out(b, rows.h0, rows.i0 + r0, 0), job.out.stride(2));
+      }
+      written = true;
+    }
+  }
   for (index_t r = 0; r < rows.count(); ++r) {
     const index_t h = rows.head(r), i = rows.query(r);
     const C l = st.l[r];
     const C inv_l = l == C(0) ? C(0) : C(1) / l;
-    const index_t dv = job.shape.value_dim;
     if constexpr (std::is_same_v<T, C>) {
-      for (index_t e = 0; e < dv; ++e) job.out(b, h, i, e) = st(r, e) * inv_l;
+      if (!written)
+        for (index_t e = 0; e < dv; ++e) job.out(b, h, i, e) = st(r, e) * inv_l;
     } else {
       C buf[half_chunk];
       for (index_t e0 = 0; e0 < dv; e0 += half_chunk) {
