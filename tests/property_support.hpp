@@ -5,16 +5,22 @@
 #pragma once
 
 #include "xattn/config.hpp"
+#include "xattn/options.hpp"
+#include "xattn/tensor_view.hpp"
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <iostream>
+#include <limits>
+#include <memory>
 #include <optional>
 #include <random>
 #include <string>
+#include <vector>
 
 namespace xattn_test::property {
 
@@ -59,6 +65,56 @@ inline double uniform(rng& g, double lo, double hi) {
   return std::uniform_real_distribution<double>(lo, hi)(g);
 }
 
+/// A case's failures as run_cases reports them: "<what> <seed> (replay: ...)", the case's
+/// description (describe(), called only on failure), then what went wrong; "" when nothing did.
+template <class Describe>
+std::string report(const char* what, std::uint64_t case_seed, const Describe& describe,
+                   const std::string& failures) {
+  if (failures.empty()) return failures;
+  return std::string(what) + " " + std::to_string(case_seed) +
+         " (replay: XATTN_PROPERTY_CASE=" + std::to_string(case_seed) + ")\n  " + describe() +
+         "\n" + failures;
+}
+
+/// The masks of a case, drawn after its inputs in this order: kv_lengths (each item's length
+/// Lk or below), allowed (true with p = 0.75) and bias (uniform in [-3, 3], -inf with
+/// p = bias_minus_inf), each where the case's config asks for it, and the causal mask it names;
+/// `mask` views the buffers held here. Config has the fields B, Lk, kv_lengths, allowed,
+/// allowed_shape, bias, bias_shape, bias_minus_inf and causal.
+template <class T>
+struct drawn_masks {
+  std::vector<index_t> lengths;
+  std::unique_ptr<bool[]> allowed;
+  std::vector<T> bias;
+  xattn::attention_mask<T> mask;
+
+  template <class Config>
+  drawn_masks(rng& g, const Config& c) : lengths(std::size_t(c.B)) {
+    mask.causal = c.causal;
+    if (c.kv_lengths) {
+      for (auto& l : lengths) l = chance(g, 0.5) ? c.Lk : pick(g, 0, c.Lk);
+      mask.kv_lengths = xattn::make_view(static_cast<const index_t*>(lengths.data()), {c.B});
+    }
+    if (c.allowed) {
+      const auto& e = c.allowed_shape;
+      const std::size_t n = std::size_t(std::max<index_t>(e[0] * e[1] * e[2] * e[3], 1));
+      allowed.reset(new bool[n]);
+      for (std::size_t t = 0; t < n; ++t) allowed[t] = chance(g, 0.75);
+      mask.allowed = xattn::tensor_view<const bool, 4>(allowed.get(), e);
+    }
+    if (c.bias) {
+      const auto& e = c.bias_shape;
+      bias.resize(std::size_t(std::max<index_t>(e[0] * e[1] * e[2] * e[3], 1)));
+      for (T& x : bias)
+        x = chance(g, c.bias_minus_inf) ? -std::numeric_limits<T>::infinity()
+                                        : T(uniform(g, -3, 3));
+      mask.bias = xattn::tensor_view<const T, 4>(bias.data(), e);
+    }
+  }
+  drawn_masks(const drawn_masks&) = delete;
+  drawn_masks& operator=(const drawn_masks&) = delete;
+};
+
 /// Runs run_case(mix(base + n)) for n = 0, 1, ... until `cases` ran (XATTN_PROPERTY_CASES,
 /// divided by `cases_divisor`) or XATTN_PROPERTY_SECONDS passed, stopping after 5 failures;
 /// run_case returns an empty string or the failure's description (with its case seed). With
@@ -91,8 +147,8 @@ void run_cases(const RunCase& run_case, std::uint64_t base, std::uint64_t cases_
       }
     }
   }
-  std::cout << "XATTN_PROPERTY_SEED=" << run_seed() << ": " << ran << " of " << cases << " "
-            << what << " in " << elapsed() << " s"
+  std::cout << "XATTN_PROPERTY_SEED=" << run_seed() << ": " << ran << " of " << cases << " " << what
+            << " in " << elapsed() << " s"
             << (ran < cases && failed < 5 ? " (time budget reached)" : "") << "\n";
   EXPECT_GT(ran, 0u);
 }

@@ -242,42 +242,6 @@ config draw_config(rng& g) {
 template <class T>
 const T out_fill = T(-1234.5f);
 
-// The masks of a case, drawn after its inputs (kv_lengths, allowed, bias, in that order), and
-// the options holding them.
-template <class T>
-struct drawn_masks {
-  std::vector<index_t> lengths;
-  std::unique_ptr<bool[]> allowed;
-  std::vector<T> bias;
-  xattn::attention_options<T> opts;
-
-  drawn_masks(rng& g, const config& c) : lengths(std::size_t(c.B)) {
-    opts.scale = c.scale;
-    opts.mask.causal = c.causal;
-    if (c.kv_lengths) {
-      for (auto& l : lengths) l = chance(g, 0.5) ? c.Lk : pick(g, 0, c.Lk);
-      opts.mask.kv_lengths = xattn::make_view(static_cast<const index_t*>(lengths.data()), {c.B});
-    }
-    if (c.allowed) {
-      const auto& e = c.allowed_shape;
-      const std::size_t n = std::size_t(std::max<index_t>(e[0] * e[1] * e[2] * e[3], 1));
-      allowed.reset(new bool[n]);
-      for (std::size_t t = 0; t < n; ++t) allowed[t] = chance(g, 0.75);
-      opts.mask.allowed = xattn::tensor_view<const bool, 4>(allowed.get(), e);
-    }
-    if (c.bias) {
-      const auto& e = c.bias_shape;
-      bias.resize(std::size_t(std::max<index_t>(e[0] * e[1] * e[2] * e[3], 1)));
-      for (T& x : bias)
-        x = chance(g, c.bias_minus_inf) ? -std::numeric_limits<T>::infinity()
-                                        : T(std::uniform_real_distribution<double>(-3, 3)(g));
-      opts.mask.bias = xattn::tensor_view<const T, 4>(bias.data(), e);
-    }
-  }
-  drawn_masks(const drawn_masks&) = delete;
-  drawn_masks& operator=(const drawn_masks&) = delete;
-};
-
 // The outputs of one kernel run, placed in their layouts: weights and lse in statistic_t<T>
 // (float for the half types).
 template <class T>
@@ -342,8 +306,10 @@ std::string run_case(std::uint64_t case_seed) {
   k.for_each([&](index_t off) { k.buffer[std::size_t(off)] = T(qk_dist(g)); });
   v.for_each([&](index_t off) { v.buffer[std::size_t(off)] = T(v_dist(g)); });
 
-  const drawn_masks<T> masks(g, c);
-  const xattn::attention_options<T>& opts = masks.opts;
+  const xattn_test::property::drawn_masks<T> masks(g, c);
+  xattn::attention_options<T> opts;
+  opts.scale = c.scale;
+  opts.mask = masks.mask;
   const std::vector<index_t>& lengths = masks.lengths;
 
   const xattn::tensor_view<const T, 4> qv = q.view, kv = k.view, vv = v.view;
@@ -419,12 +385,8 @@ std::string run_case(std::uint64_t case_seed) {
       failures += kern.name + ": results differ from those on 1 thread\n";
     }
   }
-  if (failures.empty()) return failures;
-  std::ostringstream s;
-  s << "case seed " << case_seed << " (replay: XATTN_PROPERTY_CASE=" << case_seed << ")\n  "
-    << c.describe() << "\n"
-    << failures;
-  return s.str();
+  return xattn_test::property::report(
+      "case seed", case_seed, [&] { return c.describe(); }, failures);
 }
 
 // ---- quantized keys and values ----------------------------------------------------------------
@@ -476,11 +438,14 @@ std::string run_quantized_case(std::uint64_t case_seed) {
   xattn::dequantize(kb.view, xattn::tensor_view<float, 4>(kf.data(), ek));
   xattn::dequantize(vb.view, xattn::tensor_view<float, 4>(vf.data(), ev));
 
-  const drawn_masks<float> masks(g, c);
+  const xattn_test::property::drawn_masks<float> masks(g, c);
+  xattn::attention_options<float> opts;
+  opts.scale = c.scale;
+  opts.mask = masks.mask;
   const xattn::tensor_view<const float, 4> qv = q.view;
   const auto want = xattn_test::reference_attention<float>(
       qv, xattn::tensor_view<const float, 4>(kf.data(), ek),
-      xattn::tensor_view<const float, 4>(vf.data(), ev), masks.opts);
+      xattn::tensor_view<const float, 4>(vf.data(), ev), opts);
   const double tol = xattn_test::attention_tol<float>(c.Dk, c.Lk, want.max_abs_score);
   if (c.kv_lengths)  // padding keys: never to be read
     for (index_t b = 0; b < c.B; ++b)
@@ -495,7 +460,7 @@ std::string run_quantized_case(std::uint64_t case_seed) {
     run_outputs<float> r{placed<float, 4>({c.B, c.H, c.Lq, c.Dv}, c.lo, out_fill<float>),
                          placed<float, 4>({c.B, c.H, c.Lq, c.Lk}, c.lw, out_fill<float>),
                          placed<float, 3>({c.B, c.H, c.Lq}, c.ll, out_fill<float>)};
-    xattn::attention_options<float> o = masks.opts;
+    xattn::attention_options<float> o = opts;
     if (c.weights) o.weights_out = r.weights.view;
     if (c.lse) o.lse_out = r.lse.view;
     xattn::tiled_attention<float>(qv, kv, vv, r.out.view, o, t);
@@ -518,12 +483,8 @@ std::string run_quantized_case(std::uint64_t case_seed) {
              !same_bits(r.lse, first->lse))
       failures += name + xattn_test::describe(o) + ": results differ from those on 1 thread\n";
   }
-  if (failures.empty()) return failures;
-  std::ostringstream s;
-  s << "quantized case seed " << case_seed << " (replay: XATTN_PROPERTY_CASE=" << case_seed
-    << ")\n  " << c.describe() << "\n"
-    << failures;
-  return s.str();
+  return xattn_test::property::report(
+      "quantized case seed", case_seed, [&] { return c.describe(); }, failures);
 }
 
 // ---- the backward ------------------------------------------------------------------------------
@@ -554,8 +515,10 @@ std::string run_backward_case(std::uint64_t case_seed) {
   v.for_each([&](index_t off) { v.buffer[std::size_t(off)] = T(v_dist(g)); });
   dout.for_each([&](index_t off) { dout.buffer[std::size_t(off)] = T(v_dist(g)); });
 
-  const drawn_masks<T> masks(g, c);
-  const xattn::attention_options<T>& opts = masks.opts;
+  const xattn_test::property::drawn_masks<T> masks(g, c);
+  xattn::attention_options<T> opts;
+  opts.scale = c.scale;
+  opts.mask = masks.mask;
   const std::vector<index_t>& lengths = masks.lengths;
   const std::vector<T>& bias = masks.bias;
   xattn::attention_options<ld> lopts;
@@ -683,12 +646,8 @@ std::string run_backward_case(std::uint64_t case_seed) {
       failures += name + ": gradients differ from those on 1 thread\n";
     }
   }
-  if (failures.empty()) return failures;
-  std::ostringstream s;
-  s << "backward case seed " << case_seed << " (replay: XATTN_PROPERTY_CASE=" << case_seed
-    << ")\n  " << c.describe() << "\n"
-    << failures;
-  return s.str();
+  return xattn_test::property::report(
+      "backward case seed", case_seed, [&] { return c.describe(); }, failures);
 }
 
 template <class T>

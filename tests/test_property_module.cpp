@@ -378,28 +378,8 @@ std::string run_case(std::uint64_t case_seed) {
   opts.scale = c.scale;
   opts.kernel = c.kernel;
   opts.tiles = c.tiles;
-  opts.mask.causal = c.causal;
-  std::vector<index_t> lengths(static_cast<std::size_t>(B));
-  if (c.kv_lengths) {
-    for (auto& l : lengths) l = chance(g, 0.5) ? Lk : pick(g, 0, Lk);
-    opts.mask.kv_lengths = xattn::make_view(static_cast<const index_t*>(lengths.data()), {B});
-  }
-  std::unique_ptr<bool[]> allowed;
-  if (c.allowed) {
-    const auto& e = c.allowed_shape;
-    const std::size_t n = std::size_t(std::max<index_t>(e[0] * e[1] * e[2] * e[3], 1));
-    allowed.reset(new bool[n]);
-    for (std::size_t t = 0; t < n; ++t) allowed[t] = chance(g, 0.75);
-    opts.mask.allowed = xattn::tensor_view<const bool, 4>(allowed.get(), e);
-  }
-  std::vector<T> bias;
-  if (c.bias) {
-    const auto& e = c.bias_shape;
-    bias.resize(std::size_t(std::max<index_t>(e[0] * e[1] * e[2] * e[3], 1)));
-    for (T& x : bias)
-      x = chance(g, c.bias_minus_inf) ? -std::numeric_limits<T>::infinity() : T(uniform(g, -3, 3));
-    opts.mask.bias = xattn::tensor_view<const T, 4>(bias.data(), e);
-  }
+  const xattn_test::property::drawn_masks<T> masks(g, c);
+  opts.mask = masks.mask;
   std::vector<bool> padding;  // true: key j of item b is padding
   std::unique_ptr<bool[]> padding_flags;
   if (c.key_padding) {
@@ -490,12 +470,14 @@ std::string run_case(std::uint64_t case_seed) {
     err << "threw: " << e.what() << "\n";
   }
   const std::string failures = err.str();
-  if (failures.empty()) return failures;
-  std::ostringstream s;
-  s << "case seed " << case_seed << " (replay: XATTN_PROPERTY_CASE=" << case_seed << ")\n  "
-    << c.describe() << "\n  tolerance " << tol << ", largest |score| " << want.max_abs_score << "\n"
-    << failures;
-  return s.str();
+  return xattn_test::property::report(
+      "case seed", case_seed,
+      [&] {
+        std::ostringstream d;
+        d << c.describe() << "\n  tolerance " << tol << ", largest |score| " << want.max_abs_score;
+        return d.str();
+      },
+      failures);
 }
 
 template <class T>

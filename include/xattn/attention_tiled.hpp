@@ -298,8 +298,9 @@ class lanes_unit {
     if (pairs_) {
       // the scores scale QP's products instead
     } else if constexpr (std::is_same_v<T, C>) {
-      if (q.stride(1) == 1 && mq > 0) {
-        transpose_scaled<C>(&q(i0, 0), q.stride(0), mq, s.head_dim, nullptr, job.scale, qt_, w_);
+      if (q.stride(1) == 1) {
+        transpose_scaled<C>(q.data() + i0 * q.stride(0), q.stride(0), mq, s.head_dim, nullptr,
+                            job.scale, qt_, w_);
       } else {
         for (index_t d = 0; d < s.head_dim; ++d) {
           C* row = qt_ + d * w_;
