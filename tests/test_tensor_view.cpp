@@ -83,6 +83,19 @@ TEST(TensorView, SelectFixesOneDimension) {
   EXPECT_EQ(col(1, 2), v(1, 2, 3));
 }
 
+TEST(TensorView, SelectOfAnEmptyViewTakesNoOffset) {
+  // An empty view's strides are not checked, so they may be anything; select must not offset
+  // the pointer by them (it did, and the pointer overflowed) and hands on strides of 0.
+  float buf[1] = {};
+  constexpr index_t wild = std::numeric_limits<index_t>::max() / 2;
+  const xattn::tensor_view<float, 3> v(buf, {3, 0, 4}, {wild, wild, wild});
+  const auto s = v.select(0, 2);
+  EXPECT_EQ(s.data(), buf);
+  EXPECT_EQ(s.extents(), (std::array<index_t, 2>{0, 4}));
+  EXPECT_EQ(s.strides(), (std::array<index_t, 2>{0, 0}));
+  EXPECT_EQ(v.select(2, 3).data(), buf);
+}
+
 TEST(TensorView, PermuteReordersWithoutCopying) {
   auto buf = iota(2 * 5 * 3 * 4);  // [B, L, H, D]
   const auto blhd = xattn::make_view(buf.data(), {2, 5, 3, 4});
@@ -104,6 +117,17 @@ TEST(TensorView, SplitHeadsReadsAProjectionBufferInPlace) {
     for (index_t h = 0; h < 3; ++h)
       for (index_t l = 0; l < 5; ++l)
         for (index_t d = 0; d < 4; ++d) ASSERT_EQ(&heads(b, h, l, d), &x(b, l, h * 4 + d));
+}
+
+TEST(TensorView, SplitHeadsOfAnEmptyBufferTakesNoProductOfItsStrides) {
+  // d * stride(2) overflowed for an empty x with a wild stride.
+  float buf[1] = {};
+  constexpr index_t wild = std::numeric_limits<index_t>::max() / 2 + 1;
+  const xattn::tensor_view<float, 3> x(buf, {2, 0, 8}, {1, 1, wild});
+  const auto heads = xattn::split_heads(x, 4);
+  EXPECT_EQ(heads.data(), buf);
+  EXPECT_EQ(heads.extents(), (std::array<index_t, 4>{2, 4, 0, 2}));
+  EXPECT_EQ(heads.strides(), (std::array<index_t, 4>{0, 0, 0, 0}));
 }
 
 TEST(TensorView, ToRankPrependsBroadcastDimensions) {

@@ -96,17 +96,21 @@ class tensor_view {
     return data_[offset];
   }
 
-  /// The view with dimension `dim` fixed at index i: one rank lower, no copy.
+  /// The view with dimension `dim` fixed at index i: one rank lower, no copy. A view with no
+  /// elements selects one with no elements, the same data pointer and all strides 0: its
+  /// strides were never checked (nothing can be read through them), so no offset is taken
+  /// from them, here or by whoever walks the result.
   tensor_view<T, Rank - 1> select(std::size_t dim, index_t i) const noexcept {
     static_assert(Rank >= 2, "select needs a rank of at least 2");
     XATTN_ASSERT(dim < Rank && i >= 0 && i < extents_[dim]);
+    const bool none = empty();
     std::array<index_t, Rank - 1> e{}, s{};
     for (std::size_t r = 0, o = 0; r < Rank; ++r) {
       if (r == dim) continue;
       e[o] = extents_[r];
-      s[o++] = strides_[r];
+      s[o++] = none ? 0 : strides_[r];
     }
-    return tensor_view<T, Rank - 1>(data_ + i * strides_[dim], e, s,
+    return tensor_view<T, Rank - 1>(none ? data_ : data_ + i * strides_[dim], e, s,
                                     typename tensor_view<T, Rank - 1>::unchecked_tag{});
   }
 
@@ -231,6 +235,10 @@ tensor_view<T, 4> split_heads(const tensor_view<T, 3>& x, index_t num_heads) {
     detail::fail_shape(detail::message("split_heads: x.extent(2) is ", x.extent(2),
                                        ", not a multiple of num_heads = ", num_heads));
   const index_t d = x.extent(2) / num_heads;
+  // An empty x's strides were never checked, so d * stride(2) could overflow: its heads get
+  // strides 0 (nothing is read through them).
+  if (x.empty())
+    return tensor_view<T, 4>(x.data(), {x.extent(0), num_heads, x.extent(1), d}, {0, 0, 0, 0});
   return tensor_view<T, 4>(x.data(), {x.extent(0), num_heads, x.extent(1), d},
                            {x.stride(0), d * x.stride(2), x.stride(1), x.stride(2)});
 }
