@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -267,6 +268,36 @@ void transpose_scaled(const C* x, index_t ldx, index_t rows, index_t cols, const
   }
 }
 
+/// The same transpose of 32-bit words, as bits (no arithmetic): word c of row r, at byte
+/// x + r * ldx_bytes + 4 * c, goes to word c * ldy + r of y. The bf16 lanes path's query pairs:
+/// a pair of bf16 is one word. Rows need not be 4-byte aligned.
+inline void transpose_words(const unsigned char* x, index_t ldx_bytes, index_t rows, index_t cols,
+                            unsigned char* y, index_t ldy) {
+  const auto at = [&](index_t r, index_t c) { return x + r * ldx_bytes + 4 * c; };
+  index_t c0 = 0;
+#if defined(__SSE2__)
+  for (; c0 + 4 <= cols; c0 += 4) {
+    index_t r0 = 0;
+    for (; r0 + 4 <= rows; r0 += 4) {
+      // Shuffles move bits: a NaN or subnormal pattern in a word comes out as it went in.
+      __m128 a = _mm_loadu_ps(reinterpret_cast<const float*>(at(r0, c0))),
+             b = _mm_loadu_ps(reinterpret_cast<const float*>(at(r0 + 1, c0))),
+             c = _mm_loadu_ps(reinterpret_cast<const float*>(at(r0 + 2, c0))),
+             d = _mm_loadu_ps(reinterpret_cast<const float*>(at(r0 + 3, c0)));
+      _MM_TRANSPOSE4_PS(a, b, c, d);
+      _mm_storeu_ps(reinterpret_cast<float*>(y + 4 * (c0 * ldy + r0)), a);
+      _mm_storeu_ps(reinterpret_cast<float*>(y + 4 * ((c0 + 1) * ldy + r0)), b);
+      _mm_storeu_ps(reinterpret_cast<float*>(y + 4 * ((c0 + 2) * ldy + r0)), c);
+      _mm_storeu_ps(reinterpret_cast<float*>(y + 4 * ((c0 + 3) * ldy + r0)), d);
+    }
+    for (; r0 < rows; ++r0)
+      for (index_t c = c0; c < c0 + 4; ++c) std::memcpy(y + 4 * (c * ldy + r0), at(r0, c), 4);
+  }
+#endif
+  for (index_t c = c0; c < cols; ++c)
+    for (index_t r = 0; r < rows; ++r) std::memcpy(y + 4 * (c * ldy + r), at(r, c), 4);
+}
+
 /// Elements of a query or output row a half-precision call converts at a time, on the stack.
 inline constexpr index_t half_chunk = 64;
 
@@ -420,8 +451,15 @@ class lanes_unit {
     vp_ = qp_ + at.v;
     pp_ = qp_ + at.p;
     std::fill(qp_, kp_, Eigen::bfloat16(0.0f));
+    index_t d0 = 0;
+    if (q.stride(1) == 1) {  // whole pairs are words of a contiguous row: transposed as bits
+      d0 = s.head_dim / 2 * 2;
+      transpose_words(reinterpret_cast<const unsigned char*>(q.data() + i0_ * q.stride(0)),
+                      index_t(sizeof(T)) * q.stride(0), mq_, d0 / 2,
+                      reinterpret_cast<unsigned char*>(qp_), w_);
+    }
     for (index_t i = 0; i < mq_; ++i)
-      for (index_t d = 0; d < s.head_dim; ++d) qp_[d / 2 * 2 * w_ + 2 * i + d % 2] = q(i0_ + i, d);
+      for (index_t d = d0; d < s.head_dim; ++d) qp_[d / 2 * 2 * w_ + 2 * i + d % 2] = q(i0_ + i, d);
     pairs_ = true;
   }
 
@@ -672,6 +710,21 @@ void write_output(const tiled_job<T, KV>& job, const item_rows& rows, const unit
     if constexpr (std::is_same_v<T, C>) {
       if (!written)
         for (index_t e = 0; e < dv; ++e) job.out(b, h, i, e) = st(r, e) * inv_l;
+    } else if (st.acc_row == 1 && rows.heads == 1) {
+      // A lanes unit's Oᵀ [Dv, W]: 4 rows at a time transposed into rows of C (the same
+      // products as below), each row then rounded to T by the path's conversion.
+      if (r % 4 == 0) {
+        const index_t n = std::min<index_t>(4, rows.count() - r);
+        C inv[4], buf[4 * half_chunk];
+        for (index_t c = 0; c < n; ++c) inv[c] = st.l[r + c] == C(0) ? C(0) : C(1) / st.l[r + c];
+        for (index_t e0 = 0; e0 < dv; e0 += half_chunk) {
+          const index_t m = std::min(half_chunk, dv - e0);
+          transpose_scaled<C>(st.acc + e0 * st.acc_col + r, st.acc_col, m, n, inv, C(0), buf,
+                              half_chunk);
+          for (index_t c = 0; c < n; ++c)
+            job.store_out(b, h, rows.query(r + c), e0, buf + c * half_chunk, m);
+        }
+      }
     } else {
       C buf[half_chunk];
       for (index_t e0 = 0; e0 < dv; e0 += half_chunk) {
