@@ -473,10 +473,12 @@ TYPED_TEST(Extremes, EmptyViewsWithWildStridesAreNeverOffset) {
     for (const auto& kern : xattn_test::all_kernels<T>()) {
       SCOPED_TRACE(::testing::Message() << kern.name << " Lq=" << c.Lq << " Lk=" << c.Lk
                                         << " Dk=" << c.Dk << " Dv=" << c.Dv);
-      const auto want = run(kern, q, k, v);
-      outputs<T> got{tensor<T, 4>({c.B, c.H, c.Lq, c.Dv}, T(-7)),
-                     tensor<T, 4>({c.B, c.H, c.Lq, c.Lk}, T(-7)),
-                     tensor<T, 3>({c.B, c.H, c.Lq}, T(-7))};
+      // The second call writes the same buffers as the first: naive_attention's Eigen products
+      // can round differently when its output lies at another address (Eigen's vector loops).
+      outputs<T> got = run(kern, q, k, v);
+      const outputs<T> want = got;
+      for (auto* x : {&got.out.data, &got.weights.data}) std::fill(x->begin(), x->end(), T(-7));
+      std::fill(got.lse.data.begin(), got.lse.data.end(), T(-7));
       xattn::attention_options<T> opts;
       opts.weights_out = with_wild_strides_if_empty(got.weights.view());
       opts.lse_out = with_wild_strides_if_empty(got.lse.view());
