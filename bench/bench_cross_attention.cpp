@@ -13,6 +13,7 @@
 // cost of training relative to inference). Run a Release build:
 //   bench_cross_attention --benchmark_min_time=0.2
 #include "bench_common.hpp"
+#include "bench_layers.hpp"
 
 #include "xattn/attention_tiled.hpp"
 #include "xattn/cross_attention.hpp"
@@ -32,40 +33,8 @@ namespace {
 
 using xattn::index_t;
 
-struct layer_shape {
-  const char* name;
-  index_t batch, q_len, kv_len, model_dim, context_dim, num_heads;
-
-  xattn::cross_attention_config config() const {
-    xattn::cross_attention_config c;
-    c.model_dim = model_dim;
-    c.context_dim = context_dim;
-    c.num_heads = num_heads;
-    return c.resolved();
-  }
-  xattn::attention_shape attention() const {
-    const auto c = config();
-    return {batch, num_heads, q_len, kv_len, c.head_dim, c.head_dim, num_heads};
-  }
-  // 2·rows·in·out per projection: Q and the output over B·Lq rows, K and V over B·Lk rows.
-  double projection_flops() const {
-    const auto c = config();
-    const double width = double(c.num_heads * c.head_dim);
-    return 2.0 * double(batch) *
-           (double(q_len) * 2.0 * double(model_dim) * width +
-            double(kv_len) * 2.0 * double(context_dim) * width);
-  }
-  double query_side_projection_flops() const {  // Q and output projections only
-    const auto c = config();
-    return 2.0 * double(batch * q_len) * 2.0 * double(model_dim) * double(c.num_heads * c.head_dim);
-  }
-};
-
-const layer_shape shapes[] = {
-    {"sd_unet", 2, 4096, 77, 320, 768, 8},
-    {"whisper_step", 1, 1, 1500, 384, 384, 6},
-    {"perceiver", 1, 256, 16384, 512, 256, 8},
-};
+using xattn_bench::layer_shape;
+using xattn_bench::shapes;
 
 // The operands of one layer call: weights, query [B, Lq, Dm], context [B, Lk, Dc], out, all
 // in T (float, or a half type for the half module).

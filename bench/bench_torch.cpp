@@ -10,6 +10,7 @@
 //   OMP_NUM_THREADS=1 bench_torch;  OMP_NUM_THREADS=2 bench_torch
 
 #include "bench_common.hpp"
+#include "bench_layers.hpp"
 
 #include "xattn/cross_attention.hpp"
 #include "xattn/shapes.hpp"
@@ -28,32 +29,8 @@ namespace {
 
 using xattn::index_t;
 
-struct layer_shape {
-  const char* name;
-  index_t batch, q_len, kv_len, model_dim, context_dim, num_heads;
-
-  xattn::cross_attention_config config() const {
-    xattn::cross_attention_config c;
-    c.model_dim = model_dim;
-    c.context_dim = context_dim;
-    c.num_heads = num_heads;
-    return c.resolved();
-  }
-  // 2·rows·in·out per projection, and the attention's 2·B·H·Lq·Lk·(Dk + Dv).
-  double flops() const {
-    const double width = double(model_dim);
-    const double proj = 2.0 * double(batch) *
-                        (double(q_len) * 2.0 * double(model_dim) * width +
-                         double(kv_len) * 2.0 * double(context_dim) * width);
-    return proj + 2.0 * double(batch * q_len * kv_len) * 2.0 * width;
-  }
-};
-
-const layer_shape shapes[] = {
-    {"sd_unet", 2, 4096, 77, 320, 768, 8},
-    {"whisper_step", 1, 1, 1500, 384, 384, 6},
-    {"perceiver", 1, 256, 16384, 512, 256, 8},
-};
+using xattn_bench::layer_shape;
+using xattn_bench::shapes;
 
 int threads() {
   const char* env = std::getenv("OMP_NUM_THREADS");
@@ -129,7 +106,8 @@ void label(benchmark::State& state, const layer_shape& s) {
 
 void report(benchmark::State& state, const layer_shape& s) {
   state.counters["FLOPS"] =
-      benchmark::Counter(s.flops(), benchmark::Counter::kIsIterationInvariantRate);
+      benchmark::Counter(s.projection_flops() + xattn::attention_flops(s.attention()),
+                         benchmark::Counter::kIsIterationInvariantRate);
 }
 
 void BM_XattnLayer(benchmark::State& state) {
